@@ -1,0 +1,110 @@
+"""HostBuilder: registrations and options in, a validated Host out."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from ._di import ServiceCollection
+from ._host import Host
+from ._lifetime import ApplicationLifetime
+from ._options import HostOptions
+from .exceptions import ConfigurationError, HostStateError
+
+__all__ = ["HostBuilder"]
+
+
+class HostBuilder:
+    """Collects services and options, then :meth:`build` makes the :class:`~hostkit.Host`.
+
+    Example::
+
+        builder = HostBuilder()
+        builder.services.add_hosted_service(WarmCache)
+        builder.services.add_hosted_service(Reporter, placement="process")
+        host = builder.build()
+        raise SystemExit(host.run())
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, *, options: HostOptions | None = None) -> None:
+        if options is not None and not isinstance(options, HostOptions):
+            msg = f"options= must be a hostkit.HostOptions, not: {options!r}"
+            raise ConfigurationError(msg)
+        self.services = ServiceCollection()
+        self.options = options if options is not None else HostOptions()
+        self._built = False
+
+    def configure_options(self, **changes: Any) -> HostBuilder:
+        """Change :class:`~hostkit.HostOptions` fields by name; validated at once.
+
+        Raises:
+            ConfigurationError: an unknown option name, or a wrong value.
+        """
+        known = {f.name for f in dataclasses.fields(HostOptions)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            msg = f"unknown HostOptions field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            raise ConfigurationError(msg)
+        self.options = dataclasses.replace(self.options, **changes)
+        return self
+
+    def add_hosted_service(
+        self,
+        service: Any,
+        *,
+        placement: str | None = None,
+        restart: Any = None,
+        name: str | None = None,
+        heartbeat_timeout: float | timedelta | None = None,
+        start_method: str | None = None,
+        nice: int | None = None,
+        cpu_affinity: Iterable[int] | None = None,
+        memory_limit: int | str | None = None,
+    ) -> HostBuilder:
+        """Shortcut for :meth:`ServiceCollection.add_hosted_service`; returns the builder."""
+        self.services.add_hosted_service(
+            service,
+            placement=placement,
+            restart=restart,
+            name=name,
+            heartbeat_timeout=heartbeat_timeout,
+            start_method=start_method,
+            nice=nice,
+            cpu_affinity=cpu_affinity,
+            memory_limit=memory_limit,
+        )
+        return self
+
+    def build(self) -> Host:
+        """Validate everything and make the host; nothing runs yet.
+
+        Raises:
+            HostStateError: ``build()`` was called before on this builder.
+            CaptiveDependencyError, ServiceNotFoundError, CircularDependencyError:
+                the dependency graph is wrong (see :class:`~hostkit.ServiceCollection`).
+        """
+        if self._built:
+            msg = "HostBuilder.build() was called twice; a builder builds one host. Make a new HostBuilder"
+            raise HostStateError(msg)
+        self._built = True
+        lifetime = ApplicationLifetime()
+        services = self.services
+        if ApplicationLifetime not in services:
+            services.add_singleton(ApplicationLifetime, instance=lifetime)
+        if HostOptions not in services:
+            services.add_singleton(HostOptions, instance=self.options)
+        for registration in services.hosted:
+            if isinstance(registration.service, type):
+                services.add_singleton(
+                    registration,
+                    registration.service,
+                )
+        provider = services.build_provider(validate=True)
+        return Host(provider, list(services.hosted), options=self.options, lifetime=lifetime)
+
+    def __repr__(self) -> str:
+        return f"<HostBuilder hosted={len(self.services.hosted)} registrations={len(self.services)}>"

@@ -1,0 +1,150 @@
+"""Host options and restart policies, validated when they are made."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+from ._util import describe, to_seconds
+from .exceptions import ConfigurationError
+
+__all__ = ["BackgroundErrorBehavior", "HostOptions", "RestartPolicy"]
+
+BackgroundErrorBehavior = Literal["stop_host", "ignore"]
+_ERROR_BEHAVIORS = ("stop_host", "ignore")
+_START_METHODS = ("forkserver", "spawn", "fork")
+
+
+def _seconds(value: float | timedelta | None, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return to_seconds(value, what)
+    except TypeError as err:
+        raise ConfigurationError(str(err)) from None
+    except ValueError as err:
+        raise ConfigurationError(str(err)) from None
+
+
+@dataclass
+class HostOptions:
+    """How a :class:`~hostkit.Host` starts and stops.
+
+    Attributes:
+        shutdown_timeout: the one budget, in seconds, that the whole stop shares
+            (default 30). A slow service eats into it; it never adds to it.
+        startup_timeout: how long start-up may take, in seconds; ``None`` (the
+            default) waits as long as it takes. Past it, start-up fails naming the
+            service that was starting.
+        start_concurrently: call every service's ``start`` at once instead of in
+            registration order.
+        stop_concurrently: call every service's ``stop`` at once instead of in
+            reverse registration order.
+        on_background_error: ``"stop_host"`` (default) stops the host with a
+            non-zero exit code when a background service fails for good;
+            ``"ignore"`` marks it faulted and keeps the rest running.
+        start_method: how process-placed services start their child
+            (``"forkserver"`` by default, ``"spawn"``, or ``"fork"`` as an opt-in).
+        configure_logging: let ``Host.run()`` call :func:`hostkit.configure_logging`
+            when nothing configured hostkit's logging yet (default ``True``). Set
+            ``False`` when your application manages loguru's sinks itself.
+
+    Raises:
+        ConfigurationError: a value has the wrong type or range (also a ``ValueError``).
+
+    .. versionadded:: 0.1
+    """
+
+    shutdown_timeout: float | timedelta = 30.0
+    startup_timeout: float | timedelta | None = None
+    start_concurrently: bool = False
+    stop_concurrently: bool = False
+    on_background_error: BackgroundErrorBehavior = "stop_host"
+    start_method: str = "forkserver"
+    configure_logging: bool = True
+
+    def __post_init__(self) -> None:
+        self.shutdown_timeout = _seconds(self.shutdown_timeout, "HostOptions.shutdown_timeout") or 0.0
+        self.startup_timeout = _seconds(self.startup_timeout, "HostOptions.startup_timeout")
+        if self.on_background_error not in _ERROR_BEHAVIORS:
+            msg = (
+                f"HostOptions.on_background_error must be one of {', '.join(map(repr, _ERROR_BEHAVIORS))}, "
+                f"not: {describe(self.on_background_error)}"
+            )
+            raise ConfigurationError(msg)
+        check_start_method(self.start_method, "HostOptions.start_method")
+        for name in ("start_concurrently", "stop_concurrently"):
+            if not isinstance(getattr(self, name), bool):
+                msg = f"HostOptions.{name} must be True or False, not: {describe(getattr(self, name))}"
+                raise ConfigurationError(msg)
+
+    @property
+    def shutdown_seconds(self) -> float:
+        """``shutdown_timeout`` as a float number of seconds."""
+        return float(self.shutdown_timeout)  # type: ignore[arg-type]
+
+    @property
+    def startup_seconds(self) -> float | None:
+        """``startup_timeout`` as a float number of seconds, or ``None``."""
+        return None if self.startup_timeout is None else float(self.startup_timeout)  # type: ignore[arg-type]
+
+
+def check_start_method(method: object, what: str) -> str:
+    """Validate a multiprocess start method name."""
+    if method not in _START_METHODS:
+        msg = f"{what} must be one of {', '.join(map(repr, _START_METHODS))}, not: {describe(method)}"
+        raise ConfigurationError(msg)
+    return str(method)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When and how fast a failed background service is restarted.
+
+    A failure is an exception from ``execute`` (or, for a process-placed service,
+    its child dying, passing its memory ceiling or missing its heartbeat). The
+    service is restarted after an exponential back-off with jitter, at most
+    ``max_restarts`` times within any ``window`` seconds; one more failure than
+    that and the policy gives up, and the host applies ``on_background_error``.
+    A run that lasted ``reset_after`` seconds or more resets the back-off.
+    The back-off wait ends at once when a stop is requested, and no restart
+    begins after that.
+
+    Attributes:
+        max_restarts: restarts allowed within ``window``; ``None`` for no limit.
+        window: the sliding window, in seconds, for ``max_restarts``.
+        backoff: the first back-off, in seconds.
+        backoff_max: the longest back-off, in seconds.
+        multiplier: the back-off grows by this factor per consecutive failure.
+        jitter: up to this many seconds of random delay added to each back-off.
+        reset_after: a run at least this long resets the back-off to ``backoff``.
+
+    .. versionadded:: 0.1
+    """
+
+    max_restarts: int | None = 5
+    window: float = 60.0
+    backoff: float = 0.5
+    backoff_max: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.25
+    reset_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts is not None and (
+            not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0
+        ):
+            msg = f"RestartPolicy.max_restarts must be an int >= 0 or None, not: {describe(self.max_restarts)}"
+            raise ConfigurationError(msg)
+        for name in ("window", "backoff", "backoff_max", "jitter", "reset_after"):
+            object.__setattr__(self, name, _seconds(getattr(self, name), f"RestartPolicy.{name}"))
+        if not isinstance(self.multiplier, (int, float)) or math.isnan(self.multiplier) or self.multiplier < 1:
+            msg = f"RestartPolicy.multiplier must be a number >= 1, not: {describe(self.multiplier)}"
+            raise ConfigurationError(msg)
+
+    def delay(self, consecutive_failures: int, random_fraction: float) -> float:
+        """The back-off before restart number ``consecutive_failures`` (1-based)."""
+        base = self.backoff * (self.multiplier ** max(consecutive_failures - 1, 0))
+        return min(base, self.backoff_max) + self.jitter * random_fraction

@@ -1,0 +1,25 @@
+"""Runners: one contract (start a service, stop it within a deadline, report how it
+ended) and one implementation per placement."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._base import Runner
+
+if TYPE_CHECKING:
+    from .._services import BackgroundService
+    from .._status import ServiceRecord
+
+__all__ = ["Runner", "create_runner"]
+
+
+def create_runner(service: BackgroundService, record: ServiceRecord) -> Runner:
+    """The runner for ``record.placement``."""
+    if record.placement == "process":
+        from .process import ProcessRunner
+
+        return ProcessRunner(service, record)
+    from .thread import ThreadRunner
+
+    return ThreadRunner(service, record)

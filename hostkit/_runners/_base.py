@@ -1,0 +1,140 @@
+"""The runner contract shared by thread and process placement.
+
+A runner owns one background service's run: a supervising thread named
+``hostkit-<service>`` runs :meth:`Runner._run_once` under the restart policy
+(:class:`~hostkit._supervisor.Supervisor`), records every state change, logs how
+the run ended, and sets :attr:`Runner.ended`. The host stops it with
+:meth:`request_stop` + :meth:`wait`, and at the deadline asks it to
+:meth:`escalate`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from .._status import ServiceRecord, ServiceState
+from .._supervisor import Supervisor, format_failure
+from .._token import CancellationToken
+from ..exceptions import HostStateError
+
+if TYPE_CHECKING:
+    from .._services import BackgroundService
+
+__all__ = ["Runner"]
+
+
+class Runner(ABC):
+    """Runs one background service in its placement."""
+
+    def __init__(self, service: BackgroundService, record: ServiceRecord) -> None:
+        self.service = service
+        self.record = record
+        self.stopping = CancellationToken(name=record.name)
+        self.ended = CancellationToken(name=f"{record.name}:ended")
+        self.on_end: Callable[[Runner], None] | None = None
+        self.failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._log = logger.bind(service=record.name)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                msg = f"background service {self.record.name!r} was already started; a service runs once per host"
+                raise HostStateError(msg)
+            self._thread = threading.Thread(target=self._main, name=f"hostkit-{self.record.name}", daemon=True)
+        self.record.mark(ServiceState.RUNNING, pid=os.getpid())
+        self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self.ended.is_set()
+
+    def request_stop(self) -> None:
+        """Set the service's ``stopping`` token (idempotent)."""
+        if self.running and not self.stopping.is_set():
+            self.record.mark(ServiceState.STOPPING)
+        self.stopping.set()
+
+    def wait(self, token: CancellationToken) -> bool:
+        """Wait until the run ended or ``token`` is set. ``True`` if it ended."""
+        if self._thread is None or self.ended.is_set():
+            return True
+        gate = threading.Event()
+        with self.ended.register(gate.set), token.register(gate.set):
+            gate.wait()
+        return self.ended.is_set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the run to end. ``True`` if it ended."""
+        if self._thread is None:
+            return True
+        return self.ended.wait(timeout)
+
+    def beat(self) -> None:
+        """Record a heartbeat from the service."""
+        self.record.update(last_heartbeat_at=time.time())
+
+    # -- the supervising thread ---------------------------------------------------
+
+    def _main(self) -> None:
+        self.record.update(thread_id=threading.get_native_id())
+        try:
+            with logger.contextualize(service=self.record.name):
+                Supervisor(self.record, self.stopping, self._run_once).run()
+        except BaseException as exc:
+            self.failure = exc
+            summary, text = format_failure(exc)
+            self.record.mark(ServiceState.FAULTED, error=summary, traceback=text, exception=exc, detail=None)
+            self._log.critical("Background service {!r} failed: {}\n{}", self.record.name, summary, text.rstrip())
+        else:
+            if self.stopping.is_set():
+                self.record.mark(ServiceState.STOPPED, detail=None)
+                self._log.info("Background service {!r} stopped", self.record.name)
+            else:
+                self.record.mark(ServiceState.COMPLETED, detail=None)
+                self._log.info("Background service {!r} completed", self.record.name)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.ended.set()
+        callback = self.on_end
+        if callback is not None:
+            try:
+                callback(self)
+            except Exception:
+                self._log.opt(exception=True).error("The host's end-of-run handler for {!r} raised", self.record.name)
+
+    # -- placement-specific -------------------------------------------------------
+
+    @abstractmethod
+    def _run_once(self) -> None:
+        """Run ``execute`` once in the placement; raise if it failed."""
+
+    @abstractmethod
+    def where(self) -> str:
+        """Where the service is now: a thread's stack, a child's pid and state."""
+
+    @abstractmethod
+    def escalate(self, grace: float) -> str:
+        """The stop deadline passed with the service still running: do what can be done.
+
+        Returns a short description of what was done, for the log.
+        """
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.record.name!r} {self.record.state.value}>"

@@ -1,0 +1,121 @@
+"""The two service shapes: :class:`HostedService` and :class:`BackgroundService`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._runners._base import Runner
+    from ._token import CancellationToken
+
+__all__ = ["LIFECYCLE_HOOKS", "BackgroundService", "HostedService", "Placement", "is_overridden"]
+
+#: Where a background service's ``execute`` runs.
+Placement = Literal["thread", "process"]
+PLACEMENTS: tuple[Placement, ...] = ("thread", "process")
+
+#: The lifecycle hooks, in the order the host calls them at start and at stop.
+LIFECYCLE_HOOKS = ("starting", "started", "stopping", "stopped")
+
+
+class HostedService:
+    """Work tied to the host's life: something to do at start and at stop.
+
+    Override :meth:`start` and :meth:`stop`; both receive a token that is set when
+    the host no longer wants to wait (``startup_timeout`` at start, the shared
+    ``shutdown_timeout`` at stop). ``start`` must return promptly: long-running
+    work belongs in a :class:`BackgroundService`.
+
+    The optional hooks run around them, in the order of .NET's
+    ``IHostedLifecycleService``: every service's ``starting``, then every
+    ``start``, then every ``started``; at stop every ``stopping``, every ``stop``
+    and every ``stopped``, in reverse registration order.
+
+    .. versionadded:: 0.1
+    """
+
+    def start(self, token: CancellationToken) -> None:
+        """Start the service; return promptly."""
+
+    def stop(self, token: CancellationToken) -> None:
+        """Stop the service; ``token`` is set when the shutdown budget runs out."""
+
+    def starting(self, token: CancellationToken) -> None:
+        """Hook: before any service's ``start``."""
+
+    def started(self, token: CancellationToken) -> None:
+        """Hook: after every service's ``start`` returned."""
+
+    def stopping(self, token: CancellationToken) -> None:
+        """Hook: when the stop begins, before any service's ``stop``."""
+
+    def stopped(self, token: CancellationToken) -> None:
+        """Hook: after every service's ``stop`` returned."""
+
+
+class BackgroundService(HostedService):
+    """A long-running loop: implement :meth:`execute`.
+
+    The host runs ``execute(stopping)`` in the placement chosen at registration:
+    a dedicated thread (``placement="thread"``) or a dedicated child process
+    (``placement="process"``); the class does not change. ``execute`` must return
+    soon after ``stopping`` is set: use ``stopping.wait(seconds)`` as its sleep.
+
+    ``execute`` returning on its own marks the service *completed*; raising marks
+    it *faulted* (after any restart policy), and the host applies
+    ``HostOptions.on_background_error``.
+
+    .. versionadded:: 0.1
+    """
+
+    def execute(self, stopping: CancellationToken) -> None:
+        """The service's work. Return when ``stopping`` is set."""
+        raise NotImplementedError
+
+    def heartbeat(self) -> None:
+        """Tell the host this service is making progress.
+
+        Services registered with a ``heartbeat_timeout`` call this from their
+        loop; a heartbeat older than the timeout counts as a hang.
+        """
+        runner = self.__dict__.get("_hostkit_runner")
+        if runner is not None:
+            runner.beat()
+
+    def start(self, token: CancellationToken) -> None:
+        """Launch ``execute`` in its placement and return at once."""
+        self._runner().start()
+
+    def stop(self, token: CancellationToken) -> None:
+        """Set the service's ``stopping`` token and wait for ``execute`` to return.
+
+        The wait ends early when ``token`` is set (the shutdown budget ran out).
+        """
+        runner: Runner | None = self.__dict__.get("_hostkit_runner")
+        if runner is None:
+            return
+        runner.request_stop()
+        runner.wait(token)
+
+    def _runner(self) -> Runner:
+        runner: Runner | None = self.__dict__.get("_hostkit_runner")
+        if runner is None:
+            from ._runners import create_runner
+            from ._status import ServiceRecord
+
+            runner = create_runner(self, ServiceRecord.standalone(self))
+            self.__dict__["_hostkit_runner"] = runner
+        return runner
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The runner holds threads, locks and pipes: never send it to a child.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_hostkit_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def is_overridden(service: HostedService, method: str) -> bool:
+    """``True`` if ``service``'s class overrides ``method`` of hostkit's own classes."""
+    impl = getattr(type(service), method, None)
+    return impl is not getattr(HostedService, method) and impl is not getattr(BackgroundService, method, None)

@@ -1,0 +1,221 @@
+"""What every service is doing: its record (mutable, internal) and snapshots (frozen, public)."""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._options import RestartPolicy
+    from ._services import HostedService, Placement
+
+__all__ = ["HostState", "HostStatus", "ServiceRecord", "ServiceState", "ServiceStatus"]
+
+
+class ServiceState(str, enum.Enum):
+    """The life of one service, as the status snapshot reports it.
+
+    .. versionadded:: 0.1
+    """
+
+    #: Registered; ``start`` not called yet.
+    CREATED = "created"
+    #: ``start`` (or a start hook) is running.
+    STARTING = "starting"
+    #: Started; for a background service, ``execute`` is running.
+    RUNNING = "running"
+    #: ``execute`` failed and the restart policy is waiting to run it again.
+    RESTARTING = "restarting"
+    #: The host asked it to stop and is waiting for it.
+    STOPPING = "stopping"
+    #: It stopped when asked.
+    STOPPED = "stopped"
+    #: ``execute`` returned on its own, before any stop was asked.
+    COMPLETED = "completed"
+    #: ``start`` or ``execute`` failed for good; ``error`` says why.
+    FAULTED = "faulted"
+    #: It did not stop within the shutdown budget: its thread was abandoned or its process killed.
+    TIMED_OUT = "timed_out"
+
+
+class HostState(str, enum.Enum):
+    """The life of a host.
+
+    .. versionadded:: 0.1
+    """
+
+    #: Built, not started.
+    CREATED = "created"
+    #: ``start`` is running.
+    STARTING = "starting"
+    #: Every service started; ``lifetime.started`` is set.
+    RUNNING = "running"
+    #: A stop is in progress.
+    STOPPING = "stopping"
+    #: Stopped; ``lifetime.stopped`` is set.
+    STOPPED = "stopped"
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """A snapshot of one service.
+
+    Attributes:
+        name: the service's name (its class name unless given at registration).
+        kind: ``"hosted"`` or ``"background"``.
+        placement: ``"thread"`` or ``"process"`` for background services, else ``None``.
+        state: a :class:`ServiceState`.
+        started_at: when it last started (Unix time), or ``None``.
+        stopped_at: when it ended (Unix time), or ``None``.
+        error: ``"Type: message"`` of the failure that faulted it (or the last one), or ``None``.
+        traceback: the traceback text of that failure, or ``None``.
+        restarts: how many times the restart policy restarted it.
+        last_failure_at: when it last failed (Unix time), or ``None``.
+        pid: the child's pid for a process-placed service, else the host's pid.
+        thread_id: the native id of the thread running it, if any.
+        last_heartbeat_at: when it last called ``heartbeat()`` (Unix time), or ``None``.
+        detail: a free-text note (why it stopped, what it is waiting for).
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
+    kind: str
+    placement: str | None
+    state: ServiceState
+    started_at: float | None = None
+    stopped_at: float | None = None
+    error: str | None = None
+    traceback: str | None = None
+    restarts: int = 0
+    last_failure_at: float | None = None
+    pid: int | None = None
+    thread_id: int | None = None
+    last_heartbeat_at: float | None = None
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; times are ISO 8601 strings in UTC."""
+        data = asdict(self)
+        data["state"] = self.state.value
+        for key in ("started_at", "stopped_at", "last_failure_at", "last_heartbeat_at"):
+            data[key] = _iso(data[key])
+        return data
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """A snapshot of a host and every service in it.
+
+    .. versionadded:: 0.1
+    """
+
+    state: HostState
+    exit_code: int
+    services: tuple[ServiceStatus, ...] = field(default_factory=tuple)
+
+    def __getitem__(self, name: str) -> ServiceStatus:
+        for service in self.services:
+            if service.name == name:
+                return service
+        msg = f"no service named {name!r}; the host has: {', '.join(s.name for s in self.services) or 'none'}"
+        raise KeyError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "state": self.state.value,
+            "exit_code": self.exit_code,
+            "services": [s.to_dict() for s in self.services],
+        }
+
+
+class ServiceRecord:
+    """The host's mutable record of one registered service (thread-safe)."""
+
+    def __init__(
+        self,
+        service: HostedService,
+        *,
+        name: str,
+        placement: Placement | None,
+        restart: RestartPolicy | None = None,
+        process_options: dict[str, Any] | None = None,
+        heartbeat_timeout: float | None = None,
+    ) -> None:
+        self.service = service
+        self.name = name
+        self.placement = placement
+        self.restart = restart
+        self.process_options: dict[str, Any] = dict(process_options or {})
+        self.heartbeat_timeout = heartbeat_timeout
+        self._lock = threading.Lock()
+        self.state = ServiceState.CREATED
+        self.started_at: float | None = None
+        self.stopped_at: float | None = None
+        self.error: str | None = None
+        self.traceback: str | None = None
+        self.restarts = 0
+        self.last_failure_at: float | None = None
+        self.pid: int | None = None
+        self.thread_id: int | None = None
+        self.last_heartbeat_at: float | None = None
+        self.detail: str | None = None
+        self.exception: BaseException | None = None
+
+    @classmethod
+    def standalone(cls, service: HostedService) -> ServiceRecord:
+        """A record for a background service started by hand, outside any host."""
+        return cls(service, name=type(service).__name__, placement="thread")
+
+    @property
+    def kind(self) -> str:
+        return "hosted" if self.placement is None else "background"
+
+    def update(self, **changes: Any) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                if not hasattr(self, key):  # pragma: no cover - programming error
+                    raise AttributeError(key)
+                setattr(self, key, value)
+
+    def mark(self, state: ServiceState, **changes: Any) -> None:
+        now = time.time()
+        with self._lock:
+            self.state = state
+            if state in (ServiceState.RUNNING,) and "started_at" not in changes:
+                self.started_at = now
+            if state in (ServiceState.STOPPED, ServiceState.COMPLETED, ServiceState.FAULTED, ServiceState.TIMED_OUT):
+                self.stopped_at = now
+            for key, value in changes.items():
+                setattr(self, key, value)
+
+    def snapshot(self) -> ServiceStatus:
+        with self._lock:
+            return ServiceStatus(
+                name=self.name,
+                kind=self.kind,
+                placement=self.placement,
+                state=self.state,
+                started_at=self.started_at,
+                stopped_at=self.stopped_at,
+                error=self.error,
+                traceback=self.traceback,
+                restarts=self.restarts,
+                last_failure_at=self.last_failure_at,
+                pid=self.pid,
+                thread_id=self.thread_id,
+                last_heartbeat_at=self.last_heartbeat_at,
+                detail=self.detail,
+            )
+
+    def __repr__(self) -> str:
+        return f"<ServiceRecord {self.name!r} {self.kind} {self.state.value}>"

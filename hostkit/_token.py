@@ -1,0 +1,225 @@
+"""Cancellation: a token that *is* a :class:`threading.Event`, and its source.
+
+A :class:`CancellationToken` is what every loop waits on: ``token.wait(5)`` is an
+interruptible sleep that returns ``True`` the moment the token is set. Callbacks
+registered on a token run once, on the thread that sets it.
+
+A :class:`CancellationTokenSource` owns a token and adds what a token alone cannot
+do: cancel it after a delay, or link it to other tokens so it is set when any of
+them is.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+from loguru import logger
+
+from ._util import to_seconds
+from .exceptions import OperationCancelledError
+
+__all__ = ["CancellationToken", "CancellationTokenSource", "Registration"]
+
+
+class Registration:
+    """The handle of a callback registered on a token; :meth:`unregister` removes it."""
+
+    __slots__ = ("_callback", "_token")
+
+    def __init__(self, token: CancellationToken | None, callback: Callable[[], object]) -> None:
+        self._token = token
+        self._callback = callback
+
+    def unregister(self) -> bool:
+        """Remove the callback. Returns ``True`` if it had not run yet."""
+        token, self._token = self._token, None
+        if token is None:
+            return False
+        return token._unregister(self)
+
+    def __enter__(self) -> Registration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unregister()
+
+
+class CancellationToken(threading.Event):
+    """A :class:`threading.Event` that means "stop".
+
+    ``wait(timeout)`` is the interruptible sleep of every loop; ``set()`` (or the
+    owning source's ``cancel()``) cancels. Callbacks registered with
+    :meth:`register` run exactly once, on the thread that cancels; one that raises
+    is logged and the others still run.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, *, name: str = "") -> None:
+        super().__init__()
+        self.name = name
+        self._callbacks: list[Registration] | None = []
+        self._callbacks_lock = threading.Lock()
+
+    @classmethod
+    def none(cls) -> CancellationToken:
+        """A token that nobody will ever cancel (for calls that need one)."""
+        return cls(name="none")
+
+    @property
+    def cancelled(self) -> bool:
+        """``True`` once the token is set."""
+        return self.is_set()
+
+    def set(self) -> None:
+        """Cancel: wake every waiter, then run the registered callbacks once."""
+        super().set()
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, None
+        for registration in callbacks or ():
+            try:
+                registration._callback()
+            except Exception:
+                logger.opt(exception=True).warning(
+                    "A cancellation callback of token {!r} raised; the others still run",
+                    self.name,
+                )
+
+    cancel = set
+
+    def clear(self) -> None:
+        """Tokens cannot be reset: a cancelled token stays cancelled.
+
+        Raises:
+            RuntimeError: always. Create a new token instead.
+        """
+        msg = "a CancellationToken cannot be cleared once set; create a new token instead"
+        raise RuntimeError(msg)
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`~hostkit.exceptions.OperationCancelledError` if the token is set."""
+        if self.is_set():
+            msg = f"the operation was cancelled (token {self.name!r})" if self.name else ("the operation was cancelled")
+            raise OperationCancelledError(msg)
+
+    def register(self, callback: Callable[[], object]) -> Registration:
+        """Run ``callback()`` when the token is cancelled (at once if it already is).
+
+        Returns:
+            a :class:`Registration`; call ``unregister()`` when the callback is no
+            longer wanted (a long-lived token otherwise keeps it alive).
+        """
+        if not callable(callback):
+            msg = f"register() needs a callable taking no arguments, not: {callback!r}"
+            raise TypeError(msg)
+        registration = Registration(self, callback)
+        with self._callbacks_lock:
+            if self._callbacks is not None:
+                self._callbacks.append(registration)
+                return registration
+        registration._token = None
+        callback()
+        return registration
+
+    def _unregister(self, registration: Registration) -> bool:
+        with self._callbacks_lock:
+            if self._callbacks is None:
+                return False
+            try:
+                self._callbacks.remove(registration)
+            except ValueError:
+                return False
+            return True
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.is_set() else "active"
+        name = f" {self.name!r}" if self.name else ""
+        return f"<CancellationToken{name} {state}>"
+
+
+class CancellationTokenSource:
+    """Creates and cancels a :class:`CancellationToken`.
+
+    Args:
+        linked: tokens whose cancellation also cancels this source's token.
+        cancel_after: cancel automatically after this many seconds (or a timedelta).
+        name: a name shown in the token's ``repr`` and in log lines.
+
+    Use it as a context manager (or call :meth:`close`) so a pending
+    ``cancel_after`` timer and the links are released.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        *linked: CancellationToken,
+        cancel_after: float | timedelta | None = None,
+        name: str = "",
+    ) -> None:
+        self.token = CancellationToken(name=name)
+        self._timer: threading.Timer | None = None
+        self._timer_lock = threading.Lock()
+        self._links: list[Registration] = []
+        for parent in linked:
+            if not isinstance(parent, threading.Event):
+                msg = f"linked tokens must be CancellationToken objects, not: {parent!r}"
+                raise TypeError(msg)
+            if isinstance(parent, CancellationToken):
+                self._links.append(parent.register(self.cancel))
+            elif parent.is_set():
+                self.cancel()
+        if cancel_after is not None:
+            self.cancel_after(cancel_after)
+
+    @property
+    def cancelled(self) -> bool:
+        """``True`` once the token is cancelled."""
+        return self.token.is_set()
+
+    def cancel(self) -> None:
+        """Cancel the token. Safe to call many times and from any thread."""
+        self.token.set()
+        self._cancel_timer()
+
+    def cancel_after(self, delay: float | timedelta) -> None:
+        """Cancel the token after ``delay`` seconds; a later call replaces the delay."""
+        seconds = to_seconds(delay, "delay")
+        if self.token.is_set():
+            return
+        if seconds <= 0:
+            self.cancel()
+            return
+        timer = threading.Timer(seconds, self.cancel)
+        timer.name = f"hostkit-cancel-after-{self.token.name or id(self)}"
+        timer.daemon = True
+        with self._timer_lock:
+            old, self._timer = self._timer, timer
+        if old is not None:
+            old.cancel()
+        timer.start()
+
+    def _cancel_timer(self) -> None:
+        with self._timer_lock:
+            timer, self._timer = self._timer, None
+        if timer is not None and timer is not threading.current_thread():
+            timer.cancel()
+            timer.join()
+
+    def close(self) -> None:
+        """Stop the ``cancel_after`` timer and drop the links; the token keeps its state."""
+        self._cancel_timer()
+        for link in self._links:
+            link.unregister()
+        self._links.clear()
+
+    def __enter__(self) -> CancellationTokenSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<CancellationTokenSource token={self.token!r} links={len(self._links)}>"

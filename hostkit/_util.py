@@ -1,0 +1,46 @@
+"""Small helpers shared by several modules."""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import traceback
+from datetime import timedelta
+
+__all__ = ["describe", "thread_stack", "to_seconds"]
+
+
+def describe(value: object) -> str:
+    """``repr`` plus type, for error messages: ``'-1' (str)``."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def to_seconds(value: float | timedelta, what: str, *, allow_none: bool = False) -> float:
+    """Turn a duration into seconds, rejecting negatives, NaN and wrong types.
+
+    Raises:
+        TypeError: ``value`` is not a number or a timedelta.
+        ValueError: ``value`` is negative or not finite.
+    """
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        msg = f"{what} must be a number of seconds or a timedelta, not: {describe(value)}"
+        raise TypeError(msg)
+    if math.isnan(seconds) or seconds < 0:
+        msg = f"{what} must be >= 0 seconds, not: {describe(value)}"
+        raise ValueError(msg)
+    return seconds
+
+
+def thread_stack(thread: threading.Thread | None) -> str:
+    """The current stack of a live thread, most recent call last, or a note why not."""
+    if thread is None or thread.ident is None:
+        return "  (thread not started)\n"
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None:
+        return "  (thread has ended)\n"
+    return "".join(traceback.format_stack(frame))

@@ -1,0 +1,115 @@
+"""Every error hostkit raises.
+
+Each class derives from :class:`HostkitError` *and* from the standard-library
+exception it resembles, so code that already catches ``TypeError`` or
+``LookupError`` keeps working::
+
+    HostkitError
+    ├── InvalidServiceError        (TypeError)     not a service / no execute / bad placement
+    ├── ConfigurationError         (ValueError)    an option with a wrong value
+    ├── HostStateError             (RuntimeError)  a call in the wrong host state
+    ├── HostStartupError           (RuntimeError)  a service's start failed; names it
+    │   └── StartupTimeoutError    (TimeoutError)  start-up passed ``startup_timeout``
+    ├── OperationCancelledError    (concurrent.futures.CancelledError)
+    ├── ServicePicklingError       (TypeError)     a process-placed service cannot cross
+    ├── RemoteServiceError         (RuntimeError)  a child raised an unpicklable error
+    ├── ChildProcessDiedError      (RuntimeError)  a child ended by a signal or os._exit
+    └── dependency injection
+        ├── ServiceNotFoundError   (LookupError)
+        ├── CaptiveDependencyError (TypeError)
+        ├── CircularDependencyError(TypeError)
+        └── ScopeError             (RuntimeError)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+__all__ = [
+    "CaptiveDependencyError",
+    "ChildProcessDiedError",
+    "CircularDependencyError",
+    "ConfigurationError",
+    "HostStartupError",
+    "HostStateError",
+    "HostkitError",
+    "InvalidServiceError",
+    "OperationCancelledError",
+    "RemoteServiceError",
+    "ScopeError",
+    "ServiceNotFoundError",
+    "ServicePicklingError",
+    "StartupTimeoutError",
+]
+
+
+class HostkitError(Exception):
+    """Base class of every error raised by hostkit."""
+
+
+class InvalidServiceError(HostkitError, TypeError):
+    """Something registered as a service is not one, or is registered wrongly."""
+
+
+class ConfigurationError(HostkitError, ValueError):
+    """An option or argument has a value hostkit cannot use."""
+
+
+class HostStateError(HostkitError, RuntimeError):
+    """A host method was called in a state that does not allow it."""
+
+
+class HostStartupError(HostkitError, RuntimeError):
+    """A hosted service failed to start; the host rolled back what had started.
+
+    Attributes:
+        service: the name of the service whose start failed.
+    """
+
+    def __init__(self, message: str, *, service: str) -> None:
+        super().__init__(message)
+        self.service = service
+
+
+class StartupTimeoutError(HostStartupError, TimeoutError):
+    """Start-up did not finish within ``HostOptions.startup_timeout``."""
+
+
+class OperationCancelledError(HostkitError, concurrent.futures.CancelledError):
+    """Raised by :meth:`CancellationToken.raise_if_cancelled` once the token is set."""
+
+
+class ServicePicklingError(HostkitError, TypeError):
+    """A process-placed service (or one of its attributes) cannot be sent to a child."""
+
+
+class RemoteServiceError(HostkitError, RuntimeError):
+    """An exception raised in a child that could not itself be sent back."""
+
+
+class ChildProcessDiedError(HostkitError, RuntimeError):
+    """A service's child process ended without reporting: a signal or ``os._exit``.
+
+    Attributes:
+        exitcode: the child's exit code; negative for a signal (as in ``multiprocessing``).
+    """
+
+    def __init__(self, message: str, *, exitcode: int | None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+class ServiceNotFoundError(HostkitError, LookupError):
+    """A type was resolved that nothing registered."""
+
+
+class CaptiveDependencyError(HostkitError, TypeError):
+    """A singleton depends, directly or through a chain, on a scoped service."""
+
+
+class CircularDependencyError(HostkitError, TypeError):
+    """Services depend on each other in a cycle."""
+
+
+class ScopeError(HostkitError, RuntimeError):
+    """A scoped service was resolved outside a scope, or a scope was used after it closed."""
