@@ -14,6 +14,7 @@ from ._di import Scope, ServiceCollection, ServiceProvider
 from ._host import ExitCode, Host
 from ._lifetime import ApplicationLifetime
 from ._logging import configure_logging
+from ._once import OncePerDeployment
 from ._options import HostOptions, RestartPolicy
 from ._periodic import PeriodicTimer
 from ._services import BackgroundService, HostedService, Placement
@@ -34,6 +35,7 @@ __all__ = [
     "HostState",
     "HostStatus",
     "HostedService",
+    "OncePerDeployment",
     "PeriodicTimer",
     "Placement",
     "Registration",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from ._di import ServiceCollection
 from ._host import Host
 from ._lifetime import ApplicationLifetime
 from ._options import HostOptions
-from .exceptions import ConfigurationError, HostStateError
+from ._util import describe
+from .exceptions import ConfigurationError, ConfigurationTypeError, HostStateError
 
 __all__ = ["HostBuilder"]
 
@@ -31,9 +32,9 @@ class HostBuilder:
     """
 
     def __init__(self, *, options: HostOptions | None = None) -> None:
-        if options is not None and not isinstance(options, HostOptions):
-            msg = f"options= must be a hostkit.HostOptions, not: {options!r}"
-            raise ConfigurationError(msg)
+        if options is not None and not isinstance(cast("object", options), HostOptions):
+            msg = f"HostBuilder(options=...) must be a hostkit.HostOptions, not: {describe(options)}"
+            raise ConfigurationTypeError(msg)
         self.services = ServiceCollection()
         self.options = options if options is not None else HostOptions()
         self._built = False
@@ -92,7 +93,8 @@ class HostBuilder:
             raise HostStateError(msg)
         self._built = True
         lifetime = ApplicationLifetime()
-        services = self.services
+        # A copy: the user's collection stays as they wrote it (and picklable for a child process).
+        services = self.services.copy()
         if ApplicationLifetime not in services:
             services.add_singleton(ApplicationLifetime, instance=lifetime)
         if HostOptions not in services:

@@ -17,12 +17,14 @@ Then ``lifetime.stopped``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 
 from loguru import logger
@@ -30,7 +32,7 @@ from loguru import logger
 from ._di import ServiceProvider
 from ._lifetime import ApplicationLifetime
 from ._logging import configure_logging, logging_configured
-from ._options import HostOptions
+from ._options import HostOptions, seconds_option
 from ._registration import HostedServiceRegistration
 from ._runners import Runner, create_runner
 from ._services import BackgroundService, HostedService, is_overridden
@@ -38,7 +40,7 @@ from ._signals import FORCED_EXIT_CODE, SignalWatch
 from ._status import HostState, HostStatus, ServiceRecord, ServiceState
 from ._supervisor import format_failure
 from ._token import CancellationToken, CancellationTokenSource
-from ._util import thread_stack, to_seconds
+from ._util import thread_stack
 from .exceptions import HostStartupError, HostStateError, StartupTimeoutError
 
 __all__ = ["ExitCode", "Host"]
@@ -52,7 +54,7 @@ class ExitCode(enum.IntEnum):
     .. versionadded:: 0.1
     """
 
-    #: Stopped on request (signal, ``stop_application()``, ``stop()``), or every service completed.
+    #: Stopped on request (signal, ``stop_application()``, ``stop()``); services that completed do not change it.
     OK = 0
     #: A background service failed for good under ``on_background_error="stop_host"``.
     SERVICE_FAILED = 1
@@ -60,6 +62,10 @@ class ExitCode(enum.IntEnum):
     START_FAILED = 3
     #: A second SIGINT arrived during the stop; the process exited at once.
     FORCED = FORCED_EXIT_CODE
+
+
+def _budget(timeout: float | timedelta) -> float:
+    return seconds_option(timeout, "Host.stop(timeout=...)")
 
 
 class _Call:
@@ -120,10 +126,23 @@ class Host:
         self._signals: SignalWatch | None = None
         self._run_waiting = False
         self._start_done = threading.Event()
+        # Marks the threads that run this host's own lifecycle calls (start/stop and the
+        # hooks): a stop() from one of them must not wait for the start or stop it is part of.
+        self._local = threading.local()
         self._started: list[ServiceRecord] = []
         self._records: list[ServiceRecord] = []
         for reg in registrations:
-            service: HostedService = reg.service if isinstance(reg.service, HostedService) else services.get(reg)
+            service: HostedService
+            if isinstance(reg.service, HostedService):
+                service = reg.service
+            elif reg.placement == "process":
+                # Built in its child by the child's own container (singletons are per
+                # process): the host never constructs it nor holds what it opens.
+                from ._runners.process import DeferredService
+
+                service = DeferredService(reg, services)
+            else:
+                service = services.get(reg)
             record = ServiceRecord(
                 service,
                 name=reg.name,
@@ -132,12 +151,21 @@ class Host:
                 process_options=reg.process_options,
                 heartbeat_timeout=reg.heartbeat_timeout,
             )
+            if reg.placement == "process":
+                record.process_options.setdefault("start_method", options.start_method)
             if isinstance(service, BackgroundService):
                 runner = create_runner(service, record)
                 runner.on_end = self._on_service_end
+                runner.host_stopping = lifetime.stopping
                 service.__dict__["_hostkit_runner"] = runner
             self._records.append(record)
         lifetime._on_stop_requested = self._on_stop_requested
+        # Integrations that watch the whole host (hostkit.health, hostkit.systemd) are
+        # registered before the host exists; hand it to them now.
+        for record in self._records:
+            attach = getattr(record.service, "_hostkit_attach_host", None)
+            if callable(attach):
+                attach(self)
 
     # -- public surface -------------------------------------------------------------
 
@@ -180,7 +208,8 @@ class Host:
             self._run_waiting = True
             try:
                 try:
-                    self.start()
+                    with self._signals_during_start(watch):
+                        self.start()
                 except HostStartupError:
                     return self.exit_code
                 self._wait_for_stop_request(watch)
@@ -196,13 +225,48 @@ class Host:
             self.lifetime.stopping.wait()
             return
         while not self.lifetime.stopping.is_set():
-            signals = watch.wait()
-            if signals:
-                import signal as _signal
+            self._handle_signals(watch, watch.wait(), during="")
 
-                names = ", ".join(_signal.Signals(s).name for s in signals)
-                _log.info("Received {}; stopping the host (budget {:.1f} s)", names, self.options.shutdown_seconds)
-                self.lifetime.stop_application()
+    def _handle_signals(self, watch: SignalWatch, signals: list[int], *, during: str) -> None:
+        if not signals:
+            return
+        names = ", ".join(signal.Signals(s).name for s in signals)
+        _log.info("Received {}{}; stopping the host (budget {:.1f} s)", names, during, self.options.shutdown_seconds)
+        # From here a second SIGINT exits at once, also when the first one came during start-up.
+        watch.stopping = True
+        self.lifetime.stop_application()
+
+    @contextlib.contextmanager
+    def _signals_during_start(self, watch: SignalWatch) -> Iterator[None]:
+        """Read the signal pipe on a helper thread while the main thread is busy starting.
+
+        Without it, SIGTERM during a slow start (a database that is not up yet) would
+        wait for every start() to finish. The helper turns the signal into
+        ``stop_application()``, which cancels the start-up token: cooperative start()
+        calls return, the remaining ones are skipped, and run() stops what started.
+        The main thread cannot do this itself: it is inside start().
+        """
+        if not watch.installed:
+            yield
+            return
+        done = threading.Event()
+
+        def read() -> None:
+            # Handle what was read before looking at `done`, so that no signal read here is
+            # lost; bytes not read yet stay in the pipe for _wait_for_stop_request.
+            while True:
+                self._handle_signals(watch, watch.wait(), during=" during start-up")
+                if done.is_set():
+                    return
+
+        reader = threading.Thread(target=read, name="hostkit-host-signals", daemon=True)
+        reader.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watch.wake()
+            reader.join()
 
     def start(self) -> None:
         """Start every service in registration order; return once all have started.
@@ -225,31 +289,49 @@ class Host:
         timeout = self.options.startup_seconds
         deadline = None if timeout is None else began + timeout
         try:
-            with CancellationTokenSource(self.lifetime.stopping, cancel_after=timeout, name="startup") as source:
-                self._start_all(source.token, deadline)
-        except BaseException as exc:
-            self._start_failed(exc, deadline)
-            raise
-        finally:
-            self._start_done.set()
-        if self._stop_requested_early():
+            try:
+                with CancellationTokenSource(self.lifetime.stopping, cancel_after=timeout, name="startup") as source:
+                    self._start_all(source.token, deadline)
+            except BaseException as exc:
+                self._start_failed(exc, deadline)
+                raise
             with self._lock:
                 self._state = HostState.RUNNING
-            _log.info("Start-up ended early: a stop was requested")
-            self._on_stop_requested()
-            return
-        with self._lock:
-            self._state = HostState.RUNNING
-        _log.info("Host started in {:.3f} s", time.monotonic() - began)
-        self.lifetime.started.set()
+            # Checked after RUNNING is set, under no lock: a stop_application() that raced
+            # with the state change either saw RUNNING (and started the stop itself) or set
+            # `stopping` before we got here. Missing both would leave a host nobody stops.
+            if self._stop_requested_early():
+                _log.info("Start-up ended early: a stop was requested")
+                self._on_stop_requested()
+                return
+            _log.info("Host started in {:.3f} s", time.monotonic() - began)
+            self.lifetime.started.set()
+        finally:
+            # Only now may a stop() that waited for start-up go on: `started` fires before any stop.
+            self._start_done.set()
 
     def stop(self, timeout: float | timedelta | None = None) -> None:
         """Stop every service within one budget (``HostOptions.shutdown_timeout`` by default).
 
         Safe to call many times and from any thread; before ``start()`` it does
-        nothing. A second caller waits for the first caller's stop to finish.
+        nothing. A second caller waits for the first caller's stop to finish. During
+        start-up it ends the start-up early (no further service starts) and then
+        stops what had started. Called from a service's own code (``start``,
+        ``execute``, a hook), it only requests the stop, like
+        ``lifetime.stop_application()``, and returns at once: waiting there would
+        mean waiting for itself.
+
+        Raises:
+            ConfigurationError: ``timeout`` is negative (``ConfigurationTypeError``
+                if it is not a number or a timedelta).
         """
-        budget = self.options.shutdown_seconds if timeout is None else to_seconds(timeout, "timeout")
+        budget = self.options.shutdown_seconds if timeout is None else _budget(timeout)
+        if self._inside_own_call():
+            # Called from a service's own start/stop/hook or execute: waiting here for the
+            # stop would wait for ourselves (deadlock until the budget ran out). Ask for the
+            # stop instead; the thread driving the host carries it out once we return.
+            self.lifetime.stop_application()
+            return
         with self._lock:
             state = self._state
             if state is HostState.CREATED:
@@ -267,7 +349,18 @@ class Host:
         if state is HostState.STARTING:
             self.lifetime.stop_application()
             self._start_done.wait()
+            if self._state is HostState.STOPPED:
+                return  # the start failed and already rolled back everything
         self._stop_started(budget, reason="stop requested")
+
+    def _inside_own_call(self) -> bool:
+        """``True`` on a thread that runs one of this host's lifecycle calls or a service's ``execute``."""
+        if getattr(self._local, "in_call", False):
+            return True
+        current = threading.current_thread()
+        return any(
+            runner is not None and runner._thread is current for runner in (self._runner(r) for r in self._records)
+        )
 
     def __enter__(self) -> Host:
         self.start()
@@ -347,7 +440,7 @@ class Host:
             summary = f"start-up did not finish within startup_timeout={self.options.startup_seconds} s"
             if record is not None:
                 record.mark(ServiceState.TIMED_OUT, error=summary, detail="start() did not return in time")
-            _log.critical(
+            _log.bind(service=name).critical(
                 "Hosted service {!r} did not finish starting within startup_timeout ({} s); it is stuck at:\n{}",
                 name,
                 self.options.startup_seconds,
@@ -357,12 +450,16 @@ class Host:
             summary, text = format_failure(exc)
             if record is not None:
                 record.mark(ServiceState.FAULTED, error=summary, traceback=text, exception=exc)
-            _log.critical("Hosted service {!r} failed to start: {}\n{}", name, summary, text.rstrip())
+            _log.bind(service=name).critical(
+                "Hosted service {!r} failed to start: {}\n{}", name, summary, text.rstrip()
+            )
         started = len(self._started)
         _log.info("Rolling back start-up: stopping the {} service(s) already started", started)
         with self._lock:
             self._stopper = threading.current_thread()
         self._stop_started(self.options.shutdown_seconds, reason="start-up failed")
+        if not isinstance(exc, Exception):
+            return  # KeyboardInterrupt, SystemExit: rolled back; start() re-raises it unchanged
         if isinstance(exc, _Hung):
             err: HostStartupError = StartupTimeoutError(
                 f"hosted service {name!r} did not finish starting within startup_timeout="
@@ -389,15 +486,19 @@ class Host:
         if method in ("starting", "started", "stopping", "stopped") and not is_overridden(service, method):
             return
         fn: Callable[[CancellationToken], None] = getattr(service, method)
-        if deadline is None or not is_overridden(service, method):
-            with logger.contextualize(service=record.name):
-                fn(token)
-            return
 
         def bound(token: CancellationToken) -> None:
-            with logger.contextualize(service=record.name):
-                fn(token)
+            previous = getattr(self._local, "in_call", False)
+            self._local.in_call = True
+            try:
+                with logger.contextualize(service=record.name):
+                    fn(token)
+            finally:
+                self._local.in_call = previous
 
+        if deadline is None or not is_overridden(service, method):
+            bound(token)
+            return
         call = _Call(bound, token, f"hostkit-{record.name}-{method}")
         if not call.join(deadline - time.monotonic()):
             raise _Hung(call)
@@ -421,11 +522,23 @@ class Host:
 
     def _on_service_end(self, runner: Runner) -> None:
         record = runner.record
-        if record.state is not ServiceState.FAULTED or self.lifetime.stopping.is_set():
+        if record.state is not ServiceState.FAULTED:
+            return
+        if self.lifetime.stopping.is_set():
+            # It crashed while the host was stopping (or rolling back a failed start): the
+            # stop goes on, but under "stop_host" the exit code still says a service failed,
+            # since its work in flight was lost rather than finished.
+            if self.options.on_background_error == "stop_host" and self._exit_code is ExitCode.OK:
+                self._exit_code = ExitCode.SERVICE_FAILED
+                _log.bind(service=record.name).error(
+                    "Background service {!r} failed while the host was stopping; exit code {}",
+                    record.name,
+                    int(ExitCode.SERVICE_FAILED),
+                )
             return
         if self.options.on_background_error == "stop_host":
             self._exit_code = ExitCode.SERVICE_FAILED
-            _log.error(
+            _log.bind(service=record.name).error(
                 "Stopping the host because background service {!r} failed (on_background_error='stop_host'); "
                 "exit code {}",
                 record.name,
@@ -433,24 +546,34 @@ class Host:
             )
             self.lifetime.stop_application()
         else:
-            _log.warning(
+            _log.bind(service=record.name).warning(
                 "Background service {!r} is faulted; the host runs on (on_background_error='ignore')", record.name
             )
 
     def _stop_started(self, budget: float, *, reason: str) -> None:
         began = time.monotonic()
         deadline = began + budget
-        # Keep a slice of the budget for escalation (terminate, then kill a child),
-        # so that escalation also fits in the budget.
-        reserve = min(1.0, budget * 0.1)
-        soft_deadline = deadline - reserve
+        # The budget is cut in three, so that everything fits in it:
+        #   [began, cancel_at)     services wind down on their own;
+        #   cancel_at              the shutdown token passed to stop()/hooks is set;
+        #   [cancel_at, wait_end)  cooperative code reacts to that token and returns; a
+        #                          call still running at wait_end is declared hung. Without
+        #                          this slice, a stop() that returns the moment its token
+        #                          fires would race the hang check and lose;
+        #   [wait_end, deadline)   escalation (terminate, then kill a child).
+        reserve = min(2.0, budget * 0.2)
+        cancel_at = deadline - reserve
+        wait_end = deadline - reserve / 2
         with self._lock:
             self._state = HostState.STOPPING
         if not self.lifetime.stopping.is_set():
             self.lifetime.stopping.set()
+        # A stop() called from another thread while run() waits for a signal must wake
+        # run()'s wait, or run() would block in select() forever after the stop.
+        self._on_stop_requested()
         started = list(reversed(self._started))
         _log.info("Host stopping {} service(s) ({}; budget {:.1f} s)", len(started), reason, budget)
-        with CancellationTokenSource(cancel_after=max(soft_deadline - time.monotonic(), 0.0), name="shutdown") as src:
+        with CancellationTokenSource(cancel_after=max(cancel_at - time.monotonic(), 0.0), name="shutdown") as src:
             # Signal every background service first: they wind down in parallel,
             # and no service's stop adds to another's.
             for record in started:
@@ -459,16 +582,19 @@ class Host:
                     runner.request_stop()
             for phase in ("stopping", "stop", "stopped"):
                 if self.options.stop_concurrently:
-                    self._stop_phase_concurrently(started, phase, src.token, soft_deadline)
+                    self._stop_phase_concurrently(started, phase, src.token, wait_end)
                 else:
                     for record in started:
-                        self._stop_one(record, phase, src.token, soft_deadline)
+                        self._stop_one(record, phase, src.token, wait_end)
         for record in started:
             runner = self._runner(record)
-            if runner is not None and runner.running:
+            # A background service's default stop() returns when the token fires; give its
+            # thread or child the rest of the waiting slice before escalating.
+            if runner is not None and not runner.join(max(wait_end - time.monotonic(), 0.0)):
                 self._escalate(record, runner, budget, deadline)
-            elif record.placement is None and record.state is ServiceState.RUNNING:
+            elif record.placement is None and record.state in (ServiceState.RUNNING, ServiceState.STOPPING):
                 record.mark(ServiceState.STOPPED)
+                _log.bind(service=record.name).info("Hosted service {!r} stopped", record.name)
         try:
             self.services.close()
         except Exception:
@@ -484,11 +610,13 @@ class Host:
         return runner
 
     def _stop_one(self, record: ServiceRecord, phase: str, token: CancellationToken, deadline: float) -> None:
+        if phase == "stop" and record.placement is None and record.state is ServiceState.RUNNING:
+            record.mark(ServiceState.STOPPING)
         try:
             self._invoke(record, phase, token, deadline)
         except _Hung as hung:
             record.mark(ServiceState.TIMED_OUT, detail=f"{phase}() did not return within the shutdown budget")
-            _log.error(
+            _log.bind(service=record.name).error(
                 "Hosted service {!r}: {}() did not return within the shutdown budget; moving on. It is stuck at:\n{}",
                 record.name,
                 phase,
@@ -497,7 +625,7 @@ class Host:
         except Exception as exc:
             summary, text = format_failure(exc)
             record.mark(ServiceState.FAULTED, error=summary, traceback=text, exception=exc)
-            _log.warning(
+            _log.bind(service=record.name).warning(
                 "Hosted service {!r}: {}() raised; the other services still stop: {}\n{}",
                 record.name,
                 phase,
@@ -523,7 +651,7 @@ class Host:
         where = runner.where()
         grace = max(deadline - time.monotonic(), 0.05)
         action = runner.escalate(grace)
-        _log.error(
+        _log.bind(service=record.name).error(
             "Background service {!r} did not stop within the shutdown budget ({:.1f} s): {}; {}",
             record.name,
             budget,

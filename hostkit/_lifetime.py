@@ -28,13 +28,19 @@ class ApplicationLifetime:
         self.stopping = CancellationToken(name="stopping")
         self.stopped = CancellationToken(name="stopped")
         self._on_stop_requested: Callable[[], None] | None = None
+        # However `stopping` gets set (stop_application(), or code that calls
+        # lifetime.stopping.set() directly), the host hears of it: run() may be asleep in
+        # select() on the signal pipe and would otherwise never notice.
+        self.stopping.register(self._notify_host)
 
     def stop_application(self) -> None:
         """Ask the host to stop. Idempotent, and safe from any thread (also from a service)."""
         if self.stopping.is_set():
             return
-        logger.debug("Stop requested through ApplicationLifetime.stop_application()")
+        logger.bind(service="host").debug("Stop requested through ApplicationLifetime.stop_application()")
         self.stopping.set()
+
+    def _notify_host(self) -> None:
         callback = self._on_stop_requested
         if callback is not None:
             callback()

@@ -10,12 +10,17 @@ service's own code (loguru or stdlib ``logging``) are tagged too.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
+from types import FrameType
 from typing import Any, TextIO
 
 from loguru import logger
+
+from ._util import describe
+from .exceptions import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["InterceptHandler", "configure_logging", "logging_configured"]
 
@@ -34,8 +39,11 @@ class InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        frame, depth = logging.currentframe(), 2
-        while frame is not None and frame.f_code.co_filename == logging.__file__:
+        # Find the caller of the stdlib logging call: skip this frame, then every
+        # frame inside the logging module (Handler.handle, Logger._log, ...).
+        frame: FrameType | None = inspect.currentframe()
+        depth = 0
+        while frame is not None and (depth == 0 or frame.f_code.co_filename == logging.__file__):
             frame = frame.f_back
             depth += 1
         logger.opt(depth=depth, exception=record.exc_info).bind(logger_name=record.name).log(level, record.getMessage())
@@ -53,14 +61,16 @@ def _journald_stream(stream: TextIO) -> bool:
 
 
 def _formatter(journald: bool, colorize: bool) -> Any:
-    prefix = "\\<{extra[_priority]}>" if journald else "{time:YYYY-MM-DD HH:mm:ss.SSS} | "
+    prefix = "{time:YYYY-MM-DD HH:mm:ss.SSS} | "
     level = "{level: <8}" if not colorize else "<level>{level: <8}</level>"
 
     def fmt(record: Any) -> str:
         extra = record["extra"]
         extra.setdefault("service", "-")
-        extra["_priority"] = _PRIORITY.get(record["level"].name, 6)
-        return prefix + level + " | {extra[service]} | {process} | {message}\n{exception}"
+        # The priority goes in as literal digits: loguru does not unescape "\<" before
+        # a "{field}" ("\<{extra[p]}>" came out as "\<6>"), only before plain text.
+        head = f"\\<{_PRIORITY.get(record['level'].name, 6)}>" if journald else prefix
+        return head + level + " | {extra[service]} | {process} | {message}\n{exception}"
 
     return fmt
 
@@ -92,6 +102,8 @@ def configure_logging(
     .. versionadded:: 0.1
     """
     global _configured
+    # Check the level before touching any sink, so a typo leaves logging as it was.
+    level_no = _level_number(level)
     stream = sink if sink is not None else sys.stderr
     for handler_id in _handler_ids:
         try:
@@ -117,9 +129,27 @@ def configure_logging(
         root = logging.getLogger()
         if not any(isinstance(h, InterceptHandler) for h in root.handlers):
             root.addHandler(InterceptHandler())
-        root.setLevel(logging.getLevelName(level) if isinstance(level, str) and level != "SUCCESS" else logging.INFO)
+        # loguru's level numbers are the stdlib's (TRACE 5 and SUCCESS 25 sit between them).
+        root.setLevel(level_no)
     _configured = True
     return list(_handler_ids)
+
+
+def _level_number(level: object) -> int:
+    if isinstance(level, bool) or not isinstance(level, (str, int)):
+        msg = f"configure_logging(level=...) must be a level name like 'INFO' or a number, not: {describe(level)}"
+        raise ConfigurationTypeError(msg)
+    if isinstance(level, int):
+        if level < 0:
+            msg = f"configure_logging(level=...) must be >= 0, not: {describe(level)}"
+            raise ConfigurationError(msg)
+        return level
+    try:
+        return logger.level(level).no
+    except ValueError:
+        known = ", ".join(_PRIORITY)
+        msg = f"configure_logging(level=...) got an unknown level name {level!r}; use one of {known}"
+        raise ConfigurationError(msg) from None
 
 
 def logging_configured() -> bool:

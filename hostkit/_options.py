@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Literal
 
 from ._util import describe, to_seconds
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["BackgroundErrorBehavior", "HostOptions", "RestartPolicy"]
 
@@ -20,10 +20,20 @@ _START_METHODS = ("forkserver", "spawn", "fork")
 def _seconds(value: float | timedelta | None, what: str) -> float | None:
     if value is None:
         return None
+    return seconds_option(value, what)
+
+
+def seconds_option(value: float | timedelta, what: str) -> float:
+    """:func:`to_seconds` with hostkit's errors: wrong type or wrong value, naming ``what``.
+
+    Raises:
+        ConfigurationTypeError: not a number or a timedelta (also a ``TypeError``).
+        ConfigurationError: negative or NaN (also a ``ValueError``).
+    """
     try:
         return to_seconds(value, what)
     except TypeError as err:
-        raise ConfigurationError(str(err)) from None
+        raise ConfigurationTypeError(str(err)) from None
     except ValueError as err:
         raise ConfigurationError(str(err)) from None
 
@@ -75,10 +85,10 @@ class HostOptions:
             )
             raise ConfigurationError(msg)
         check_start_method(self.start_method, "HostOptions.start_method")
-        for name in ("start_concurrently", "stop_concurrently"):
+        for name in ("start_concurrently", "stop_concurrently", "configure_logging"):
             if not isinstance(getattr(self, name), bool):
                 msg = f"HostOptions.{name} must be True or False, not: {describe(getattr(self, name))}"
-                raise ConfigurationError(msg)
+                raise ConfigurationTypeError(msg)
 
     @property
     def shutdown_seconds(self) -> float:

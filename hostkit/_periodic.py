@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import cast
 
+from ._options import seconds_option
 from ._token import CancellationToken
-from ._util import describe, to_seconds
+from ._util import describe
+from .exceptions import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["PeriodicTimer"]
 
@@ -41,10 +45,18 @@ class PeriodicTimer:
         immediate: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.interval = to_seconds(interval, "interval")
-        if self.interval <= 0:
-            msg = f"interval must be > 0 seconds, not: {describe(interval)}"
-            raise ValueError(msg)
+        try:
+            self.interval = seconds_option(interval, "PeriodicTimer interval")
+        except ConfigurationTypeError:
+            raise
+        except ConfigurationError:
+            self.interval = -1.0  # negative or NaN: reported below with the "> 0" rule
+        if not self.interval > 0:
+            msg = f"PeriodicTimer interval must be > 0 seconds, not: {describe(interval)}"
+            raise ConfigurationError(msg)
+        if not isinstance(cast("object", token), threading.Event):
+            msg = f"PeriodicTimer needs a CancellationToken to end the iteration, not: {describe(token)}"
+            raise ConfigurationTypeError(msg)
         self.token = token
         self.missed = 0
         self.ticks = 0

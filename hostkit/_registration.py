@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from ._options import RestartPolicy, check_start_method
+from ._options import RestartPolicy, check_start_method, seconds_option
 from ._services import PLACEMENTS, BackgroundService, HostedService, Placement
-from ._util import describe, to_seconds
-from .exceptions import ConfigurationError, InvalidServiceError
+from ._util import describe
+from .exceptions import ConfigurationError, ConfigurationTypeError, InvalidServiceError
 
 __all__ = ["HostedServiceRegistration", "make_registration", "parse_bytes"]
 
@@ -89,25 +89,29 @@ def make_registration(
     existing = list(existing)
     cls = service if isinstance(service, type) else type(service)
     if not (isinstance(cls, type) and issubclass(cls, HostedService)):
-        hint = (
-            " To run a function, subclass hostkit.BackgroundService and call it from execute(stopping)."
-            if callable(service)
-            else ""
-        )
+        if isinstance(service, type):
+            hint = " Make the class subclass hostkit.HostedService (start/stop) or hostkit.BackgroundService (execute)."
+        elif callable(service):
+            hint = " To run a function, subclass hostkit.BackgroundService and call it from execute(stopping)."
+        else:
+            hint = ""
         msg = (
             f"add_hosted_service() needs a HostedService or BackgroundService subclass or instance, "
             f"not: {describe(service)}.{hint}"
         )
         raise InvalidServiceError(msg)
     is_background = issubclass(cls, BackgroundService)
-    if is_background and cls.execute is BackgroundService.execute:
+    if is_background and getattr(cls, "execute", None) is BackgroundService.execute:
         msg = (
             f"{cls.__qualname__} is a BackgroundService but does not implement execute(stopping); "
             f"add `def execute(self, stopping): ...` with the service's loop"
         )
         raise InvalidServiceError(msg)
     if placement is not None and placement not in PLACEMENTS:
-        msg = f"placement must be one of {', '.join(map(repr, PLACEMENTS))}, not: {describe(placement)}"
+        msg = (
+            f"add_hosted_service({cls.__qualname__}): placement must be one of "
+            f"{', '.join(map(repr, PLACEMENTS))}, not: {describe(placement)}"
+        )
         raise ConfigurationError(msg)
     if placement is not None and not is_background:
         msg = (
@@ -115,21 +119,24 @@ def make_registration(
             f"whose start/stop run on the host's thread. Make it a BackgroundService to place its work"
         )
         raise ConfigurationError(msg)
-    resolved_placement: Placement | None = (placement or "thread") if is_background else None  # type: ignore[assignment]
+    resolved_placement: Placement | None = (placement or "thread") if is_background else None
     if restart is not None and not isinstance(restart, RestartPolicy):
-        msg = f"restart= must be a hostkit.RestartPolicy or None, not: {describe(restart)}"
-        raise InvalidServiceError(msg)
+        msg = (
+            f"add_hosted_service({cls.__qualname__}): restart= must be a hostkit.RestartPolicy or None, "
+            f"not: {describe(restart)}"
+        )
+        raise ConfigurationTypeError(msg)
     if restart is not None and not is_background:
         msg = f"restart= applies to BackgroundService only; {cls.__qualname__} is a HostedService"
         raise ConfigurationError(msg)
     beat: float | None = None
     if heartbeat_timeout is not None:
-        try:
-            beat = to_seconds(heartbeat_timeout, "heartbeat_timeout")
-        except (TypeError, ValueError) as err:
-            raise ConfigurationError(str(err)) from None
+        beat = seconds_option(heartbeat_timeout, f"add_hosted_service({cls.__qualname__}): heartbeat_timeout")
         if beat <= 0 or not is_background:
-            msg = f"heartbeat_timeout must be > 0 seconds and applies to BackgroundService only, not: {describe(heartbeat_timeout)}"
+            msg = (
+                f"add_hosted_service({cls.__qualname__}): heartbeat_timeout must be > 0 seconds and applies to "
+                f"BackgroundService only, not: {describe(heartbeat_timeout)}"
+            )
             raise ConfigurationError(msg)
     options = {k: v for k, v in process_options.items() if v is not None}
     if options and resolved_placement != "process":
@@ -180,7 +187,10 @@ def _check_process_options(options: dict[str, Any]) -> None:
             raise ConfigurationError(msg)
         cpus = sorted(set(cpus))
         if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus):
-            msg = f"cpu_affinity must be a non-empty set of CPU numbers (ints >= 0), like {{0, 1}}, not: {describe(options['cpu_affinity'])}"
+            msg = (
+                f"cpu_affinity must be a non-empty set of CPU numbers (ints >= 0), like {{0, 1}}, "
+                f"not: {describe(options['cpu_affinity'])}"
+            )
             raise ConfigurationError(msg)
         options["cpu_affinity"] = cpus
     if "memory_limit" in options:

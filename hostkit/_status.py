@@ -83,6 +83,8 @@ class ServiceStatus:
         thread_id: the native id of the thread running it, if any.
         last_heartbeat_at: when it last called ``heartbeat()`` (Unix time), or ``None``.
         detail: a free-text note (why it stopped, what it is waiting for).
+        healthy: ``False`` while a thread-placed service's heartbeat is stale (a
+            thread cannot be killed, so it is reported instead).
 
     .. versionadded:: 0.1
     """
@@ -101,6 +103,7 @@ class ServiceStatus:
     thread_id: int | None = None
     last_heartbeat_at: float | None = None
     detail: str | None = None
+    healthy: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; times are ISO 8601 strings in UTC."""
@@ -169,6 +172,7 @@ class ServiceRecord:
         self.thread_id: int | None = None
         self.last_heartbeat_at: float | None = None
         self.detail: str | None = None
+        self.healthy = True
         self.exception: BaseException | None = None
 
     @classmethod
@@ -215,6 +219,7 @@ class ServiceRecord:
                 thread_id=self.thread_id,
                 last_heartbeat_at=self.last_heartbeat_at,
                 detail=self.detail,
+                healthy=self.healthy,
             )
 
     def __repr__(self) -> str:

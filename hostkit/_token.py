@@ -14,10 +14,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import cast
 
 from loguru import logger
 
-from ._util import to_seconds
+from ._options import seconds_option
+from ._util import describe
 from .exceptions import OperationCancelledError
 
 __all__ = ["CancellationToken", "CancellationTokenSource", "Registration"]
@@ -111,8 +113,10 @@ class CancellationToken(threading.Event):
             a :class:`Registration`; call ``unregister()`` when the callback is no
             longer wanted (a long-lived token otherwise keeps it alive).
         """
-        if not callable(callback):
-            msg = f"register() needs a callable taking no arguments, not: {callback!r}"
+        # The annotation says callable, but users call this from untyped code: check anyway,
+        # so the mistake surfaces here and not later on the cancelling thread.
+        if not callable(cast("object", callback)):
+            msg = f"register() needs a callable taking no arguments, not: {describe(callback)}"
             raise TypeError(msg)
         registration = Registration(self, callback)
         with self._callbacks_lock:
@@ -164,13 +168,15 @@ class CancellationTokenSource:
         self._timer_lock = threading.Lock()
         self._links: list[Registration] = []
         for parent in linked:
-            if not isinstance(parent, threading.Event):
-                msg = f"linked tokens must be CancellationToken objects, not: {parent!r}"
+            # A plain threading.Event cannot tell anyone it was set, so a link to one could
+            # only be checked once, here: refuse it rather than link it silently badly.
+            if not isinstance(cast("object", parent), CancellationToken):
+                msg = (
+                    f"linked tokens must be CancellationToken objects (a plain threading.Event cannot "
+                    f"notify the link), not: {describe(parent)}"
+                )
                 raise TypeError(msg)
-            if isinstance(parent, CancellationToken):
-                self._links.append(parent.register(self.cancel))
-            elif parent.is_set():
-                self.cancel()
+            self._links.append(parent.register(self.cancel))
         if cancel_after is not None:
             self.cancel_after(cancel_after)
 
@@ -186,7 +192,7 @@ class CancellationTokenSource:
 
     def cancel_after(self, delay: float | timedelta) -> None:
         """Cancel the token after ``delay`` seconds; a later call replaces the delay."""
-        seconds = to_seconds(delay, "delay")
+        seconds = seconds_option(delay, "delay")
         if self.token.is_set():
             return
         if seconds <= 0:

@@ -43,4 +43,9 @@ def thread_stack(thread: threading.Thread | None) -> str:
     frame = sys._current_frames().get(thread.ident)
     if frame is None:
         return "  (thread has ended)\n"
-    return "".join(traceback.format_stack(frame))
+    stack = traceback.extract_stack(frame)
+    # Drop threading's own bootstrap frames (_bootstrap, _bootstrap_inner, run): they are
+    # the same for every thread and push the frames that matter out of view.
+    while len(stack) > 1 and stack[0].filename == threading.__file__:
+        del stack[0]
+    return "".join(traceback.format_list(stack))

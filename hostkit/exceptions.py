@@ -7,6 +7,7 @@ exception it resembles, so code that already catches ``TypeError`` or
     HostkitError
     ├── InvalidServiceError        (TypeError)     not a service / no execute / bad placement
     ├── ConfigurationError         (ValueError)    an option with a wrong value
+    │   └── ConfigurationTypeError (TypeError)     an option of the wrong type
     ├── HostStateError             (RuntimeError)  a call in the wrong host state
     ├── HostStartupError           (RuntimeError)  a service's start failed; names it
     │   └── StartupTimeoutError    (TimeoutError)  start-up passed ``startup_timeout``
@@ -14,6 +15,13 @@ exception it resembles, so code that already catches ``TypeError`` or
     ├── ServicePicklingError       (TypeError)     a process-placed service cannot cross
     ├── RemoteServiceError         (RuntimeError)  a child raised an unpicklable error
     ├── ChildProcessDiedError      (RuntimeError)  a child ended by a signal or os._exit
+    ├── ServiceHungError           (TimeoutError)  a service missed its heartbeat_timeout
+    ├── MemoryLimitError           (MemoryError)   a child passed its memory_limit
+    ├── ProbeListenerError         (OSError)       the health probe port cannot be bound
+    ├── SystemdNotifyError         (OSError)       NOTIFY_SOCKET cannot be used
+    ├── ChannelFullError           (queue.Full)    a channel refused an item: full
+    ├── ChannelClosedError         (RuntimeError)  a channel was closed
+    ├── PayloadError               (TypeError)     a queue payload cannot be encoded or decoded
     └── dependency injection
         ├── ServiceNotFoundError   (LookupError)
         ├── CaptiveDependencyError (TypeError)
@@ -24,22 +32,31 @@ exception it resembles, so code that already catches ``TypeError`` or
 from __future__ import annotations
 
 import concurrent.futures
+import queue
 
 __all__ = [
     "CaptiveDependencyError",
+    "ChannelClosedError",
+    "ChannelFullError",
     "ChildProcessDiedError",
     "CircularDependencyError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "HostStartupError",
     "HostStateError",
     "HostkitError",
     "InvalidServiceError",
+    "MemoryLimitError",
     "OperationCancelledError",
+    "PayloadError",
+    "ProbeListenerError",
     "RemoteServiceError",
     "ScopeError",
+    "ServiceHungError",
     "ServiceNotFoundError",
     "ServicePicklingError",
     "StartupTimeoutError",
+    "SystemdNotifyError",
 ]
 
 
@@ -53,6 +70,15 @@ class InvalidServiceError(HostkitError, TypeError):
 
 class ConfigurationError(HostkitError, ValueError):
     """An option or argument has a value hostkit cannot use."""
+
+
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """An option or argument has the wrong type, like ``"30"`` where seconds were expected.
+
+    Both a :class:`ConfigurationError` and a ``TypeError``.
+
+    .. versionadded:: 0.1
+    """
 
 
 class HostStateError(HostkitError, RuntimeError):
@@ -97,6 +123,55 @@ class ChildProcessDiedError(HostkitError, RuntimeError):
     def __init__(self, message: str, *, exitcode: int | None) -> None:
         super().__init__(message)
         self.exitcode = exitcode
+
+
+class ServiceHungError(HostkitError, TimeoutError):
+    """A service sent no ``heartbeat()`` within its ``heartbeat_timeout``: it counts as hung.
+
+    .. versionadded:: 0.1
+    """
+
+
+class MemoryLimitError(HostkitError, MemoryError):
+    """A process-placed service's child passed its ``memory_limit`` (RSS) and was stopped.
+
+    .. versionadded:: 0.1
+    """
+
+
+class ChannelFullError(HostkitError, queue.Full):
+    """A :class:`~hostkit.channels.Channel` was full: ``full_mode="raise"``, or ``"wait"`` timed out.
+
+    .. versionadded:: 0.1
+    """
+
+
+class ChannelClosedError(HostkitError, RuntimeError):
+    """A :class:`~hostkit.channels.Channel` was closed: no more items go in; ``get`` on an empty one ends.
+
+    .. versionadded:: 0.1
+    """
+
+
+class PayloadError(HostkitError, TypeError):
+    """A durable-queue payload cannot be encoded (at enqueue, before anything is written) or decoded.
+
+    .. versionadded:: 0.1
+    """
+
+
+class ProbeListenerError(HostkitError, OSError):
+    """The health probe listener cannot listen where it was told (port in use, bad address).
+
+    .. versionadded:: 0.1
+    """
+
+
+class SystemdNotifyError(HostkitError, OSError):
+    """The socket named in ``NOTIFY_SOCKET`` cannot be reached or written to.
+
+    .. versionadded:: 0.1
+    """
 
 
 class ServiceNotFoundError(HostkitError, LookupError):

@@ -40,6 +40,12 @@ class Runner(ABC):
         self.ended = CancellationToken(name=f"{record.name}:ended")
         self.on_end: Callable[[Runner], None] | None = None
         self.failure: BaseException | None = None
+        #: Set by :meth:`escalate`: the run ended because the deadline passed, not on its own.
+        self.timed_out_detail: str | None = None
+        #: The host's ``lifetime.stopping``: a run that ends once it is set ended because
+        #: the host is stopping (a service may watch it to wind down early), so it counts
+        #: as stopped, not completed.
+        self.host_stopping: CancellationToken | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._log = logger.bind(service=record.name)
@@ -101,7 +107,10 @@ class Runner(ABC):
             self.record.mark(ServiceState.FAULTED, error=summary, traceback=text, exception=exc, detail=None)
             self._log.critical("Background service {!r} failed: {}\n{}", self.record.name, summary, text.rstrip())
         else:
-            if self.stopping.is_set():
+            if self.timed_out_detail is not None:
+                self.record.mark(ServiceState.TIMED_OUT, detail=self.timed_out_detail)
+                self._log.error("Background service {!r} {}", self.record.name, self.timed_out_detail)
+            elif self.stopping.is_set() or (self.host_stopping is not None and self.host_stopping.is_set()):
                 self.record.mark(ServiceState.STOPPED, detail=None)
                 self._log.info("Background service {!r} stopped", self.record.name)
             else:

@@ -1,0 +1,445 @@
+"""Lifecycle speed: what a host costs over bare threads, to start, to stop, and to exit on SIGTERM.
+
+For hosts with 1, 10 and 100 thread-placed background services that honour
+cancellation, beside a baseline of the same number of bare ``threading.Thread``
+objects stopped by an ``Event``, it measures:
+
+* start: from ``Host.run()`` to ``lifetime.started`` (baseline: from the first
+  ``Thread.start()`` until every thread is started);
+* stop: from ``stop_application()`` to ``run()`` returning, with every service
+  inside its loop (baseline: ``Event.set()`` then ``join()`` of every thread);
+* SIGTERM to exit: a real child process (this script, ``--child``) is started,
+  says ``READY`` on stdout once running, gets SIGTERM, and the time until the
+  parent sees it exit is taken (baseline child: bare threads, ``sigwait``, join;
+  a third child, bare threads that also ``import hostkit``, shows how much of the
+  difference is only the interpreter tearing down the imported modules);
+* token wake-up: from ``CancellationToken.cancel()`` on one thread to
+  ``token.wait()`` returning on another (baseline: ``threading.Event``).
+
+Each figure is the median of ``--rounds`` rounds (5 by default); the ratio is the
+median of per-round ratios, host and baseline measured back to back in the same
+round, in alternating order. Within a round, the in-process start and stop figures
+are themselves the median of 5 runs (3 with ``--quick``): they last well under a
+millisecond for one service, where a single run is mostly scheduling noise. A
+calibration loop (pure-Python work of a fixed size) is timed in every round and
+reported, so a slowed-down machine shows in the JSON.
+
+Run from the repository root::
+
+    python benchmarks/lifecycle.py            # about a minute
+    python benchmarks/lifecycle.py --quick    # a few seconds, 3 rounds
+
+Results: a table on stdout and ``benchmarks/results/lifecycle.json``.
+
+Targets (2-core machine): start and stop within 2x of the bare-threads baseline,
+SIGTERM to exit under 100 ms for 100 services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+# Run as a script, this folder is sys.path[0], and it holds queue.py (the queue
+# benchmark), which would shadow the standard library's ``queue`` for hostkit and
+# everything it imports. hostkit is imported lazily, after this line.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+RESULTS = HERE / "results"
+SIZES = (1, 10, 100)
+# The loops' own period: long, so that a stop is always the token waking them,
+# never the loop happening to come round.
+LOOP_PERIOD = 5.0
+
+
+# -- what is measured: the same work, hosted and bare -------------------------------------
+
+
+def make_host(n: int, entered: Callable[[], None], *, configure_logging: bool) -> Any:
+    from hostkit import BackgroundService, CancellationToken, HostBuilder, HostOptions
+
+    class Loop(BackgroundService):
+        def execute(self, stopping: CancellationToken) -> None:
+            entered()
+            while not stopping.wait(LOOP_PERIOD):
+                pass
+
+    builder = HostBuilder(options=HostOptions(shutdown_timeout=30, configure_logging=configure_logging))
+    for i in range(n):
+        builder.services.add_hosted_service(Loop(), name=f"loop-{i}")
+    return builder.build()
+
+
+class Counter:
+    """Counts services that entered their loop; ``all_in`` is set at ``n``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.count = 0
+        self.lock = threading.Lock()
+        self.all_in = threading.Event()
+
+    def __call__(self) -> None:
+        with self.lock:
+            self.count += 1
+            if self.count == self.n:
+                self.all_in.set()
+
+
+def host_round(n: int) -> tuple[float, float]:
+    """(start seconds, stop seconds) of one hosted run, in this process, on the main thread."""
+    counter = Counter(n)
+    host = make_host(n, counter, configure_logging=False)
+    marks: dict[str, float] = {}
+    host.lifetime.started.register(lambda: marks.__setitem__("started", time.perf_counter()))
+
+    def stopper() -> None:
+        # Stop only once every service is inside its loop, as the baseline does.
+        host.lifetime.started.wait()
+        counter.all_in.wait()
+        marks["stop"] = time.perf_counter()
+        host.lifetime.stop_application()
+
+    helper = threading.Thread(target=stopper, name="bench-stopper")
+    helper.start()
+    began = time.perf_counter()
+    code = host.run()
+    ended = time.perf_counter()
+    helper.join()
+    if code != 0:
+        raise SystemExit(f"the benchmark host exited with {code}")
+    return marks["started"] - began, ended - marks["stop"]
+
+
+def threads_round(n: int) -> tuple[float, float]:
+    """(start seconds, stop seconds) of ``n`` bare threads stopped by an Event."""
+    counter = Counter(n)
+    stop = threading.Event()
+
+    def loop() -> None:
+        counter()
+        while not stop.wait(LOOP_PERIOD):
+            pass
+
+    threads = [threading.Thread(target=loop, name=f"bare-{i}", daemon=True) for i in range(n)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    started = time.perf_counter()
+    counter.all_in.wait()
+    stop_at = time.perf_counter()
+    stop.set()
+    for t in threads:
+        t.join()
+    return started - began, time.perf_counter() - stop_at
+
+
+# -- children for SIGTERM-to-exit ---------------------------------------------------------
+
+
+def child_host(n: int) -> int:
+    counter = Counter(n)
+    # Default logging (Host.run() configures it): what a user's worker does.
+    host = make_host(n, counter, configure_logging=True)
+
+    def ready() -> None:
+        counter.all_in.wait()
+        print("READY", flush=True)
+
+    announcer = threading.Thread(target=ready, name="bench-ready", daemon=True)
+    announcer.start()
+    code: int = host.run()
+    return code
+
+
+def child_threads(n: int, *, import_hostkit: bool = False) -> int:
+    if import_hostkit:
+        # Same bare threads, but with hostkit (loguru, tenacity, psutil...) imported:
+        # separates what interpreter teardown of those modules costs from the host's stop.
+        import hostkit  # noqa: F401
+    # Block SIGTERM before any thread exists (threads inherit the mask), so the
+    # main thread alone receives it, synchronously, in sigwait().
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    counter = Counter(n)
+    stop = threading.Event()
+
+    def loop() -> None:
+        counter()
+        while not stop.wait(LOOP_PERIOD):
+            pass
+
+    threads = [threading.Thread(target=loop, name=f"bare-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    counter.all_in.wait()
+    print("READY", flush=True)
+    signal.sigwait({signal.SIGTERM})
+    stop.set()
+    for t in threads:
+        t.join()
+    return 0
+
+
+def sigterm_to_exit(kind: str, n: int, timeout: float = 60.0) -> float:
+    """Start a child, wait for READY, SIGTERM it; seconds from the signal to its exit."""
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.startswith(b"READY"):
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                raise SystemExit(f"the {kind} child with {n} services never said READY (exit {proc.poll()})")
+            if select.select([proc.stdout], [], [], left)[0]:
+                line = proc.stdout.readline()
+        # Popen.wait(timeout) polls with growing sleeps (0.5 ms, 1, 2, 4 ... 50 ms), which
+        # would quantize the result; a pidfd becomes readable the instant the child exits.
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            began = time.perf_counter()
+            os.kill(proc.pid, signal.SIGTERM)
+            exited = select.select([pidfd], [], [], timeout)[0]
+            took = time.perf_counter() - began
+        finally:
+            os.close(pidfd)
+        if not exited:
+            raise SystemExit(f"the {kind} child with {n} services did not exit within {timeout} s of SIGTERM")
+        code = proc.wait()
+        if code != 0:
+            raise SystemExit(f"the {kind} child with {n} services exited with {code} after SIGTERM")
+        return took
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- token wake-up ------------------------------------------------------------------------
+
+
+def wakeup_latency(make_event: Callable[[], threading.Event], samples: int) -> list[float]:
+    """Seconds from ``set()`` on this thread to ``wait()`` returning on another, per sample."""
+    results: list[float] = []
+    for _ in range(samples):
+        event = make_event()
+        parked = threading.Event()
+        woke: list[float] = []
+
+        def waiter(event: threading.Event = event, parked: threading.Event = parked, woke: list[float] = woke) -> None:
+            parked.set()
+            event.wait(30)
+            woke.append(time.perf_counter())
+
+        t = threading.Thread(target=waiter, name="bench-waiter")
+        t.start()
+        parked.wait()
+        # The waiter said "parked" just before calling wait(); give it a moment to
+        # block in the lock, so what is timed is a wake-up, not a race to wait().
+        time.sleep(0.002)
+        began = time.perf_counter()
+        event.set()
+        t.join()
+        results.append(woke[0] - began)
+    return results
+
+
+# -- calibration and statistics -----------------------------------------------------------
+
+
+def calibrate() -> float:
+    """Seconds for a fixed amount of pure-Python work: the machine's speed right now."""
+    began = time.perf_counter()
+    total = 0
+    for i in range(300_000):
+        total += i * i % 7
+    return time.perf_counter() - began
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def repeated(fn: Callable[[int], tuple[float, float]], n: int, times: int) -> tuple[float, float]:
+    """Median (start, stop) of ``times`` in-process runs: one round's figure, steadier than one run."""
+    runs = [fn(n) for _ in range(times)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def median_ratio(host: list[float], base: list[float]) -> float:
+    return statistics.median(h / b for h, b in zip(host, base, strict=True) if b > 0)
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def run(rounds: int, inner: int, wake_samples: int) -> dict[str, Any]:
+    import hostkit
+    from hostkit import CancellationToken
+
+    calibration: list[float] = []
+    rows: list[dict[str, Any]] = []
+    # Warm up once (imports, first thread creation) so round 1 is not an outlier.
+    host_round(1)
+    threads_round(1)
+    for n in SIZES:
+        data: dict[str, list[float]] = {
+            k: [] for k in ("host_start", "base_start", "host_stop", "base_stop", "host_exit", "base_exit")
+        }
+        import_exit: list[float] = []
+        for r in range(rounds):
+            calibration.append(calibrate())
+            # Alternate which goes first, so drift of the machine hits both alike.
+            order = ("host", "base") if r % 2 == 0 else ("base", "host")
+            for who in order:
+                if who == "host":
+                    start, stop = repeated(host_round, n, inner)
+                    data["host_start"].append(start)
+                    data["host_stop"].append(stop)
+                    data["host_exit"].append(sigterm_to_exit("host", n))
+                else:
+                    start, stop = repeated(threads_round, n, inner)
+                    data["base_start"].append(start)
+                    data["base_stop"].append(stop)
+                    data["base_exit"].append(sigterm_to_exit("threads", n))
+                    import_exit.append(sigterm_to_exit("threads-import", n))
+        for metric, target in (("start", 2.0), ("stop", 2.0), ("exit", None)):
+            host, base = data[f"host_{metric}"], data[f"base_{metric}"]
+            row: dict[str, Any] = {
+                "services": n,
+                "metric": {"start": "run() -> started", "stop": "stop -> run() returns", "exit": "SIGTERM -> exit"}[
+                    metric
+                ],
+                "host_ms": ms(statistics.median(host)),
+                "baseline_ms": ms(statistics.median(base)),
+                "ratio": round(median_ratio(host, base), 2),
+                "host_runs_ms": [ms(x) for x in host],
+                "baseline_runs_ms": [ms(x) for x in base],
+            }
+            if metric == "exit":
+                row["threads_with_import_ms"] = ms(statistics.median(import_exit))
+            if target is not None:
+                row["target"] = f"ratio <= {target}"
+                row["ok"] = row["ratio"] <= target
+            elif n == 100:
+                row["target"] = "host < 100 ms"
+                row["ok"] = row["host_ms"] < 100.0
+            else:
+                row["target"] = ""
+                row["ok"] = None
+            rows.append(row)
+
+    token_wake = wakeup_latency(lambda: CancellationToken(name="bench"), wake_samples)
+    event_wake = wakeup_latency(threading.Event, wake_samples)
+
+    def summary(xs: list[float]) -> dict[str, float]:
+        xs = sorted(xs)
+        return {
+            "median_ms": ms(statistics.median(xs)),
+            "p90_ms": ms(xs[int(0.9 * (len(xs) - 1))]),
+            "max_ms": ms(xs[-1]),
+        }
+
+    return {
+        "benchmark": "lifecycle",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "hostkit": hostkit.__version__,
+        "cpus": os.cpu_count(),
+        "rounds": rounds,
+        "in_process_runs_per_round": inner,
+        "loop_period_s": LOOP_PERIOD,
+        "calibration_ms": {
+            "median": ms(statistics.median(calibration)),
+            "min": ms(min(calibration)),
+            "max": ms(max(calibration)),
+        },
+        "rows": rows,
+        "wakeup": {
+            "samples": wake_samples,
+            "token": summary(token_wake),
+            "event": summary(event_wake),
+            "ratio": round(statistics.median(token_wake) / statistics.median(event_wake), 2),
+        },
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    cal = result["calibration_ms"]
+    print(
+        f"hostkit {result['hostkit']} lifecycle benchmark: Python {result['python']}, {result['cpus']} CPUs, "
+        f"median of {result['rounds']} rounds; calibration {cal['median']} ms (min {cal['min']}, max {cal['max']})"
+    )
+    header = (
+        f"{'services':>8}  {'metric':<22} {'host ms':>9} {'threads ms':>10} {'ratio':>6}  {'target':<15} {'ok':<4}"
+        f" {'threads+import ms':>17}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in result["rows"]:
+        ok = {True: "yes", False: "NO", None: ""}[row["ok"]]
+        print(
+            f"{row['services']:>8}  {row['metric']:<22} {row['host_ms']:>9.2f} {row['baseline_ms']:>10.2f} "
+            f"{row['ratio']:>6.2f}  {row['target']:<15} {ok:<4}"
+            + (f" {row['threads_with_import_ms']:>17.2f}" if "threads_with_import_ms" in row else "")
+        )
+    wake = result["wakeup"]
+    print()
+    print(f"wake-up after cancel ({wake['samples']} samples): median / p90 / max ms")
+    for kind in ("token", "event"):
+        w = wake[kind]
+        label = "CancellationToken.wait()" if kind == "token" else "threading.Event.wait()"
+        print(f"  {label:<26} {w['median_ms']:>7.3f} {w['p90_ms']:>7.3f} {w['max_ms']:>7.3f}")
+    print(f"  ratio (median token / median event): {wake['ratio']}")
+    print()
+    print(
+        "threads+import: the bare-threads child with `import hostkit` added; the gap between it and the bare\n"
+        "threads is interpreter teardown of the imported modules, not the host's stop."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="3 rounds and fewer wake-up samples (a few seconds)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per size (default 5, or 3 with --quick)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "lifecycle.json", help="where to write the JSON")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, n = args.child[0], int(args.child[1])
+        if kind == "host":
+            return child_host(n)
+        return child_threads(n, import_hostkit=kind == "threads-import")
+    rounds = args.rounds or (3 if args.quick else 5)
+    if rounds < 1:
+        parser.error(f"--rounds must be >= 1, not: {rounds}")
+    result = run(rounds, inner=3 if args.quick else 5, wake_samples=50 if args.quick else 200)
+    print_table(result)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

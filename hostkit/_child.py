@@ -1,0 +1,321 @@
+"""The child side of ``placement="process"``: bootstrap, stop watcher, log forwarding, result.
+
+:func:`child_main` is the target of every service child. It runs, in order:
+
+1. signals: SIGINT ignored (Ctrl+C reaches the whole process group; the host
+   coordinates one stop); the first SIGTERM before any stop request asks for a
+   graceful stop (systemd and container runtimes send SIGTERM to every process of
+   the group), a SIGTERM after a stop request (the host's escalation at the
+   deadline) raises in the main thread so ``finally`` blocks still run;
+2. log forwarding: every loguru record, and every stdlib ``logging`` record routed
+   into loguru, goes to the parent over the result pipe, in order;
+3. the stop watcher thread: the stop request on the control pipe, the parent's
+   sentinel (the parent died) and the SIGTERM wake-up pipe all set ``stopping``;
+   ``PR_SET_PDEATHSIG`` as a backstop for fork and spawn;
+4. nice value and CPU affinity, then the service is unpickled (or built from its
+   own container), and ``execute(stopping)`` runs;
+5. the result (``ok``, or the exception with its traceback) is the last message
+   on the pipe, so the parent has every log line before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import dill
+from loguru import logger
+
+from ._token import CancellationToken
+
+__all__ = ["ChildSettings", "child_main"]
+
+#: How long a child whose parent died waits for ``execute`` to return before it exits anyway.
+ORPHAN_GRACE = 1.0
+#: Exit code of a child that ended itself because its parent died and it ignored its token.
+ORPHAN_EXIT_CODE = 70
+
+ChildSettings = dict[str, Any]
+
+
+class Terminated(BaseException):
+    """Raised in the child's main thread by a SIGTERM that arrives after a stop request."""
+
+
+class _Channel:
+    """The child's end of the result pipe; many threads log, so sends are serialised."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._conn.send_bytes(dill.dumps(message))
+            except (OSError, EOFError):
+                # The parent is gone: nobody is left to read; the watcher ends the child.
+                self._closed = True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._conn.close()
+
+
+class _Beat:
+    """Stands in for the runner in the child: ``heartbeat()`` writes the time into shared memory."""
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def beat(self) -> None:
+        self._value.value = time.time()
+
+
+def restore_logger(options: tuple[Any, ...]) -> Any:
+    """The child's own loguru logger, with the options (bound extras, patchers) it was pickled with."""
+    logger_type: Any = type(logger)
+    return logger_type(getattr(logger, "_core"), *options)  # noqa: B009 - private, on purpose
+
+
+def _plain(value: object) -> object:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def _forward_logs(channel: _Channel, settings: ChildSettings) -> None:
+    """Send every loguru record to the parent; route stdlib ``logging`` into loguru."""
+
+    def sink(message: Any) -> None:
+        record = message.record
+        exc_text = None
+        if record["exception"] is not None:
+            etype, evalue, etb = record["exception"]
+            exc_text = "".join(traceback.format_exception(etype, evalue, etb))
+        channel.send(
+            (
+                "log",
+                {
+                    "level": record["level"].name,
+                    "levelno": record["level"].no,
+                    "message": record["message"],
+                    "time": record["time"],
+                    "name": record["name"],
+                    "function": record["function"],
+                    "line": record["line"],
+                    "module": record["module"],
+                    "file_name": record["file"].name,
+                    "file_path": record["file"].path,
+                    "thread_id": record["thread"].id,
+                    "thread_name": record["thread"].name,
+                    "process_name": record["process"].name,
+                    "extra": {str(k): _plain(v) for k, v in record["extra"].items()},
+                    "exception": exc_text,
+                },
+            )
+        )
+
+    # Under fork the parent's sinks were copied into the child: writing to them here
+    # would bypass the parent (and its in-memory sinks would swallow the lines).
+    logger.remove()
+    logger.add(sink, level=0, format="{message}", enqueue=False, catch=True)
+    logger.configure(extra={"service": settings["name"], "pid": os.getpid()})
+    # hostkit disables its own logger on import; the parent filters by module name
+    # when it re-emits, so enable everything here and let the parent's settings decide.
+    logger.enable("")
+    from ._logging import InterceptHandler
+
+    root = logging.getLogger()
+    root.handlers = [InterceptHandler()]
+    root.setLevel(settings.get("stdlib_level", logging.WARNING))
+
+
+def _set_proctitle(name: str) -> None:
+    try:
+        import setproctitle  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    setproctitle.setproctitle(f"hostkit: {name}")
+
+
+def _pdeathsig(settings: ChildSettings, stop: Callable[[], None]) -> None:
+    """Backstop: ask the kernel for SIGTERM when the parent dies (fork and spawn, Linux only).
+
+    Under forkserver the child's parent is the fork server, which outlives the host,
+    so this would never fire there (see shared/facts.md); the sentinel watcher covers it.
+    """
+    if settings["start_method"] == "forkserver" or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    # The parent may have died before prctl: then nothing would ever send the signal.
+    if os.getppid() != settings["parent_pid"]:
+        stop()
+
+
+def _watch(control: Any, token: CancellationToken, wake_r: int, settings: ChildSettings) -> None:
+    """The stop watcher thread: control pipe, parent sentinel, SIGTERM wake-up pipe."""
+    import multiprocess.connection as mpc
+    from multiprocess import parent_process
+
+    parent = parent_process()
+    sentinel = parent.sentinel if parent is not None else None
+    waitables: list[Any] = [control, wake_r]
+    if sentinel is not None:
+        waitables.append(sentinel)
+    orphaned = False
+    while not orphaned:
+        ready = mpc.wait(waitables)
+        if wake_r in ready:
+            with contextlib.suppress(OSError):
+                os.read(wake_r, 64)
+            token.set()
+        if control in ready:
+            try:
+                control.recv_bytes()
+            except (EOFError, OSError):
+                # The parent closes the control pipe only after this child ended:
+                # EOF while we run means the parent died.
+                orphaned = True
+            else:
+                token.set()
+                waitables.remove(control)
+        if sentinel is not None and sentinel in ready:
+            orphaned = True
+    token.set()
+    # The parent is gone; nobody can escalate. Give execute a short grace, then end
+    # the process ourselves so no orphan keeps running.
+    time.sleep(ORPHAN_GRACE)
+    with contextlib.suppress(OSError):
+        os.write(2, f"hostkit: {settings['name']}: the host process died; ending this child\n".encode())
+    os._exit(ORPHAN_EXIT_CODE)
+
+
+def _install_signals(token: CancellationToken, wake_w: int) -> None:
+    asked = [False]
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # No locks here: a handler runs between two bytecodes of the main thread, which
+        # may hold the token's own lock (Event.wait). Setting the token is the watcher
+        # thread's job; we only write a byte to its wake-up pipe.
+        if token.is_set() or asked[0]:
+            raise Terminated
+        asked[0] = True
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"T")
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _apply_resources(settings: ChildSettings) -> None:
+    nice = settings.get("nice")
+    if nice is not None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError as err:
+            msg = f"cannot set the child's nice value to {nice}: {err} (lowering it below 0 needs privileges)"
+            raise PermissionError(msg) from err
+    cpus = settings.get("cpu_affinity")
+    if cpus is not None:
+        import psutil
+
+        try:
+            psutil.Process().cpu_affinity(list(cpus))
+        except (ValueError, OSError) as err:
+            last = (os.cpu_count() or 1) - 1
+            msg = f"cannot set the child's CPU affinity to {sorted(cpus)}: {err} (this machine has CPUs 0-{last})"
+            raise ValueError(msg) from err
+
+
+def _load(payload: bytes, token: CancellationToken, channel: _Channel) -> tuple[Any, Callable[[], None]]:
+    """The service object, and what to close when it ends (its own container's singletons)."""
+    kind, *rest = dill.loads(payload)
+    if kind == "instance":
+        return rest[0], lambda: None
+    from ._di import ServiceDescriptor, ServiceProvider
+    from ._lifetime import ApplicationLifetime
+
+    collection, key = rest
+    lifetime = ApplicationLifetime()
+    lifetime.started.set()
+    token.register(lifetime.stopping.set)
+    # stop_application() in the child asks the host, which stops everything in order.
+    lifetime._on_stop_requested = lambda: channel.send(("stop_application",))
+    own = ServiceDescriptor(ApplicationLifetime, "singleton", instance=lifetime)
+    collection._descriptors[ApplicationLifetime] = own
+    provider = ServiceProvider(collection, validate=False)
+    return provider.get(key), provider.close
+
+
+def _describe_error(exc: BaseException) -> tuple[Any, ...]:
+    text = "".join(traceback.format_exception(exc))
+    summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    try:
+        blob: bytes | None = dill.dumps(exc)
+    except Exception:
+        blob = None
+    return ("error", blob, f"{type(exc).__module__}.{type(exc).__qualname__}", summary, text)
+
+
+def child_main(payload: bytes, settings: ChildSettings, results: Any, control: Any, beat: Any) -> None:
+    """Run one service's ``execute`` in this (child) process; report the result to the parent."""
+    token = CancellationToken(name=settings["name"])
+    channel = _Channel(results)
+    wake_r, wake_w = os.pipe()
+    _install_signals(token, wake_w)
+    _forward_logs(channel, settings)
+    _set_proctitle(settings["process_name"])
+    watcher = threading.Thread(
+        target=_watch, args=(control, token, wake_r, settings), name=f"hostkit-{settings['name']}-watch", daemon=True
+    )
+    watcher.start()
+
+    def wake_watcher() -> None:
+        os.write(wake_w, b"P")
+
+    _pdeathsig(settings, wake_watcher)
+    result: tuple[Any, ...] = ("ok",)
+    close: Callable[[], None] = lambda: None  # noqa: E731
+    try:
+        try:
+            _apply_resources(settings)
+            service, close = _load(payload, token, channel)
+            service.__dict__["_hostkit_runner"] = _Beat(beat)
+            with logger.contextualize(service=settings["name"], pid=os.getpid()):
+                service.execute(token)
+        finally:
+            # Past execute a late SIGTERM has nothing left to interrupt; the result
+            # must reach the parent whole.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                close()
+            except Exception:
+                logger.opt(exception=True).warning("Closing the child's singletons failed")
+    except Terminated:
+        result = ("terminated",)
+    except BaseException as exc:
+        result = _describe_error(exc)
+    logger.complete()
+    channel.send(result)
+    channel.close()

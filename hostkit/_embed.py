@@ -1,0 +1,253 @@
+"""A host embedded in a web server's process: started late, once per process, stopped at exit.
+
+The Flask extension, the Django app and the gunicorn hooks all share this one
+code path (one path for 1 and N workers, for every server):
+
+- the host is built and started at the first of: the first request, the server's
+  post-fork hook, an explicit :meth:`EmbeddedHost.start`. Never at import, so no
+  thread exists before a pre-fork server forks (gunicorn ``--preload``), and the
+  dev server's reloader parent, which serves no request, never runs it;
+- never ``Host.run()``: ``start()``/``stop()`` install no signal handler, because
+  the server owns the process's signals;
+- once per process: the object remembers the pid that started it; a forked child
+  that inherits a started one (a mistake made before the fork) gets a fresh host;
+- stopped at the server's worker-exit hook or, failing that, at interpreter exit
+  (``atexit``), within the host's ``shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from loguru import logger
+
+from ._builder import HostBuilder
+from ._host import Host
+from ._status import HostState
+from ._util import describe
+from .exceptions import ConfigurationError
+
+__all__ = ["EmbeddedHost", "HostFactory", "load_factory", "start_all", "stop_all"]
+
+#: What an integration is given: a builder, a host, or a callable returning either.
+HostFactory = Callable[[], "HostBuilder | Host"]
+
+_log = logger.bind(service="host")
+# Strong references: an embedded host made by `hostkit.gunicorn.embed()` and not kept by the
+# caller must still be started by the post-fork hook, not vanish silently.
+_registry: list[EmbeddedHost] = []
+_registry_lock = threading.Lock()
+
+
+def _reinit_after_fork() -> None:
+    # A lock held by another thread at fork() time stays held forever in the child.
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for embedded in list(_registry):
+        embedded._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+class EmbeddedHost:
+    """One host per process, built from ``factory`` on first use.
+
+    Args:
+        factory: a :class:`~hostkit.HostBuilder`, a callable returning a builder or a
+            :class:`~hostkit.Host`. A callable is called once per process, so each
+            worker gets fresh service instances.
+        name: for logs.
+        contention: a dict of :class:`~hostkit.contention.ContentionMonitor` options to
+            watch the host, or ``None``.
+        latency: a :class:`~hostkit.contention.LatencyRecorder` for the monitor.
+        shutdown_timeout: the stop budget; ``None`` uses the host's ``HostOptions.shutdown_timeout``.
+            Keep it under the server's own (gunicorn's ``graceful_timeout``, 30 s by default).
+        enabled: ``False``: :func:`start_all` (the gunicorn hook) skips it and :meth:`start` refuses.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        factory: HostFactory | HostBuilder,
+        *,
+        name: str = "hostkit",
+        contention: dict[str, Any] | None = None,
+        latency: Any = None,
+        shutdown_timeout: float | timedelta | None = None,
+        enabled: bool = True,
+    ) -> None:
+        if not (isinstance(factory, HostBuilder) or callable(factory)):
+            msg = (  # type: ignore[unreachable]
+                f"the host factory must be a HostBuilder or a callable returning a HostBuilder or a Host, "
+                f"not: {describe(factory)}"
+            )
+            raise ConfigurationError(msg)
+        if contention is not None:
+            _check_monitor_options(contention)
+        self._factory = factory
+        self.name = name
+        self.contention = contention
+        self.latency = latency
+        self.shutdown_timeout = shutdown_timeout
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._host: Host | None = None
+        self._monitor: Any = None
+        self._pid: int | None = None
+        self._atexit_pid: int | None = None
+        with _registry_lock:
+            _registry.append(self)
+
+    @property
+    def host(self) -> Host | None:
+        """The host of this process, or ``None`` if it has not started here."""
+        return self._host if self._pid == os.getpid() else None
+
+    @property
+    def monitor(self) -> Any:
+        """The :class:`~hostkit.contention.ContentionMonitor` of this process, or ``None``."""
+        return self._monitor if self._pid == os.getpid() else None
+
+    @property
+    def started(self) -> bool:
+        """Whether the host has started in this process."""
+        return self.host is not None
+
+    def ensure_started(self) -> Host:
+        """Start the host unless it already started in this process; return it. Cheap after the first call."""
+        host = self.host
+        if host is not None:
+            return host
+        return self.start()
+
+    def start(self) -> Host:
+        """Build and start the host in this process (idempotent per process).
+
+        Raises:
+            ConfigurationError: the embedded host is disabled, or the factory gave no host.
+        """
+        if not self.enabled:
+            msg = f"{self.name}: the host is disabled (HOSTKIT_ENABLED / HOSTKIT['ENABLED'] is False); not starting it"
+            raise ConfigurationError(msg)
+        with self._lock:
+            pid = os.getpid()
+            if self._host is not None and self._pid == pid:
+                return self._host
+            if self._host is not None:
+                _log.warning(
+                    "{}: the host was started in process {} before this process ({}) was forked from it; "
+                    "starting a fresh host here. Start hosts after the fork (first request or post_fork hook)",
+                    self.name,
+                    self._pid,
+                    pid,
+                )
+            host = self._build()
+            self._host, self._pid, self._monitor = host, pid, None
+            if self._atexit_pid != pid:
+                self._atexit_pid = pid
+                # Interpreter exit is the last chance to stop: dev servers and waitress have no exit hook.
+                atexit.register(self._stop_at_exit)
+            monitor = None
+            if self.contention is not None:
+                from .contention import ContentionMonitor
+
+                options = dict(self.contention)
+                options.setdefault("latency", self.latency)
+                # Made before the host starts: a wrong option fails here, with nothing running yet.
+                monitor = ContentionMonitor(host, **options)
+            host.start()
+            if monitor is not None:
+                monitor.start()
+                self._monitor = monitor
+            _log.info("{}: host started in process {}", self.name, pid)
+            return host
+
+    def _build(self) -> Host:
+        made: object = self._factory
+        if not isinstance(made, HostBuilder) and callable(made):
+            made = made()
+        if isinstance(made, HostBuilder):
+            made = made.build()
+        if not isinstance(made, Host):
+            msg = f"the host factory of {self.name!r} returned {describe(made)}; it must return a HostBuilder or a Host"
+            raise ConfigurationError(msg)
+        return made
+
+    def stop(self, timeout: float | timedelta | None = None) -> None:
+        """Stop this process's host within its budget (idempotent; a no-op if it never started here)."""
+        host, monitor = self.host, self.monitor
+        if host is None:
+            return
+        if monitor is not None:
+            monitor.stop()
+        if host.state is not HostState.STOPPED:
+            host.stop(timeout if timeout is not None else self.shutdown_timeout)
+        if host.exit_code:
+            _log.warning("{}: host stopped with exit code {}", self.name, host.exit_code)
+
+    def _stop_at_exit(self) -> None:
+        try:
+            self.stop()
+        except Exception:
+            _log.opt(exception=True).error("{}: stopping the host at exit failed", self.name)
+
+    def __repr__(self) -> str:
+        host = self.host
+        return f"<EmbeddedHost {self.name!r} {host.state.value if host else 'not started'} pid={os.getpid()}>"
+
+
+def _check_monitor_options(options: dict[str, Any]) -> None:
+    """Refuse unknown ContentionMonitor options when the integration is set up, not at the first request."""
+    import inspect
+
+    from .contention import ContentionMonitor
+
+    known = [p for p in inspect.signature(ContentionMonitor).parameters if p != "host"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        msg = f"unknown contention monitor option(s) {unknown}; known options: {known}"
+        raise ConfigurationError(msg)
+
+
+def start_all() -> list[Host]:
+    """Start every embedded host made in this process (gunicorn's post-fork hook calls it)."""
+    with _registry_lock:
+        hosts = [h for h in _registry if h.enabled]
+    return [h.start() for h in hosts]
+
+
+def stop_all(timeout: float | timedelta | None = None) -> None:
+    """Stop every embedded host started in this process, last made first."""
+    with _registry_lock:
+        hosts = list(_registry)
+    for embedded in reversed(hosts):
+        try:
+            embedded.stop(timeout)
+        except Exception:
+            _log.opt(exception=True).error("{}: stopping the host failed", embedded.name)
+
+
+def load_factory(spec: object, what: str) -> Any:
+    """``"package.module:attr"`` -> the object; anything else is returned as is."""
+    if not isinstance(spec, str):
+        return spec
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        msg = f"{what} must look like 'package.module:attr', not: {spec!r}"
+        raise ConfigurationError(msg)
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        msg = f"{what}={spec!r} could not be loaded: {err}"
+        raise ConfigurationError(msg) from err
+    return obj

@@ -1,0 +1,58 @@
+"""``manage.py hostkit_run``: the project's host as a standalone worker service.
+
+The same ``settings.HOSTKIT['BUILDER']`` the web processes embed, run on its own:
+``Host.run()`` owns the main thread, so SIGTERM and SIGINT stop it gracefully, and
+the exit code is the host's (non-zero when a background service failed), which is
+what systemd's ``Restart=on-failure`` and container restart policies need.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    BaseCommand,
+    CommandParser,
+)
+
+from ...._builder import HostBuilder
+from ...._embed import load_factory
+from ...._host import Host
+from ...._util import describe
+from ....exceptions import ConfigurationError
+from ...apps import host_settings
+
+__all__ = ["Command"]
+
+
+class Command(BaseCommand):  # type: ignore[misc,unused-ignore]
+    help = (
+        "Run the host described by settings.HOSTKIT['BUILDER'] as a standalone worker service "
+        "(stops on SIGTERM/SIGINT; exits with the host's exit code)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--shutdown-timeout",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="the stop budget (default: the builder's HostOptions.shutdown_timeout)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        conf = host_settings()
+        factory = load_factory(conf["BUILDER"], "settings.HOSTKIT['BUILDER']")
+        made: object = factory() if callable(factory) and not isinstance(factory, HostBuilder) else factory
+        if isinstance(made, HostBuilder):
+            if options["shutdown_timeout"] is not None:
+                made.options.shutdown_timeout = options["shutdown_timeout"]
+            made = made.build()
+        if not isinstance(made, Host):
+            msg = f"settings.HOSTKIT['BUILDER'] gave {describe(made)}; it must give a HostBuilder or a Host"
+            raise ConfigurationError(msg)
+        code = made.run()
+        if code:
+            raise SystemExit(code)

@@ -1,0 +1,64 @@
+"""Durable work queues: the web app enqueues, worker services consume.
+
+One API, two backends:
+
+* :class:`SQLiteQueue`: one SQLite file (WAL), several producer and consumer
+  processes on one machine, no server.
+* :class:`RedisStreamQueue`: a Redis stream with a consumer group, any number of
+  consumer replicas on any machines (needs ``pip install 'hostkit[redis]'``;
+  redis-py is imported only when a :class:`RedisStreamQueue` is made).
+
+:class:`QueueConsumer` is the background service that consumes either one:
+lease, run the handler in a DI scope, ack on success, retry with a tenacity
+back-off, dead-letter after ``max_attempts``, re-deliver when a consumer dies
+(lease expiry). Delivery is at least once: make handlers idempotent.
+
+Example::
+
+    from hostkit import HostBuilder
+    from hostkit.queues import QueueConsumer, SQLiteQueue
+
+    jobs = SQLiteQueue("/var/lib/app/jobs.db", "emails")
+    jobs.enqueue({"to": "a@example.com"})  # from any process, e.g. a request handler
+
+    def send(message, scope):
+        mailer = scope.get(Mailer)
+        mailer.send(**message.payload)
+
+    builder = HostBuilder()
+    builder.services.add_hosted_service(QueueConsumer(jobs, send, concurrency=4))
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+from ._base import DeadLetter, Message, Queue, QueueStats
+from ._codec import Codec, CodecName, JsonCodec, PickleCodec
+from ._consumer import Handler, QueueConsumer
+from ._redis import RedisStreamQueue
+from ._sqlite import Durability, SQLiteQueue
+
+__all__ = [
+    "Codec",
+    "CodecName",
+    "DeadLetter",
+    "Durability",
+    "Handler",
+    "JsonCodec",
+    "Message",
+    "PickleCodec",
+    "Queue",
+    "QueueConsumer",
+    "QueueStats",
+    "RedisStreamQueue",
+    "SQLiteQueue",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    # Only our own classes: type aliases such as Handler count as types on Python 3.10
+    # and their __module__ is read-only.
+    if isinstance(_obj, type) and str(getattr(_obj, "__module__", "")).startswith(f"{__name__}."):
+        _obj.__module__ = __name__
+del _name, _obj

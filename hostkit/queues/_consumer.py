@@ -1,0 +1,482 @@
+"""The consumer: a background service that leases, handles, and settles messages.
+
+Each of ``concurrency`` threads loops: lease up to ``prefetch`` messages, run the
+handler for each inside a fresh DI scope, then settle it: ack on success; on
+failure release it with a tenacity back-off delay (the delay is stored in the
+queue, so it survives a crash), or dead-letter it once it has failed
+``max_attempts`` deliveries. The service's own thread renews the leases of the
+messages in hand every third of ``lease_time``, so a slow handler keeps its
+message while a dead consumer's messages come back after one ``lease_time``.
+
+Acks are batched for fast handlers: a success is acked at once if its handler took
+longer than ``_FAST`` (5 ms), otherwise with the other successes of its batch in
+one transaction or round trip, at most ``_ACK_DELAY`` (50 ms) later. A crash in that
+window means a re-delivery (at least once), never a loss.
+
+Settling is claimed exactly once per delivery (``_claim``): at a stop, a handler
+still running when ``drain_timeout`` (or the host's budget) runs out has its
+message released back to the queue, and if the handler finishes later it finds the
+claim taken and does not ack. So a message is acked or released, never both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import tenacity
+from loguru import logger
+
+from .._di import Scope, ServiceCollection, ServiceProvider
+from .._services import BackgroundService
+from .._supervisor import format_failure
+from .._token import CancellationToken, CancellationTokenSource
+from .._util import describe, to_seconds
+from ..exceptions import ConfigurationError
+from ._base import Message, Queue, check_positive_int
+
+__all__ = ["Handler", "QueueConsumer"]
+
+# Handlers faster than this have their acks batched; slower ones are acked at once.
+_FAST = 0.005
+# The longest a finished message waits for its batched ack.
+_ACK_DELAY = 0.05
+
+#: A message handler: ``handler(message, scope)``; raise to fail the delivery.
+Handler = Callable[[Message, Scope], object]
+
+
+def _default_backoff() -> tenacity.wait.wait_base:
+    return tenacity.wait_exponential(multiplier=1, min=1, max=60)
+
+
+class QueueConsumer(BackgroundService):
+    """Consumes a durable :class:`~hostkit.queues.Queue`: ``handler(message, scope)`` per message.
+
+    Args:
+        queue: the queue to consume.
+        handler: called as ``handler(message, scope)`` inside a new DI scope per
+            message; raise to fail the delivery. Defaults to :meth:`handle`
+            (override it in a subclass).
+        provider: the host's :class:`~hostkit.ServiceProvider` (declare it as a
+            constructor parameter of a subclass to have it injected); scoped
+            services resolved from ``scope`` are closed after each message.
+            Without one, the scope is empty.
+        concurrency: consumer threads in this process (>= 1). For more CPU, run
+            more worker processes (replicas) on the same queue.
+        prefetch: messages leased per round trip by each thread (>= 1). Higher is
+            faster for short handlers; all are leased (and renewed) together.
+        max_attempts: deliveries a message may fail before it is dead-lettered.
+        max_deliveries: deliveries a message may get in all, counting those whose
+            consumer died or hung before settling it; past it the message is
+            dead-lettered without running the handler, so a message that crashes
+            its consumer every time cannot cycle forever. Default: twice
+            ``max_attempts``.
+        backoff: the delay before a failed message is delivered again: a tenacity
+            wait strategy (called with the attempt number) or seconds. Default:
+            exponential, 1 s doubling to 60 s.
+        drain_timeout: at stop, how long handlers in progress may run on; what
+            has not finished then is released back to the queue (not acked).
+        poll_interval: the longest a consumer waits for new messages before
+            checking for a stop; also the stop latency of an idle consumer.
+        name: for threads, logs and the consumer ids given to the queue.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        handler: Handler | None = None,
+        *,
+        provider: ServiceProvider | None = None,
+        concurrency: int = 1,
+        prefetch: int = 1,
+        max_attempts: int = 5,
+        max_deliveries: int | None = None,
+        backoff: tenacity.wait.wait_base | float | None = None,
+        drain_timeout: float | timedelta = 10.0,
+        poll_interval: float | timedelta = 0.5,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(queue, Queue):  # type: ignore[redundant-expr,unused-ignore]
+            msg = (  # type: ignore[unreachable,unused-ignore]
+                f"queue must be a hostkit.queues.Queue (SQLiteQueue, RedisStreamQueue), not: {describe(queue)}"
+            )
+            raise ConfigurationError(msg)
+        if handler is not None and not callable(handler):
+            msg = f"handler must be callable as handler(message, scope), not: {describe(handler)}"  # type: ignore[unreachable,unused-ignore]
+            raise ConfigurationError(msg)
+        if provider is not None and not isinstance(provider, ServiceProvider):  # type: ignore[redundant-expr,unused-ignore]
+            msg = f"provider must be a hostkit.ServiceProvider, not: {describe(provider)}"  # type: ignore[unreachable,unused-ignore]
+            raise ConfigurationError(msg)
+        self.queue = queue
+        self._handler = handler
+        self._provider = provider
+        self.concurrency = check_positive_int(concurrency, "concurrency")
+        self.prefetch = check_positive_int(prefetch, "prefetch")
+        self.max_attempts = check_positive_int(max_attempts, "max_attempts")
+        self.max_deliveries = 2 * max_attempts if max_deliveries is None else max_deliveries
+        check_positive_int(self.max_deliveries, "max_deliveries")
+        if self.max_deliveries < self.max_attempts:
+            msg = f"max_deliveries ({self.max_deliveries}) must be >= max_attempts ({self.max_attempts})"
+            raise ConfigurationError(msg)
+        if backoff is None:
+            backoff = _default_backoff()
+        elif isinstance(backoff, (int, float)) and not isinstance(backoff, bool):
+            backoff = tenacity.wait_fixed(to_seconds(backoff, "backoff"))
+        elif not callable(backoff):
+            msg = f"backoff must be a tenacity wait strategy or seconds, not: {describe(backoff)}"
+            raise ConfigurationError(msg)
+        self.backoff: tenacity.wait.wait_base = backoff
+        self.drain_timeout = to_seconds(drain_timeout, "drain_timeout")
+        self.poll_interval = to_seconds(poll_interval, "poll_interval")
+        self.name = name or f"queue-{queue.name}"
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, str], Message] = {}
+        self._budget: threading.Event | None = None
+        # Successes claimed but not acked yet, per consumer thread (see _flush).
+        self._unacked: dict[str, list[Message]] = {}
+        self._counts = {"handled": 0, "failed": 0, "retried": 0, "dead_lettered": 0, "released": 0, "lease_lost": 0}
+        self._crash: tuple[str, BaseException] | None = None
+
+    _RUNTIME = ("_lock", "_held", "_budget", "_unacked", "_counts", "_crash")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # placement="process": the consumer crosses to its child without its locks and
+        # in-hand messages; the child starts with fresh ones (and the queue reconnects).
+        return {k: v for k, v in super().__getstate__().items() if k not in self._RUNTIME}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._init_runtime()
+
+    # -- what users override or call -------------------------------------------------
+
+    def handle(self, message: Message, scope: Scope) -> None:
+        """Handle one message; override it, or pass ``handler=``. Raise to fail the delivery."""
+        msg = f"{type(self).__qualname__} has no handler: pass handler= or override handle(message, scope)"
+        raise NotImplementedError(msg)
+
+    def stats(self) -> dict[str, int]:
+        """Counts since start: handled, failed, retried, dead_lettered, released, lease_lost, in_hand."""
+        with self._lock:
+            return {**self._counts, "in_hand": len(self._held)}
+
+    def backoff_for(self, attempts: int) -> float:
+        """Seconds before a message that failed its ``attempts``-th delivery is delivered again."""
+        # tenacity strategies read the attempt number from a call state; build one
+        # standalone so the same strategy objects users know from tenacity work here.
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempts
+        return max(float(self.backoff(state)), 0.0)
+
+    # -- the service -----------------------------------------------------------------
+
+    def stop(self, token: CancellationToken) -> None:
+        # Remember the host's budget token so the drain in execute() ends when the
+        # host's shared shutdown budget runs out, even before drain_timeout.
+        self._budget = token
+        super().stop(token)
+
+    def execute(self, stopping: CancellationToken) -> None:
+        log = logger.bind(service=self.name, pid=os.getpid())
+        handler: Handler = self._handler if self._handler is not None else self.handle
+        provider = self._provider if self._provider is not None else ServiceCollection().build_provider()
+        base = f"{socket.gethostname()}-{os.getpid()}-{self.name}"
+        # The consumer threads watch `halt`, not `stopping` directly: it is also set when
+        # one of them dies, so the others wind down and the service fails visibly
+        # instead of renewing the dead thread's leases forever.
+        with CancellationTokenSource(stopping, name=f"{self.name}-halt") as halt:
+            self._run(halt, base, handler, provider, log)
+        if self._crash is not None:
+            thread_name, exc = self._crash
+            msg = f"queue consumer {self.name!r}: thread {thread_name} died: {type(exc).__name__}: {exc}"
+            raise RuntimeError(msg) from exc
+        log.info("Queue consumer {!r} stopped: {}", self.name, self.stats())
+
+    def _run(
+        self, halt: CancellationTokenSource, base: str, handler: Handler, provider: ServiceProvider, log: Any
+    ) -> None:
+        token = halt.token
+        threads = [
+            threading.Thread(
+                target=self._consume,
+                args=(f"{base}-{n + 1}", handler, provider, halt, log),
+                name=f"hostkit-{self.name}-{n + 1}",
+                daemon=True,  # a handler stuck past the budget must not keep the process alive
+            )
+            for n in range(self.concurrency)
+        ]
+        log.info(
+            "Queue consumer {!r} started on {!r}: concurrency={}, prefetch={}, max_attempts={}",
+            self.name,
+            self.queue,
+            self.concurrency,
+            self.prefetch,
+            self.max_attempts,
+        )
+        for t in threads:
+            t.start()
+        renew_every = self.queue.lease_time / 3
+        # This thread renews the leases of every message in hand until the threads end.
+        while not token.wait(min(renew_every, 1.0)):
+            self._renew(log, only_if_due=True)
+        deadline = time.monotonic() + self.drain_timeout
+        while any(t.is_alive() for t in threads):
+            budget_gone = self._budget is not None and self._budget.is_set()
+            left = deadline - time.monotonic()
+            if left <= 0 or budget_gone:
+                break
+            for t in threads:
+                t.join(min(left, renew_every, 0.1))
+            self._renew(log, only_if_due=True)
+        stuck = [t.name for t in threads if t.is_alive()]
+        for consumer in list(self._unacked):
+            self._flush(consumer, log)  # successes a stuck thread had not acked yet
+        # Messages of a stuck or dead thread go back. A death counts as a failed
+        # delivery (as a crashed process would), a stop does not.
+        released = self._release_all(log, count_attempt=self._crash is not None)
+        if stuck:
+            log.warning(
+                "Queue consumer {!r}: {} handler(s) still running after drain_timeout ({} s): {}; "
+                "their {} message(s) went back to the queue and will not be acked here",
+                self.name,
+                len(stuck),
+                self.drain_timeout,
+                ", ".join(stuck),
+                released,
+            )
+        for n, t in enumerate(threads):
+            # Only ended threads: one still inside a lease call could receive messages
+            # under an id that Redis would then forget (DELCONSUMER drops its pending list).
+            if t.is_alive():
+                continue
+            try:
+                self.queue.retire(f"{base}-{n + 1}")
+            except Exception:
+                log.opt(exception=True).warning("Queue consumer {!r}: retiring consumer id failed", self.name)
+
+    _last_renew = 0.0
+
+    def _renew(self, log: Any, *, only_if_due: bool = False) -> None:
+        now = time.monotonic()
+        if only_if_due and now - self._last_renew < self.queue.lease_time / 3:
+            return
+        self._last_renew = now
+        with self._lock:
+            held = list(self._held.values())
+        if not held:
+            return
+        try:
+            self.queue.renew(held)
+        except Exception:
+            # Not fatal: if renewals keep failing the leases expire and the messages
+            # are delivered again (at least once), which is the queue's promise.
+            log.opt(exception=True).warning("Queue consumer {!r}: renewing {} lease(s) failed", self.name, len(held))
+
+    def _hold(self, messages: list[Message]) -> None:
+        with self._lock:
+            for m in messages:
+                self._held[(m.id, m.receipt)] = m
+
+    def _claim(self, message: Message) -> bool:
+        """Take the right to settle ``message``; ``True`` for exactly one caller per delivery."""
+        with self._lock:
+            return self._held.pop((message.id, message.receipt), None) is not None
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    def _release_all(self, log: Any, *, count_attempt: bool = False) -> int:
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        released = 0
+        for m in held:
+            try:
+                if self.queue.release(m, count_attempt=count_attempt):
+                    released += 1
+            except Exception:
+                log.opt(exception=True).warning(
+                    "Queue consumer {!r}: releasing message {} failed; it returns after its lease expires",
+                    self.name,
+                    m.id,
+                )
+        with self._lock:
+            self._counts["released"] += released
+        return released
+
+    def _consume(
+        self, consumer: str, handler: Handler, provider: ServiceProvider, halt: CancellationTokenSource, log: Any
+    ) -> None:
+        try:
+            self._consume_loop(consumer, handler, provider, halt.token, log)
+        except BaseException as exc:  # SystemExit from a handler, a bug here: never die silently
+            with self._lock:
+                if self._crash is None:
+                    self._crash = (threading.current_thread().name, exc)
+            log.opt(exception=exc).critical(
+                "Queue consumer {!r}: thread {} died; stopping the consumer", self.name, threading.current_thread().name
+            )
+            halt.cancel()
+
+    def _consume_loop(
+        self, consumer: str, handler: Handler, provider: ServiceProvider, stopping: CancellationToken, log: Any
+    ) -> None:
+        error_pause = 0.1
+        with self._lock:
+            self._unacked[consumer] = []
+        while not stopping.is_set():
+            try:
+                batch = self.queue.lease(consumer, max_messages=self.prefetch, wait=self.poll_interval, token=stopping)
+            except Exception:
+                log.opt(exception=True).error(
+                    "Queue consumer {!r}: leasing from {!r} failed; retrying in {} s",
+                    self.name,
+                    self.queue,
+                    error_pause,
+                )
+                stopping.wait(error_pause)
+                error_pause = min(error_pause * 2, 5.0)
+                continue
+            error_pause = 0.1
+            if not batch:
+                continue
+            self._hold(batch)
+            first_unacked = 0.0
+            for index, message in enumerate(batch):
+                if stopping.is_set():
+                    # Stop requested: messages of the batch not started yet go straight
+                    # back, without counting a delivery against them.
+                    for rest in batch[index:]:
+                        if self._claim(rest):
+                            self._settle(log, rest, "release", lambda m: self.queue.release(m, count_attempt=False))
+                            self._count("released")
+                    break
+                began = time.monotonic()
+                if self._handle_one(message, handler, provider, log):
+                    ended = time.monotonic()
+                    with self._lock:
+                        self._unacked[consumer].append(message)
+                    first_unacked = first_unacked or ended
+                    if ended - began > _FAST or ended - first_unacked > _ACK_DELAY:
+                        self._flush(consumer, log)
+                        first_unacked = 0.0
+            self._flush(consumer, log)
+
+    def _flush(self, consumer: str, log: Any) -> None:
+        """Ack the claimed successes of one consumer thread in one call."""
+        with self._lock:
+            # Swap under the lock: the worker and, at a stuck stop, the service thread
+            # may both flush; whoever takes the list acks it, so nothing is acked twice.
+            batch, self._unacked[consumer] = self._unacked.get(consumer, []), []
+        if not batch:
+            return
+        try:
+            acked = self.queue.ack_many(batch)
+        except Exception:
+            log.opt(exception=True).error(
+                "Queue {!r}: acking {} message(s) failed; they will be delivered again after their lease expires",
+                self.queue.name,
+                len(batch),
+            )
+            return
+        with self._lock:
+            self._counts["handled"] += acked
+            self._counts["lease_lost"] += len(batch) - acked
+        if acked < len(batch):
+            log.warning(
+                "Queue {!r}: {} lease(s) expired before the ack (handler slower than lease_time {} s?); "
+                "other consumers have those messages, so they may be handled twice",
+                self.queue.name,
+                len(batch) - acked,
+                self.queue.lease_time,
+            )
+
+    def _handle_one(self, message: Message, handler: Handler, provider: ServiceProvider, log: Any) -> bool:
+        """Run the handler; settle a failure here. ``True``: it succeeded and the caller must ack it."""
+        if message.attempts > self.max_deliveries:
+            # Delivered again and again without being settled: each time its consumer
+            # died or hung (a message that crashes the process?). Stop the cycle.
+            error = (
+                f"delivered {message.attempts} times (max_deliveries {self.max_deliveries}) without being settled: "
+                f"its consumer died or hung each time; the handler was not run again"
+            )
+            if self._claim(message) and self._settle(
+                log, message, "dead-letter", lambda m: self.queue.dead_letter(m, error)
+            ):
+                self._count("dead_lettered")
+                log.error("Queue {!r}: message {} dead-lettered: {}", self.queue.name, message.id, error)
+            return False
+        try:
+            with provider.create_scope() as scope:
+                handler(message, scope)
+        except Exception as exc:
+            summary, text = format_failure(exc)
+            self._count("failed")
+            if not self._claim(message):
+                return False
+            if message.attempts >= self.max_attempts:
+                if self._settle(log, message, "dead-letter", lambda m: self.queue.dead_letter(m, text)):
+                    self._count("dead_lettered")
+                    log.opt(exception=exc).error(
+                        "Queue {!r}: message {} failed {} time(s) and was dead-lettered: {}",
+                        self.queue.name,
+                        message.id,
+                        message.attempts,
+                        summary,
+                    )
+                return False
+            delay = self.backoff_for(message.attempts)
+            if self._settle(log, message, "release", lambda m: self.queue.release(m, delay=delay)):
+                self._count("retried")
+                log.opt(exception=exc).warning(
+                    "Queue {!r}: message {} failed (attempt {}/{}), retrying in {:.3g} s: {}",
+                    self.queue.name,
+                    message.id,
+                    message.attempts,
+                    self.max_attempts,
+                    delay,
+                    summary,
+                )
+            return False
+        return self._claim(message)
+
+    def _settle(self, log: Any, message: Message, what: str, action: Callable[[Message], bool]) -> bool:
+        try:
+            held = action(message)
+        except Exception:
+            log.opt(exception=True).error(
+                "Queue {!r}: {} of message {} failed; it will be delivered again after its lease expires",
+                self.queue.name,
+                what,
+                message.id,
+            )
+            return False
+        if not held:
+            self._count("lease_lost")
+            log.warning(
+                "Queue {!r}: the lease of message {} expired before its {} (handler slower than lease_time {} s?); "
+                "another consumer has it, so it may be handled twice",
+                self.queue.name,
+                message.id,
+                what,
+                self.queue.lease_time,
+            )
+        return held
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<QueueConsumer {self.name!r} queue={self.queue.name!r} concurrency={self.concurrency} "
+            f"handled={s['handled']} failed={s['failed']} dead_lettered={s['dead_lettered']} in_hand={s['in_hand']}>"
+        )

@@ -1,0 +1,459 @@
+"""The scale-out backend: Redis Streams with a consumer group (redis-py, imported lazily).
+
+Layout in Redis, for a queue ``NAME`` under ``prefix`` (default ``hostkit``)::
+
+    hostkit:NAME           the stream; entries: p=payload, t=enqueued_at, [a=earlier attempts, i=first id]
+                           consumer group "hostkit" on it
+    hostkit:NAME:delayed   sorted set: ids of messages waiting for a retry, scored by due time
+    hostkit:NAME:d:ID      hash: the fields of a delayed message
+    hostkit:NAME:dead      stream of dead letters (the fields, plus e=error, f=failed_at)
+
+A lease is ``XREADGROUP`` (new entries) or ``XAUTOCLAIM`` (entries whose consumer
+has been idle longer than ``lease_time``: it died or hung). The stream entry stays
+until it is settled; acks ``XACK`` *and* ``XDEL`` it, so the stream holds only
+waiting and in-flight messages and its length is the queue's size.
+
+Every settle runs as one Lua script that first checks the entry is still pending
+for *this* consumer with *this* delivery count (the receipt). Without that check a
+consumer whose lease expired would ``XACK`` a message another consumer now holds;
+Redis itself accepts an ``XACK`` from anyone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from loguru import logger
+
+from .._util import describe
+from ..exceptions import ConfigurationError, PayloadError
+from ._base import DeadLetter, Message, Queue, QueueStats, check_positive_int
+from ._codec import Codec, CodecName
+
+__all__ = ["RedisStreamQueue"]
+
+GROUP = "hostkit"
+
+# Shared prologue: is ARGV[2] (an id) pending for consumer ARGV[3] with delivery count ARGV[4]?
+_OWNED = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] or tostring(p[1][4]) ~= ARGV[4] then return 0 end
+"""
+
+# KEYS: stream. ARGV: group, then (id, consumer, count) triples. Acks those still held.
+_ACK = """
+local n = 0
+for k = 2, #ARGV, 3 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[k], ARGV[k], 1)
+  if #p > 0 and p[1][2] == ARGV[k + 1] and tostring(p[1][4]) == ARGV[k + 2] then
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[k])
+    redis.call('XDEL', KEYS[1], ARGV[k])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Fields of entry ARGV[2] as a table, with 'a' (attempts so far) and 'i' (first id) set.
+_FIELDS = """
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+local f = {p = '', t = '0', a = '0', i = ARGV[2]}
+if #e > 0 then
+  local flat = e[1][2]
+  for n = 1, #flat, 2 do f[flat[n]] = flat[n + 1] end
+end
+f['a'] = tostring(tonumber(ARGV[5]))
+local flat = {}
+for k, v in pairs(f) do table.insert(flat, k); table.insert(flat, v) end
+"""
+
+# KEYS: stream, delayed zset, delayed hash key. ARGV: group, id, consumer, count, attempts, due, now
+_RELEASE = (
+    _OWNED
+    + _FIELDS
+    + """
+if tonumber(ARGV[6]) > tonumber(ARGV[7]) then
+  redis.call('HSET', KEYS[3], unpack(flat))
+  redis.call('ZADD', KEYS[2], ARGV[6], f['i'])
+else
+  redis.call('XADD', KEYS[1], '*', unpack(flat))
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+)
+
+# KEYS: stream, dead stream. ARGV: group, id, consumer, count, attempts, error, failed_at
+_DEAD = (
+    _OWNED
+    + _FIELDS
+    + """
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[6], 'f', ARGV[7], unpack(flat))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+)
+
+# KEYS: stream. ARGV: group, consumer, then (id, count) pairs. Renews those still ours.
+_RENEW = """
+local n = 0
+for k = 3, #ARGV, 2 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[k], ARGV[k], 1)
+  if #p > 0 and p[1][2] == ARGV[2] and tostring(p[1][4]) == ARGV[k + 1] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[k], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: stream, delayed zset. ARGV: now, prefix of the hash keys, max. Moves due retries back.
+_PROMOTE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(due) do
+  local h = ARGV[2] .. id
+  local flat = redis.call('HGETALL', h)
+  if #flat > 0 then redis.call('XADD', KEYS[1], '*', unpack(flat)) end
+  redis.call('DEL', h)
+  redis.call('ZREM', KEYS[2], id)
+end
+return #due
+"""
+
+
+class RedisStreamQueue(Queue):
+    """A durable queue on a Redis stream: any number of consumer processes on any machines.
+
+    Args:
+        url: a redis-py URL: ``redis://host:6379/0``, ``unix:///run/redis.sock``.
+        name: the queue's name (the stream is ``{prefix}:{name}``).
+        codec: ``"json"`` (default), ``"pickle"`` or a :class:`~hostkit.queues.Codec`.
+        lease_time: seconds a consumer may be idle on a message before another
+            consumer claims it (``XAUTOCLAIM``); consumers renew while they work.
+        prefix: the key prefix.
+        client_options: extra keyword arguments for ``redis.Redis.from_url``.
+
+    Durability is Redis's own (``appendonly``/``appendfsync`` on the server): with
+    the defaults (RDB snapshots only), a server crash loses what changed since the
+    last snapshot.
+
+    Needs redis-py: ``pip install 'hostkit[redis]'``.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        name: str = "default",
+        *,
+        codec: CodecName | Codec = "json",
+        lease_time: float | timedelta = 30.0,
+        prefix: str = "hostkit",
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name, codec=codec, lease_time=lease_time)
+        try:
+            _redis_module()
+        except ImportError:
+            msg = "RedisStreamQueue needs redis-py, which is not installed: pip install 'hostkit[redis]'"
+            raise ImportError(msg) from None
+        if not isinstance(url, str) or "://" not in url:
+            msg = f"url must be a redis URL such as 'redis://127.0.0.1:6379/0' or 'unix:///path', not: {describe(url)}"
+            raise ConfigurationError(msg)
+        self.url = url
+        self.prefix = prefix
+        self.client_options = dict(client_options or {})
+        self.stream = f"{prefix}:{name}"
+        self.delayed = f"{prefix}:{name}:delayed"
+        self.dead_stream = f"{prefix}:{name}:dead"
+        self._hash_prefix = f"{prefix}:{name}:d:"
+        self._init_local()
+        self._ensure_group()  # fail here, not at the first enqueue, if the server is unreachable
+
+    def _init_local(self) -> None:
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._scripts: dict[str, Any] = {}
+        self._next_maintenance = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_client", "_client_lock", "_scripts", "_next_maintenance")
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_local()
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client (one connection pool per queue object; safe across threads and forks)."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    client = _redis_module().Redis.from_url(self.url, **self.client_options)
+                    self._scripts = {
+                        name: client.register_script(src)
+                        for name, src in (
+                            ("ack", _ACK),
+                            ("release", _RELEASE),
+                            ("dead", _DEAD),
+                            ("renew", _RENEW),
+                            ("promote", _PROMOTE),
+                        )
+                    }
+                    self._client = client
+        return self._client
+
+    def _ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except _redis_module().ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    # -- producers -------------------------------------------------------------------
+
+    def _put(self, encoded: list[bytes], delay: float) -> list[str]:
+        now = time.time()
+        client = self.client
+        if delay > 0:
+            ids = [f"t{now:.6f}-{os.urandom(6).hex()}" for _ in encoded]
+            pipe = client.pipeline(transaction=True)
+            for mid, data in zip(ids, encoded, strict=True):
+                pipe.hset(self._hash_prefix + mid, mapping={"p": data, "t": repr(now), "a": "0", "i": mid})
+                pipe.zadd(self.delayed, {mid: now + delay})
+            pipe.execute()
+            return ids
+        if len(encoded) == 1:
+            return [_text(client.xadd(self.stream, {"p": encoded[0], "t": repr(now)}))]
+        pipe = client.pipeline(transaction=True)
+        for data in encoded:
+            pipe.xadd(self.stream, {"p": data, "t": repr(now)})
+        return [_text(i) for i in pipe.execute()]
+
+    # -- consumers -------------------------------------------------------------------
+
+    def lease(
+        self, consumer: str, *, max_messages: int = 1, wait: float = 0.0, token: threading.Event | None = None
+    ) -> list[Message]:
+        check_positive_int(max_messages, "max_messages")
+        try:
+            return self._lease(consumer, max_messages, wait)
+        except _redis_module().ResponseError as err:
+            if "NOGROUP" not in str(err):
+                raise
+            # The stream was deleted under us (a purge, FLUSHDB): make it again, empty.
+            self._ensure_group()
+            return []
+
+    def _lease(self, consumer: str, max_messages: int, wait: float) -> list[Message]:
+        now = time.monotonic()
+        if now >= self._next_maintenance:
+            # Claiming expired leases and promoting due retries cost a round trip each:
+            # do them a few times per lease_time, not on every lease.
+            self._next_maintenance = now + min(self.lease_time / 4, 0.5)
+            self._scripts_ready()["promote"](
+                keys=[self.stream, self.delayed], args=[time.time(), self._hash_prefix, 100]
+            )
+            claimed = self._reclaim(consumer, max_messages)
+            if claimed:
+                return claimed
+        # XREADGROUP blocks in the server and cannot be woken by `token`: callers keep
+        # `wait` short (the consumer's poll_interval), which bounds the stop latency.
+        block = int(wait * 1000) if wait > 0 else None
+        if block == 0:
+            block = 1
+        reply = self.client.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=max_messages, block=block)
+        if not reply:
+            return []
+        entries = reply[0][1]
+        return self._messages(consumer, [(eid, fields, 1) for eid, fields in entries if fields])
+
+    def _reclaim(self, consumer: str, max_messages: int) -> list[Message]:
+        lease_ms = int(self.lease_time * 1000)
+        reply = self.client.xautoclaim(self.stream, GROUP, consumer, lease_ms, start_id="0-0", count=max_messages)
+        entries = [(eid, fields) for eid, fields in reply[1] if fields]
+        if not entries:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for eid, _ in entries:
+            pipe.xpending_range(self.stream, GROUP, min=eid, max=eid, count=1)
+        counts = [rows[0]["times_delivered"] if rows else 1 for rows in pipe.execute()]
+        logger.bind(service=f"queue-{self.name}").info(
+            "Queue {!r}: {} message(s) whose consumer stopped renewing were claimed by {}",
+            self.name,
+            len(entries),
+            consumer,
+        )
+        return self._messages(consumer, [(eid, f, c) for (eid, f), c in zip(entries, counts, strict=True)])
+
+    def _messages(self, consumer: str, entries: list[tuple[Any, dict[bytes, bytes], int]]) -> list[Message]:
+        messages = []
+        for eid, fields, delivered in entries:
+            sid = _text(eid)
+            attempts = int(fields.get(b"a", b"0")) + delivered
+            receipt = f"{consumer}/{delivered}"
+            mid = _text(fields.get(b"i", sid))
+            enqueued = float(fields.get(b"t", b"0"))
+            try:
+                payload = self.codec.decode(fields[b"p"])
+            except (PayloadError, KeyError) as err:
+                # A message nobody can decode would come back forever: dead-letter it now.
+                bad = Message(sid, None, attempts, receipt, enqueued)
+                self.dead_letter(bad, f"undecodable payload: {err}")
+                logger.bind(service=f"queue-{self.name}").error(
+                    "Queue {!r}: message {} cannot be decoded and was dead-lettered: {}", self.name, mid, err
+                )
+                continue
+            # Message.id is the first id (stable across retries); the stream id travels in the receipt.
+            messages.append(Message(mid, payload, attempts, f"{sid}|{receipt}", enqueued))
+        return messages
+
+    @staticmethod
+    def _parts(message: Message) -> tuple[str, str, str]:
+        sid, _, rest = message.receipt.partition("|")
+        if not rest:  # a Message built by _messages before the receipt was joined (dead-letter of bad payloads)
+            sid, rest = message.id, message.receipt
+        consumer, _, count = rest.rpartition("/")
+        return sid, consumer, count
+
+    def ack(self, message: Message) -> bool:
+        return self.ack_many([message]) == 1
+
+    def ack_many(self, messages: list[Message]) -> int:
+        if not messages:
+            return 0
+        args: list[str] = [GROUP]
+        for m in messages:
+            args.extend(self._parts(m))
+        return int(self._scripts_ready()["ack"](keys=[self.stream], args=args))
+
+    def release(self, message: Message, *, delay: float = 0.0, count_attempt: bool = True) -> bool:
+        sid, consumer, count = self._parts(message)
+        attempts = message.attempts if count_attempt else message.attempts - 1
+        now = time.time()
+        return bool(
+            self._scripts_ready()["release"](
+                keys=[self.stream, self.delayed, self._hash_prefix + message.id],
+                args=[GROUP, sid, consumer, count, attempts, now + max(delay, 0.0), now],
+            )
+        )
+
+    def dead_letter(self, message: Message, error: str) -> bool:
+        sid, consumer, count = self._parts(message)
+        return bool(
+            self._scripts_ready()["dead"](
+                keys=[self.stream, self.dead_stream],
+                args=[GROUP, sid, consumer, count, message.attempts, error, repr(time.time())],
+            )
+        )
+
+    def renew(self, messages: list[Message]) -> int:
+        by_consumer: dict[str, list[str]] = {}
+        for m in messages:
+            sid, consumer, count = self._parts(m)
+            by_consumer.setdefault(consumer, []).extend((sid, count))
+        renewed = 0
+        for consumer, pairs in by_consumer.items():
+            renewed += int(self._scripts_ready()["renew"](keys=[self.stream], args=[GROUP, consumer, *pairs]))
+        return renewed
+
+    def retire(self, consumer: str) -> None:
+        # DELCONSUMER drops the consumer's pending entries from the group, and they
+        # would never be delivered again: delete only a consumer with nothing pending.
+        if not self.client.xpending_range(self.stream, GROUP, min="-", max="+", count=1, consumername=consumer):
+            self.client.xgroup_delconsumer(self.stream, GROUP, consumer)
+
+    def _scripts_ready(self) -> dict[str, Any]:
+        _ = self.client
+        return self._scripts
+
+    # -- operations ------------------------------------------------------------------
+
+    def stats(self) -> QueueStats:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xlen(self.stream)
+        pipe.xpending(self.stream, GROUP)
+        pipe.zcard(self.delayed)
+        pipe.xlen(self.dead_stream)
+        length, pending, delayed, dead = pipe.execute()
+        in_flight = int(pending["pending"])
+        return QueueStats(self.name, int(length) - in_flight + int(delayed), in_flight, int(dead))
+
+    def _dead_entries(self) -> list[tuple[str, dict[bytes, bytes]]]:
+        return [(_text(eid), fields) for eid, fields in self.client.xrange(self.dead_stream, "-", "+")]
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        check_positive_int(limit, "limit")
+        letters = []
+        for eid, f in self.client.xrange(self.dead_stream, "-", "+", count=limit):
+            try:
+                payload = self.codec.decode(f[b"p"])
+            except (PayloadError, KeyError):
+                payload = f.get(b"p")
+            letters.append(
+                DeadLetter(
+                    _text(f.get(b"i", eid)),
+                    payload,
+                    int(f.get(b"a", b"0")),
+                    _text(f.get(b"e", b"")),
+                    float(f.get(b"f", b"0")),
+                )
+            )
+        return letters
+
+    def requeue_dead(self, ids: Iterable[str] | None = None) -> int:
+        wanted = None if ids is None else {str(i) for i in ids}
+        moved = 0
+        for eid, f in self._dead_entries():
+            mid = _text(f.get(b"i", eid))
+            if wanted is not None and mid not in wanted:
+                continue
+            fields = {"p": f.get(b"p", b""), "t": f.get(b"t", b"0"), "a": "0", "i": mid}
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xadd(self.stream, fields)
+            pipe.xdel(self.dead_stream, eid)
+            pipe.execute()
+            moved += 1
+        return moved
+
+    def purge(self) -> int:
+        s = self.stats()
+        keys = [self.stream, self.delayed, self.dead_stream, *self.client.scan_iter(match=self._hash_prefix + "*")]
+        self.client.delete(*keys)
+        self._ensure_group()
+        return s.depth + s.in_flight + s.dead
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<RedisStreamQueue {self.name!r} url={self.url!r} stream={self.stream!r} "
+            f"codec={self.codec.name!r} lease_time={self.lease_time}>"
+        )
+
+
+def _redis_module() -> Any:
+    # Imported on first use, never at module import: `import hostkit.queues` must work
+    # without redis-py, and type-checking hostkit must not need it either.
+    return importlib.import_module("redis")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

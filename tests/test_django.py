@@ -1,0 +1,297 @@
+"""The Django app and command, on the example project: runserver + reload, hostkit_run, gunicorn, settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import closing
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hostkit.exceptions import ConfigurationError
+from tests.conftest import PROJECT_ROOT, wait_until
+
+pytest.importorskip("django")
+
+EXAMPLE = Path(PROJECT_ROOT) / "examples" / "django_project"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fetch(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read().decode())  # type: ignore[no-any-return]
+    except OSError:
+        return None
+
+
+class Project:
+    """A copy of examples/django_project in a temp dir, with its own SQLite database, migrated."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "django_project"
+        shutil.copytree(EXAMPLE, self.dir, ignore=shutil.ignore_patterns("*.sqlite3", "__pycache__"))
+        self.env = dict(
+            os.environ,
+            HOSTKIT_EXAMPLE_DB=str(tmp / "db.sqlite3"),
+            PYTHONPATH=os.pathsep.join([str(self.dir), PROJECT_ROOT]),
+            PYTHONUNBUFFERED="1",
+        )
+        self.procs: list[subprocess.Popen[str]] = []
+        out = self.manage("migrate", "--noinput")
+        assert out.returncode == 0, out.stdout
+
+    def manage(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=self.dir,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def spawn(self, *cmd: str, **env: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            list(cmd),
+            cwd=self.dir,
+            env={**self.env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            try:
+                family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+            except psutil.Error:
+                family = []
+            for p in family:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            try:
+                proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    p = Project(tmp_path)
+    yield p
+    p.cleanup()
+
+
+@pytest.mark.timeout(120)
+class TestRunserver:
+    def test_autoreload_runs_one_host_in_the_serving_child_and_none_after_reload(self, project: Project) -> None:
+        """`runserver` with autoreload: only the serving child runs the host, its service writes through a DB
+        scope; after a code change the old child is gone and the new one runs exactly one copy."""
+        port = free_port()
+        proc = project.spawn(sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}")
+        parent = psutil.Process(proc.pid)
+        base = f"http://127.0.0.1:{port}"
+
+        def view() -> dict | None:
+            """The serving process's threads, once no reload is under way."""
+            seen = fetch(f"{base}/threads")
+            if seen is None or [c.pid for c in parent.children()] != [seen["pid"]]:
+                return None
+            return seen
+
+        assert wait_until(view, timeout=60, interval=0.1)
+        first = view()
+        assert first is not None and first["pid"] != proc.pid
+        assert first["threads"].count("hostkit-TickRecorder") == 1
+        assert parent.num_threads() == 1  # the autoreloader parent runs no host
+        # The service's units of work reach the database (one scope each), from the serving process.
+        assert wait_until(lambda: (t := fetch(f"{base}/ticks")) and t["ticks"] >= 2, timeout=30)
+        assert first["pid"] in fetch(f"{base}/ticks")["pids"]  # type: ignore[index]
+        old_family = {p.pid for p in parent.children(recursive=True)}
+
+        time.sleep(1.1)  # mtime resolution: make the change visible to the stat reloader
+        views = project.dir / "jobs" / "views.py"
+        views.write_text(views.read_text() + "\n# changed\n")
+        assert wait_until(lambda: (v := view()) and v["pid"] != first["pid"], timeout=60)
+        second = view()
+        assert second is not None and second["threads"].count("hostkit-TickRecorder") == 1
+        assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in old_family), timeout=30)
+        assert parent.num_threads() == 1
+
+    def test_start_ready_starts_without_a_request_but_not_in_other_commands(self, project: Project) -> None:
+        """START='ready' starts the host in `runserver --noreload` at once, and never in `manage.py check`."""
+        out = project.manage("check", HOSTKIT_EXAMPLE_START="ready")
+        assert out.returncode == 0, out.stderr
+        assert "TickRecorder running" not in out.stdout + out.stderr
+        port = free_port()
+        proc = project.spawn(
+            sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}", HOSTKIT_EXAMPLE_START="ready"
+        )
+        assert proc.stdout is not None
+        line = ""
+        deadline = time.monotonic() + 60
+        while "TickRecorder running" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert f"TickRecorder running in pid {proc.pid}" in line
+
+
+@pytest.mark.timeout(120)
+class TestWorkerCommand:
+    def test_hostkit_run_is_a_standalone_worker(self, project: Project) -> None:
+        """`manage.py hostkit_run` runs the same host; SIGTERM stops it gracefully with exit code 0."""
+        proc = project.spawn(sys.executable, "manage.py", "hostkit_run")
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+
+        def seen(text: str) -> bool:
+            return any(text in x for x in lines)
+
+        while not (seen("Host started") and seen("TickRecorder running")) and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+        assert any(f"TickRecorder running in pid {proc.pid}" in x for x in lines), lines
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert "Received SIGTERM" in rest and "stopping the host" in rest
+        assert "Background service 'TickRecorder' stopped" in rest
+        assert "Host stopped in" in rest and "(exit code 0)" in rest
+        assert "Traceback" not in rest
+
+    def test_gunicorn_workers_each_run_the_host(self, project: Project) -> None:
+        """Under gunicorn with the example's conf, each of 2 workers runs its host and writes ticks."""
+        pytest.importorskip("gunicorn")
+        sock = project.dir / "g.sock"
+        proc = project.spawn(
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(Path(PROJECT_ROOT) / "examples" / "gunicorn.conf.py"),
+            "--bind",
+            f"unix:{sock}",
+            "--workers",
+            "2",
+            "project.wsgi:application",
+        )
+
+        def worker_pids() -> set[int]:
+            with closing(sqlite3.connect(project.env["HOSTKIT_EXAMPLE_DB"])) as db:
+                return {row[0] for row in db.execute("SELECT DISTINCT pid FROM jobs_tick")}
+
+        master = psutil.Process(proc.pid)
+        assert wait_until(lambda: len(master.children()) == 2, timeout=60)
+        workers = {c.pid for c in master.children()}
+        assert wait_until(lambda: worker_pids() == workers, timeout=60, interval=0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=40)
+        assert proc.returncode == 0
+        assert out.count("Worker exiting") == 2
+        assert "Traceback" not in out
+
+
+class TestSettings:
+    @pytest.fixture(autouse=True)
+    def _configured(self) -> None:
+        from django.conf import settings
+
+        if not settings.configured:
+            settings.configure()
+
+    @pytest.mark.parametrize(
+        ("value", "message"),
+        [
+            (None, r"settings.HOSTKIT is missing: set HOSTKIT = \{'BUILDER'"),
+            ([], r"settings.HOSTKIT must be a dict, not: \[\] \(list\)"),
+            ({"BUILDER": "a:b", "STRAT": "x"}, r"unknown key\(s\) \['STRAT'\]"),
+            ({}, r"settings.HOSTKIT\['BUILDER'\] is missing"),
+            (
+                {"BUILDER": "a:b", "START": "now"},
+                r"\['START'\] must be one of 'request', 'ready', 'manual', not: 'now'",
+            ),
+        ],
+    )
+    def test_bad_settings_are_refused_with_the_fix(self, value: object, message: str) -> None:
+        """Each wrong settings.HOSTKIT is refused at ready() with a message naming it and the fix."""
+        from django.test import override_settings
+
+        from hostkit.django.apps import host_settings
+
+        with override_settings(HOSTKIT=value), pytest.raises(ConfigurationError, match=message):
+            host_settings()
+
+    def test_defaults(self) -> None:
+        """Only BUILDER is required; START defaults to 'request'."""
+        from django.test import override_settings
+
+        from hostkit.django.apps import host_settings
+
+        with override_settings(HOSTKIT={"BUILDER": "a:b", "CONTENTION": True}):
+            conf = host_settings()
+        assert conf["START"] == "request" and conf["ENABLED"] is True and conf["CONTENTION"] == {}
+
+
+class TestLatencyMiddleware:
+    @pytest.fixture(autouse=True)
+    def _configured(self) -> None:
+        from django.conf import settings
+
+        if not settings.configured:
+            settings.configure()
+
+    def test_records_each_request_including_failures(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With LATENCY on, the middleware records every request, also one whose view raises."""
+        from hostkit import HostBuilder, _embed
+        from hostkit.contention import LatencyRecorder
+        from hostkit.django.apps import HostkitConfig
+        from hostkit.django.middleware import RequestLatencyMiddleware
+
+        monkeypatch.setattr(_embed, "_registry", [])
+        recorder = LatencyRecorder()
+        monkeypatch.setattr(HostkitConfig, "embedded", _embed.EmbeddedHost(HostBuilder, latency=recorder))
+        middleware = RequestLatencyMiddleware(lambda request: f"response to {request}")
+        assert middleware("r1") == "response to r1"
+
+        def failing(request: object) -> object:
+            raise ValueError("view failed")
+
+        with pytest.raises(ValueError, match="view failed"):
+            RequestLatencyMiddleware(failing)("r2")
+        assert recorder.summary()["count"] == 2
+
+    def test_refused_without_latency_setting(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The middleware without HOSTKIT['LATENCY'] fails at start-up, saying which setting to change."""
+        from hostkit import HostBuilder, _embed
+        from hostkit.django.apps import HostkitConfig
+        from hostkit.django.middleware import RequestLatencyMiddleware
+
+        monkeypatch.setattr(_embed, "_registry", [])
+        monkeypatch.setattr(HostkitConfig, "embedded", _embed.EmbeddedHost(HostBuilder))
+        with pytest.raises(ConfigurationError, match=r"settings.HOSTKIT\['LATENCY'\] is not True"):
+            RequestLatencyMiddleware(lambda request: None)

@@ -1,0 +1,455 @@
+"""placement="process": failures crossing back, child deaths, escalation, logs, pickling, DI, resources.
+
+Services are module-level so forkserver and spawn children can import them. They
+talk to the test through log lines (forwarded by the child) and files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from loguru import logger
+
+from hostkit import (
+    ApplicationLifetime,
+    BackgroundService,
+    CancellationToken,
+    HostBuilder,
+    HostOptions,
+    RestartPolicy,
+    ServiceState,
+)
+from hostkit.exceptions import ConfigurationError, HostStartupError, ServicePicklingError
+from tests.conftest import PROJECT_ROOT, wait_until
+
+
+class QuotaError(Exception):
+    """A user's own exception type."""
+
+
+class Unsendable(Exception):
+    """An exception whose constructor needs two arguments: it pickles but cannot be rebuilt."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+class RaisesQuota(BackgroundService):
+    def execute(self, stopping: CancellationToken) -> None:
+        raise QuotaError("tenant 7 is over quota")
+
+
+class RaisesUnsendable(BackgroundService):
+    def execute(self, stopping: CancellationToken) -> None:
+        raise Unsendable("left", "right")
+
+
+class Dies(BackgroundService):
+    """Ends its own process the way a crash would."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def execute(self, stopping: CancellationToken) -> None:
+        logger.info("about to die by {}", self.how)
+        if self.how == "exit3":
+            os._exit(3)
+        os.kill(os.getpid(), getattr(signal, self.how))
+        stopping.wait(30)
+
+
+class Sleeper(BackgroundService):
+    """Logs its pid and waits for the stop."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        logger.info("sleeper pid {}", os.getpid())
+        stopping.wait()
+
+
+class IgnoresEverything(BackgroundService):
+    """Ignores its token and SIGTERM: only SIGKILL ends it."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        logger.info("ignoring pid {}", os.getpid())
+        while True:
+            time.sleep(0.05)
+
+
+class Chatty(BackgroundService):
+    """Logs many lines through loguru and the stdlib, then waits for the stop and logs once more."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        for i in range(300):
+            logger.info("line {}", i)
+        logging.getLogger("chatty.stdlib").warning("from the stdlib %s", "logger")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            logger.exception("caught in the child")
+        stopping.wait()
+        for i in range(1200):  # more than the host reads per batch, all after the stop
+            logger.info("closing line {}", i)
+
+
+class HoldsGenerator(BackgroundService):
+    def __init__(self) -> None:
+        self.name = "fine"
+        self.cursor = (row for row in range(3))
+
+    def execute(self, stopping: CancellationToken) -> None:  # pragma: no cover - never runs
+        stopping.wait()
+
+
+class PidBook:
+    """A singleton dependency that records the pid that built it."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+class NeedsBook(BackgroundService):
+    def __init__(self, book: PidBook) -> None:
+        self.book = book
+
+    def execute(self, stopping: CancellationToken) -> None:
+        logger.info("built in {} with {}", os.getpid(), type(self.book).__name__)
+        stopping.wait()
+
+
+class Greedy(BackgroundService):
+    """Holds 150 MB while it runs."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        hoard = bytearray(150 * 1024 * 1024)
+        for i in range(0, len(hoard), 4096):
+            hoard[i] = 1
+        logger.info("hoarding")
+        stopping.wait(30)
+
+
+class BeatsThenHangs(BackgroundService):
+    """Beats three times, then stops beating (a hang)."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        for _ in range(3):
+            self.heartbeat()
+            stopping.wait(0.05)
+        logger.info("now hanging")
+        stopping.wait(30)
+
+
+class ReportsResources(BackgroundService):
+    def execute(self, stopping: CancellationToken) -> None:
+        me = psutil.Process()
+        logger.info("nice={} affinity={}", me.nice(), me.cpu_affinity())
+        stopping.wait()
+
+
+def host_with(service: Any, *, budget: float = 10.0, options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    builder = HostBuilder(options=HostOptions(shutdown_timeout=budget, **(options or {})))
+    kwargs.setdefault("placement", "process")
+    builder.services.add_hosted_service(service, **kwargs)
+    return builder.build()
+
+
+def run_until_faulted(host: Any, name: str) -> Any:
+    host.start()
+    try:
+        assert wait_until(lambda: host.status()[name].state is ServiceState.FAULTED, timeout=30)
+    finally:
+        host.stop()
+    return host.status()[name]
+
+
+class TestFailuresCrossBack:
+    def test_exception_type_message_and_child_traceback(self, logs) -> None:
+        """The child's exception comes back as its own type, with the child's traceback chained."""
+        status = run_until_faulted(host_with(RaisesQuota(), options={"on_background_error": "ignore"}), "RaisesQuota")
+        assert status.error == "QuotaError: tenant 7 is over quota"
+        text = status.traceback or ""
+        assert 'raise QuotaError("tenant 7 is over quota")' in text
+        assert "The above exception was the direct cause of the following exception" in text
+        assert "hostkit._child" not in text.split("The above exception")[1].splitlines()[0]
+        assert logs.find("Background service 'RaisesQuota' failed: QuotaError: tenant 7 is over quota", "CRITICAL")
+
+    def test_exception_that_cannot_be_rebuilt_is_reported_by_name(self) -> None:
+        """An exception the host cannot rebuild becomes RemoteServiceError naming the original type."""
+        status = run_until_faulted(
+            host_with(RaisesUnsendable(), options={"on_background_error": "ignore"}), "RaisesUnsendable"
+        )
+        assert status.error is not None
+        assert status.error.startswith("RemoteServiceError: Unsendable: left/right (raised in the child as ")
+        assert "test_process_placement.Unsendable" in status.error
+        assert 'raise Unsendable("left", "right")' in (status.traceback or "")
+
+    @pytest.mark.parametrize(
+        ("how", "expected"),
+        [
+            ("SIGKILL", "was killed by SIGKILL (exit code -9)"),
+            ("SIGSEGV", "was killed by SIGSEGV (exit code -11)"),
+            ("exit3", "exited with code 3 without reporting a result"),
+        ],
+    )
+    def test_child_ended_by_signal_or_exit_is_named(self, how, expected, logs) -> None:
+        """A child that dies by a signal or os._exit is reported with the signal's name or its exit code."""
+        status = run_until_faulted(host_with(Dies(how), options={"on_background_error": "ignore"}), "Dies")
+        assert status.error is not None
+        assert status.error.startswith("ChildProcessDiedError: child process ")
+        assert expected in status.error
+        assert logs.find(f"about to die by {how}")
+
+
+class TestEscalation:
+    @pytest.mark.timeout(60)
+    def test_child_ignoring_token_and_sigterm_is_killed_within_budget_and_reaped(self, logs) -> None:
+        """SIGTERM then SIGKILL, inside shutdown_timeout + 1 s; the child is reaped (no zombie)."""
+        host = host_with(IgnoresEverything(), budget=1.5)
+        host.start()
+        assert wait_until(lambda: logs.find("ignoring pid"), timeout=30)
+        pid = int(logs.find("ignoring pid")[0]["message"].split()[-1])
+        began = time.monotonic()
+        host.stop()
+        took = time.monotonic() - began
+        assert took < 1.5 + 1.0, f"the stop took {took:.2f} s"
+        assert not psutil.pid_exists(pid), "the child is still there (running or a zombie)"
+        status = host.status()["IgnoresEverything"]
+        assert status.state is ServiceState.TIMED_OUT
+        assert "killed (SIGKILL)" in (status.detail or "")
+        assert logs.find("did not stop within the shutdown budget", level="ERROR")
+
+
+class TestLogs:
+    def test_child_records_arrive_in_order_tagged_and_none_lost(self, logs) -> None:
+        """Every loguru and stdlib record of the child reaches the host's sinks, in order, with service and pid."""
+        host = host_with(Chatty())
+        with host:
+            assert wait_until(lambda: logs.find("caught in the child"), timeout=30)
+        lines = [
+            r for r in logs.records if r["service"] == "Chatty" and r["message"].startswith(("line ", "closing line "))
+        ]
+        assert [r["message"] for r in lines] == [f"line {i}" for i in range(300)] + [
+            f"closing line {i}" for i in range(1200)
+        ]
+        pids = {r["process"] for r in lines}
+        assert len(pids) == 1 and pids != {os.getpid()}
+        assert logs.find("from the stdlib logger", level="WARNING")
+        caught = logs.find("caught in the child", level="ERROR")[0]["message"]
+        assert "ZeroDivisionError: division by zero" in caught
+
+
+class TestPickling:
+    def test_unpicklable_attribute_fails_start_naming_it(self) -> None:
+        """start() fails: HostStartupError names the service, its cause ServicePicklingError the attribute."""
+        host = host_with(HoldsGenerator())
+        with pytest.raises(HostStartupError) as info:
+            host.start()
+        assert "hosted service 'HoldsGenerator' failed to start" in str(info.value)
+        cause = info.value.__cause__
+        assert isinstance(cause, ServicePicklingError)
+        assert "its attribute 'cursor' (generator) cannot be pickled, even with dill" in str(cause)
+        assert "Create it inside execute()" in str(cause)
+
+    def test_locally_defined_class_and_closure_work(self, logs) -> None:
+        """A class defined in a function, holding a closure, runs in a spawn child."""
+        word = "closure-value"
+
+        class Local(BackgroundService):
+            def __init__(self) -> None:
+                self.get = lambda: word
+
+            def execute(self, stopping: CancellationToken) -> None:
+                logger.info("local says {}", self.get())
+
+        host = host_with(Local(), start_method="spawn")
+        with host:
+            assert wait_until(lambda: logs.find("local says closure-value"), timeout=30)
+
+
+class TestDependencyInjection:
+    def test_class_registration_is_built_in_the_child_by_its_own_container(self, tmp_path, logs) -> None:
+        """A process-placed class is built in its child; its singleton dependency too, never in the host."""
+        book = tmp_path / "pids"
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_singleton(PidBook, factory=lambda: PidBook(book))
+        builder.services.add_hosted_service(NeedsBook, placement="process")
+        host = builder.build()
+        with host:
+            assert wait_until(lambda: logs.find("with PidBook"), timeout=30)
+        child = int(logs.find("with PidBook")[0]["message"].split()[2])
+        assert child != os.getpid()
+        assert book.read_text().split() == [str(child)]
+
+
+class Ledger:
+    """A singleton that cannot cross to a child: it holds a generator."""
+
+    def __init__(self) -> None:
+        self.rows = (row for row in range(3))
+
+
+class NeedsLedger(BackgroundService):
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def execute(self, stopping: CancellationToken) -> None:  # pragma: no cover - never runs
+        stopping.wait()
+
+
+class StopsTheHost(BackgroundService):
+    def __init__(self, lifetime: ApplicationLifetime) -> None:
+        self.lifetime = lifetime
+
+    def execute(self, stopping: CancellationToken) -> None:
+        logger.info("asking the host to stop")
+        self.lifetime.stop_application()
+        stopping.wait(30)
+        logger.info("stopped by the host: {}", stopping.is_set())
+
+
+class TestDependencyInjectionInChild:
+    def test_unpicklable_dependency_is_named_at_start(self) -> None:
+        """A dependency instance that cannot cross fails start(), naming the dependency."""
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_singleton(Ledger, instance=Ledger())
+        builder.services.add_hosted_service(NeedsLedger, placement="process")
+        host = builder.build()
+        with pytest.raises(HostStartupError, match="hosted service 'NeedsLedger' failed to start") as info:
+            host.start()
+        assert isinstance(info.value.__cause__, ServicePicklingError)
+        assert "its dependency Ledger (a singleton registration) cannot be pickled, even with dill" in str(
+            info.value.__cause__
+        )
+        assert "Register it by class or factory= instead of instance=" in str(info.value.__cause__)
+
+    def test_stop_application_in_the_child_stops_the_host(self, logs) -> None:
+        """ApplicationLifetime.stop_application() called in the child asks the host to stop, gracefully."""
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_hosted_service(StopsTheHost, placement="process")
+        host = builder.build()
+        host.start()
+        try:
+            assert host.lifetime.stopped.wait(30), logs.text()
+        finally:
+            host.stop()
+        assert logs.find("stopped by the host: True")
+        assert host.status()["StopsTheHost"].state is ServiceState.STOPPED
+        assert host.exit_code == 0
+
+
+class TestResources:
+    def test_nice_and_cpu_affinity_are_applied_in_the_child(self, logs) -> None:
+        """nice= and cpu_affinity= are the child's, and the host keeps its own."""
+        host = host_with(ReportsResources(), nice=7, cpu_affinity={0})
+        with host:
+            assert wait_until(lambda: logs.find("nice="), timeout=30)
+        assert logs.find("nice=7 affinity=[0]"), logs.text()
+        assert psutil.Process().nice() != 7
+
+    @pytest.mark.timeout(90)
+    def test_memory_ceiling_stops_and_restarts_with_a_reason(self, logs) -> None:
+        """Over memory_limit the child is stopped, the log says why, and the policy restarts it."""
+        policy = RestartPolicy(max_restarts=5, backoff=0.05, jitter=0.0)
+        host = host_with(Greedy(), memory_limit="100MB", restart=policy)
+        with host:
+            assert wait_until(lambda: host.status()["Greedy"].restarts >= 1, timeout=40), logs.text()
+        over = logs.find("over its memory_limit of 100.0 MB; it was stopped", level="ERROR")
+        assert over and "MB RSS" in over[0]["message"]
+        assert "MemoryLimitError" in (host.status()["Greedy"].error or "")
+
+    @pytest.mark.timeout(90)
+    def test_stale_heartbeat_is_a_hang_and_is_restarted(self, logs) -> None:
+        """A child that stops beating is stopped as hung and restarted; status keeps the last beat."""
+        policy = RestartPolicy(max_restarts=5, backoff=0.05, jitter=0.0)
+        host = host_with(BeatsThenHangs(), heartbeat_timeout=0.5, restart=policy)
+        with host:
+            assert wait_until(lambda: host.status()["BeatsThenHangs"].restarts >= 1, timeout=40), logs.text()
+            status = host.status()["BeatsThenHangs"]
+        assert status.last_heartbeat_at is not None
+        assert "ServiceHungError" in (status.error or "")
+        assert logs.find("sent no heartbeat for", level="ERROR")
+        assert "(heartbeat_timeout 0.5 s); treated as a hang" in logs.find("sent no heartbeat for")[0]["message"]
+
+    def test_stale_heartbeat_of_a_thread_is_reported_unhealthy(self, logs) -> None:
+        """A thread cannot be killed: a stale heartbeat marks it unhealthy in status and logs it."""
+        host = host_with(BeatsThenHangs(), placement="thread", heartbeat_timeout=0.3)
+        with host:
+            assert wait_until(lambda: not host.status()["BeatsThenHangs"].healthy, timeout=20)
+            status = host.status()["BeatsThenHangs"]
+            assert status.state is ServiceState.RUNNING
+            assert "no heartbeat for" in (status.detail or "")
+        assert logs.find("A thread cannot be killed; it is reported unhealthy", level="ERROR")
+
+
+class TestStartMethod:
+    @pytest.mark.parametrize("where", ["host", "service"])
+    def test_start_method_set_per_host_or_per_service(self, where, logs) -> None:
+        """HostOptions.start_method applies to every child; start_method= overrides it per service."""
+        if where == "host":
+            host = host_with(Sleeper(), options={"start_method": "spawn"})
+        else:
+            host = host_with(Sleeper(), start_method="spawn")
+        with host:
+            assert wait_until(lambda: logs.find("sleeper pid"), timeout=30)
+        assert logs.find(", spawn)", level="DEBUG")
+
+
+class TestBadInput:
+    def test_unknown_start_method(self) -> None:
+        """An unknown start method fails at registration, listing the known ones."""
+        with pytest.raises(ConfigurationError, match=r"start_method must be one of 'forkserver', 'spawn', 'fork'"):
+            HostBuilder().add_hosted_service(Sleeper, placement="process", start_method="vfork")
+        with pytest.raises(ConfigurationError, match=r"HostOptions.start_method must be one of"):
+            HostOptions(start_method="threads")
+
+    def test_non_integer_nice(self) -> None:
+        """A nice value that is not an int from -20 to 19 fails at registration."""
+        with pytest.raises(ConfigurationError, match=r"nice must be an int from -20 to 19, not: 2.5 \(float\)"):
+            HostBuilder().add_hosted_service(Sleeper, placement="process", nice=2.5)  # type: ignore[arg-type]
+
+    def test_empty_affinity(self) -> None:
+        """An empty CPU set fails at registration."""
+        with pytest.raises(ConfigurationError, match=r"cpu_affinity must be a non-empty set of CPU numbers"):
+            HostBuilder().add_hosted_service(Sleeper, placement="process", cpu_affinity=set())
+
+
+class TestCpuHeavyExample:
+    @pytest.mark.timeout(90)
+    @pytest.mark.parametrize("placement", ["process", "thread"])
+    def test_one_argument_moves_the_work_out_of_the_host(self, placement, tmp_path) -> None:
+        """examples/cpu_heavy.py: the same class runs in a child or in the host; SIGTERM exits 0 either way."""
+        out = tmp_path / "out.txt"
+        with open(out, "w") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "examples/cpu_heavy.py", "--placement", placement],
+                cwd=PROJECT_ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                start_new_session=True,
+            )
+            try:
+                assert wait_until(lambda: "primes below" in out.read_text(), timeout=60), out.read_text()
+                proc.send_signal(signal.SIGTERM)
+                code = proc.wait(30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+        text = out.read_text()
+        assert code == 0, text
+        worker = int(re.search(r"primes below [\d,]+ \(pid (\d+)\)", text).group(1))  # type: ignore[union-attr]
+        assert (worker != proc.pid) is (placement == "process"), text
+        assert "Background service 'PrimeCounter' stopped" in text
+        assert "(exit code 0)" in text and "Traceback" not in text

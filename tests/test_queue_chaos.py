@@ -1,0 +1,139 @@
+"""Chaos: 10,000 messages, 4 consumer processes, 20 kill -9s during the run, per backend.
+
+Every message must be handled at least once, none lost; duplicates (a consumer
+killed after its handler finished but before the ack) are counted and reported;
+the only dead letters are the messages whose handler always fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_until
+from queue_helpers import open_queue, read_records, redis_server, unique_name
+
+__all__ = ["redis_server"]
+
+HELPER = str(Path(__file__).with_name("queue_helpers.py"))
+MESSAGES = 10_000
+POISON = set(range(250, MESSAGES, 500))  # 20 messages whose handler always fails
+KILLS = 20
+CONSUMERS = 4
+CONCURRENCY, PREFETCH = 2, 4
+LEASE_TIME = 2.0
+
+
+class TestChaos:
+    @pytest.mark.timeout(180)
+    def test_sqlite_kill_9_of_consumers_loses_nothing(self, tmp_path: Path, record_property: Any) -> None:
+        """SQLite: 20 SIGKILLs of 4 consumer processes; all 10,000 handled at least once, dead letters only poison."""
+        run_chaos("sqlite", str(tmp_path / "chaos.db"), tmp_path, record_property)
+
+    @pytest.mark.timeout(180)
+    def test_redis_kill_9_of_consumers_loses_nothing(
+        self, redis_server: Any, tmp_path: Path, record_property: Any
+    ) -> None:
+        """Redis: 20 SIGKILLs of 4 consumer processes; all 10,000 handled at least once, dead letters only poison."""
+        run_chaos("redis", redis_server.url, tmp_path, record_property)
+
+
+def run_chaos(backend: str, target: str, tmp_path: Path, record_property: Any) -> None:
+    name = unique_name("chaos")
+    queue = open_queue(backend, target, name, lease_time=LEASE_TIME)
+    for start in range(0, MESSAGES, 1000):
+        queue.enqueue_many([{"n": n, "poison": n in POISON} for n in range(start, start + 1000)])
+    records = tmp_path / "records"
+    records.mkdir()
+    env = {
+        **os.environ,
+        "QUEUE_LEASE_TIME": str(LEASE_TIME),
+        "QUEUE_WORK": "0.004",
+        "QUEUE_CONCURRENCY": str(CONCURRENCY),
+        "QUEUE_PREFETCH": str(PREFETCH),
+    }
+    logs = []
+
+    def spawn() -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"consumer-{len(logs)}.log", "wb")
+        logs.append(log)
+        return subprocess.Popen(
+            [sys.executable, HELPER, backend, target, name, str(records)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def handled_by(proc: subprocess.Popen[bytes]) -> int:
+        try:
+            return (records / f"{proc.pid}.log").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    all_procs: list[subprocess.Popen[bytes]] = []
+    slots = [spawn() for _ in range(CONSUMERS)]
+    all_procs.extend(slots)
+    started = time.monotonic()
+    try:
+        killed_with_work_left = 0
+        for kill in range(KILLS):
+            victim = slots[kill % CONSUMERS]
+            # Kill only a consumer that is in the middle of work (it has handled
+            # something), so each kill can strand leased and half-handled messages.
+            assert wait_until(lambda v=victim: handled_by(v) > 0, timeout=60), "a consumer never got going"
+            stats = queue.stats()
+            if stats.depth + stats.in_flight > 0:
+                killed_with_work_left += 1
+            os.kill(victim.pid, signal.SIGKILL)
+            assert victim.wait(10) == -signal.SIGKILL
+            slots[kill % CONSUMERS] = spawn()
+            all_procs.append(slots[kill % CONSUMERS])
+        assert killed_with_work_left == KILLS, "every kill must land while work remains, or the test proves nothing"
+
+        wanted = set(range(MESSAGES)) - POISON
+
+        def finished() -> bool:
+            s = queue.stats()
+            return s.depth == 0 and s.in_flight == 0 and s.dead == len(POISON)
+
+        assert wait_until(finished, timeout=120, interval=0.1), f"queue did not drain: {queue.stats()}"
+        elapsed = time.monotonic() - started
+        for proc in slots:
+            proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(30) for proc in slots]
+        assert codes == [0] * CONSUMERS, "surviving consumers must stop cleanly on SIGTERM"
+
+        handled = read_records(str(records))
+        missing = wanted - set(handled)
+        assert not missing, f"{len(missing)} message(s) lost, e.g. {sorted(missing)[:10]}"
+        assert not set(handled) & POISON, "a poison message can never have been handled"
+        dead = queue.dead_letters(limit=1000)
+        assert {d.payload["n"] for d in dead} == POISON, "dead letters must be exactly the always-failing messages"
+        assert all(d.attempts == 3 and "poison message" in d.error for d in dead)
+        duplicates = len(handled) - len(set(handled))
+        # Each kill can strand at most what the victim held: concurrency x prefetch messages.
+        assert duplicates <= KILLS * CONCURRENCY * PREFETCH, f"{duplicates} duplicates is more than kills explain"
+        record_property("duplicates", duplicates)
+        record_property("elapsed_s", round(elapsed, 1))
+        print(
+            f"\n[chaos {backend}] {MESSAGES} messages, {KILLS} kill -9, {len(all_procs)} consumer processes: "
+            f"handled {len(set(handled))} distinct, {duplicates} duplicate(s), {len(dead)} dead letter(s), "
+            f"{elapsed:.1f} s"
+        )
+    finally:
+        for proc in all_procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        for log in logs:
+            log.close()
+        if backend == "redis":
+            queue.purge()
+        queue.close()

@@ -1,0 +1,177 @@
+"""The SQLite queue backend and the consumer service over it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from queue_helpers import ConsumerContract, QueueContract, unique_name
+
+from hostkit.exceptions import ConfigurationError, PayloadError
+from hostkit.queues import SQLiteQueue
+
+
+@pytest.fixture
+def make_queue(tmp_path: Path) -> Any:
+    made: list[SQLiteQueue] = []
+
+    def make(**options: Any) -> SQLiteQueue:
+        q = SQLiteQueue(tmp_path / "queue.db", unique_name(), **options)
+        made.append(q)
+        return q
+
+    yield make
+    for q in made:
+        q.close()
+
+
+class TestSQLiteQueueContract(QueueContract):
+    """The queue contract, on SQLite."""
+
+    @staticmethod
+    def cli_target(q: SQLiteQueue) -> list[str]:
+        return ["--sqlite", str(q.path)]
+
+
+class TestSQLiteConsumer(ConsumerContract):
+    """QueueConsumer over SQLite."""
+
+
+class TestSQLiteSpecifics:
+    def test_durability_sets_synchronous(self, tmp_path: Path) -> None:
+        """durability='full' and 'normal' set SQLite's synchronous mode in WAL journal mode."""
+        for durability, expected in (("full", 2), ("normal", 1), ("off", 0)):
+            q = SQLiteQueue(tmp_path / "d.db", "d", durability=durability)  # type: ignore[arg-type]
+            conn = q._conn()
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == expected
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            q.close()
+
+    def test_bad_arguments_are_refused(self, tmp_path: Path) -> None:
+        """A memory database, a missing directory, an unknown durability or queue name fail at construction."""
+        with pytest.raises(ConfigurationError, match="in-memory database cannot be shared"):
+            SQLiteQueue(":memory:")
+        with pytest.raises(ConfigurationError, match="directory of the queue database does not exist"):
+            SQLiteQueue(tmp_path / "missing" / "q.db")
+        with pytest.raises(ConfigurationError, match=r"durability must be 'full', 'normal' or 'off', not: 'fast'"):
+            SQLiteQueue(tmp_path / "q.db", durability="fast")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="a queue name must be a non-empty str"):
+            SQLiteQueue(tmp_path / "q.db", "has space")
+        with pytest.raises(ConfigurationError, match="lease_time must be > 0"):
+            SQLiteQueue(tmp_path / "q.db", lease_time=0)
+        with pytest.raises(ConfigurationError, match="codec must be 'json', 'pickle' or an object"):
+            SQLiteQueue(tmp_path / "q.db", codec="yaml")  # type: ignore[arg-type]
+
+    def test_queues_share_a_file_without_mixing(self, tmp_path: Path) -> None:
+        """Two queue names in one file keep their messages apart."""
+        a, b = SQLiteQueue(tmp_path / "q.db", "a"), SQLiteQueue(tmp_path / "q.db", "b")
+        a.enqueue("for a")
+        assert b.lease("c") == []
+        assert [m.payload for m in a.lease("c")] == ["for a"]
+        a.close()
+        b.close()
+
+    def test_undecodable_message_is_dead_lettered_not_redelivered_forever(self, tmp_path: Path) -> None:
+        """A row another codec wrote is dead-lettered at lease with the reason, so it cannot block the queue."""
+        writer = SQLiteQueue(tmp_path / "q.db", "mixed", codec="pickle")
+        reader = SQLiteQueue(tmp_path / "q.db", "mixed")
+        writer.enqueue({1, 2})
+        reader.enqueue({"ok": True})
+        assert [m.payload for m in reader.lease("c", max_messages=5)] == [{"ok": True}]
+        [dead] = writer.dead_letters()
+        assert "undecodable payload" in dead.error
+        with pytest.raises(PayloadError, match="not valid JSON"):
+            reader.dead_letters()
+        writer.close()
+        reader.close()
+
+    def test_a_pickled_queue_reconnects_in_the_other_process(self, tmp_path: Path) -> None:
+        """A SQLiteQueue crosses to another process by pickle and works there against the same file."""
+        import pickle
+
+        q = SQLiteQueue(tmp_path / "q.db", "x")
+        script = textwrap.dedent(
+            """
+            import pickle, sys
+            q = pickle.loads(sys.stdin.buffer.read())
+            q.enqueue({"from": "child"})
+            """
+        )
+        subprocess.run([sys.executable, "-c", script], input=pickle.dumps(q), check=True, timeout=60)
+        assert [m.payload for m in q.lease("c")] == [{"from": "child"}]
+        q.close()
+
+    def test_cli_names_a_missing_database(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """`hostkit queue` with a wrong --sqlite path exits 2 with one line naming the path."""
+        from hostkit.cli import main
+
+        missing = tmp_path / "nope.db"
+        assert main(["queue", "stats", "jobs", "--sqlite", str(missing)]) == 2
+        err = capsys.readouterr().err
+        assert f"hostkit queue: error: no queue database at {str(missing)!r}" in err
+        assert not missing.exists(), "inspecting must not create a database"
+
+    @pytest.mark.timeout(120)
+    def test_consumer_runs_with_process_placement(self, tmp_path: Path) -> None:
+        """placement='process': the same QueueConsumer consumes in a child process and stops with the host."""
+        from conftest import wait_until
+
+        from hostkit import HostBuilder
+        from hostkit.queues import QueueConsumer
+
+        q = SQLiteQueue(tmp_path / "q.db", "proc")
+        q.enqueue_many([{"n": i} for i in range(20)])
+        out = tmp_path / "pids"
+
+        def handler(message: Any, scope: Any) -> None:
+            with open(out, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+        builder = HostBuilder()
+        builder.services.add_hosted_service(
+            QueueConsumer(q, handler, concurrency=2, poll_interval=0.05), placement="process"
+        )
+        with builder.build():
+            assert wait_until(lambda: q.stats().depth + q.stats().in_flight == 0, timeout=60)
+        pids = set(out.read_text().split())
+        assert len(out.read_text().split()) == 20
+        assert pids and str(os.getpid()) not in pids, "handlers must run in the child"
+        q.close()
+
+    @pytest.mark.timeout(120)
+    def test_several_processes_never_lease_the_same_message(self, tmp_path: Path) -> None:
+        """Four processes leasing and acking in parallel each get distinct messages: every one exactly once."""
+        path = tmp_path / "q.db"
+        q = SQLiteQueue(path, "par")
+        q.enqueue_many([{"n": i} for i in range(2000)])
+        script = textwrap.dedent(
+            """
+            import sys
+            from hostkit.queues import SQLiteQueue
+            q = SQLiteQueue(sys.argv[1], "par")
+            got = []
+            while True:
+                batch = q.lease("c", max_messages=8)
+                if not batch:
+                    break
+                for m in batch:
+                    assert q.ack(m)
+                    got.append(m.payload["n"])
+            print(" ".join(map(str, got)))
+            """
+        )
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        outputs = [p.communicate(timeout=100)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0]
+        numbers = [int(n) for out in outputs for n in out.split()]
+        assert sorted(numbers) == list(range(2000)), "each message exactly once across processes"
+        assert sum(1 for out in outputs if out.strip()) >= 2, "the work should have been shared"
+        q.close()

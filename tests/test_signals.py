@@ -1,0 +1,286 @@
+"""Signals and exit codes end to end: real host scripts in child processes, real SIGTERM and SIGINT."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hostkit import BackgroundService, CancellationToken, HostBuilder, HostOptions
+from tests.conftest import wait_until
+
+HEADER = """
+import sys, threading, time
+import hostkit
+from hostkit import BackgroundService, HostedService, HostBuilder, HostOptions
+
+def say(word):
+    print(word, flush=True)
+"""
+
+# A host with one looping service; prints READY once started.
+LOOP = """
+class Loop(BackgroundService):
+    def execute(self, stopping):
+        while not stopping.wait(0.05):
+            pass
+        say("LOOP-ENDED")
+
+builder = HostBuilder(options=HostOptions(shutdown_timeout=20))
+builder.services.add_hosted_service(Loop, name="loop")
+host = builder.build()
+host.lifetime.started.register(lambda: say("READY"))
+sys.exit(host.run())
+"""
+
+# A service that needs a long time to wind down: the stop is slow.
+SLOW_STOP = """
+class Slow(BackgroundService):
+    def execute(self, stopping):
+        stopping.wait()
+        say("WINDING-DOWN")
+        time.sleep(60)
+
+builder = HostBuilder(options=HostOptions(shutdown_timeout=60))
+builder.services.add_hosted_service(Slow, name="slow")
+host = builder.build()
+host.lifetime.started.register(lambda: say("READY"))
+sys.exit(host.run())
+"""
+
+# A start() that waits for a dependency, cooperatively (it watches its token).
+SLOW_START = """
+class WaitForDatabase(HostedService):
+    def start(self, token):
+        say("STARTING")
+        if not token.wait(60):
+            say("DATABASE-UP")
+
+    def stop(self, token):
+        say("FIRST-STOPPED")
+
+class Second(HostedService):
+    def start(self, token):
+        say("SECOND-STARTED")
+
+builder = HostBuilder(options=HostOptions(shutdown_timeout=20))
+builder.services.add_hosted_service(WaitForDatabase, name="db-wait")
+builder.services.add_hosted_service(Second, name="second")
+sys.exit(builder.build().run())
+"""
+
+CRASH = """
+class Crash(BackgroundService):
+    def execute(self, stopping):
+        raise RuntimeError("disk full")
+
+builder = HostBuilder(options=HostOptions(shutdown_timeout=20))
+builder.services.add_hosted_service(Crash, name="crash")
+sys.exit(builder.build().run())
+"""
+
+START_FAILS = """
+class Broken(HostedService):
+    def start(self, token):
+        raise ConnectionRefusedError("broker down")
+
+builder = HostBuilder(options=HostOptions(shutdown_timeout=20))
+builder.services.add_hosted_service(Broken, name="broker")
+sys.exit(builder.build().run())
+"""
+
+
+class Child:
+    """A host script running in its own session, its output in files we poll."""
+
+    def __init__(self, tmp_path: Path, body: str) -> None:
+        script = tmp_path / "host_script.py"
+        script.write_text(textwrap.dedent(HEADER) + textwrap.dedent(body), encoding="utf-8")
+        self.out_path, self.err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+        self._out = open(self.out_path, "wb")
+        self._err = open(self.err_path, "wb")
+        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=self._out,
+            stderr=self._err,
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,  # like a service: its own process group, our signals only
+        )
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text(encoding="utf-8", errors="replace")
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_for(self, word: str, timeout: float = 30) -> None:
+        assert wait_until(lambda: word in self.out or self.proc.poll() is not None, timeout=timeout)
+        assert word in self.out, f"child never printed {word!r}; exit={self.proc.poll()} stderr:\n{self.err}"
+
+    def signal_group(self, signum: int) -> None:
+        """Send to the whole process group, as a terminal's Ctrl+C does."""
+        os.killpg(self.proc.pid, signum)
+
+    def finish(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._out.close()
+        self._err.close()
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator[Callable[[str], Child]]:
+    made: list[Child] = []
+
+    def make(body: str) -> Child:
+        c = Child(tmp_path, body)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def mask_pids(text: str) -> str:
+    return re.sub(r"\| \d+ \|", "| PID |", text)
+
+
+class TestSignalsStopTheHost:
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+    def test_signal_stops_the_host_with_exit_code_zero(self, child, signum: int) -> None:
+        """SIGTERM or SIGINT to a host in run() stops every service and exits 0, logging each step."""
+        c = child(LOOP)
+        c.wait_for("READY")
+        c.signal_group(signum)
+        assert c.finish() == 0, c.err
+        assert "LOOP-ENDED" in c.out
+        err = mask_pids(c.err)
+        name = signal.Signals(signum).name
+        assert f"INFO     | host | PID | Received {name}; stopping the host (budget 20.0 s)" in err
+        assert "INFO     | loop | PID | Background service 'loop' stopped" in err
+        assert re.search(r"INFO     \| host \| PID \| Host stopped in [0-9.]+ s \(exit code 0\)", err)
+        assert "Traceback" not in err
+
+    def test_second_sigint_during_a_slow_stop_exits_at_once(self, child) -> None:
+        """A second Ctrl+C while the stop waits for a slow service ends the process at once with 130."""
+        c = child(SLOW_STOP)
+        c.wait_for("READY")
+        c.signal_group(signal.SIGINT)
+        c.wait_for("WINDING-DOWN")
+        c.signal_group(signal.SIGINT)
+        # The slow service would hold the stop for 60 s: exiting within the wait below proves "at once".
+        assert c.finish(timeout=20) == 130
+        assert "hostkit: second SIGINT during the stop; exiting at once (exit code 130)" in c.err
+
+    def test_sigterm_during_the_stop_does_not_interrupt_it(self, child) -> None:
+        """A SIGTERM repeated during the stop (systemd does not, but people do) is ignored: the stop goes on."""
+        c = child(LOOP.replace('say("LOOP-ENDED")', 'say("LOOP-ENDED"); time.sleep(1)'))
+        c.wait_for("READY")
+        c.signal_group(signal.SIGTERM)
+        c.wait_for("LOOP-ENDED")
+        c.signal_group(signal.SIGTERM)
+        assert c.finish() == 0, c.err
+
+
+class TestSignalsDuringStartUp:
+    def test_sigterm_during_a_slow_start_cancels_start_up(self, child) -> None:
+        """SIGTERM while a start() waits cancels its token, skips the remaining starts, and exits 0."""
+        c = child(SLOW_START)
+        c.wait_for("STARTING")
+        c.signal_group(signal.SIGTERM)
+        # The start() would wait 60 s for its dependency; the signal ends it far sooner.
+        assert c.finish(timeout=30) == 0, c.err
+        assert "DATABASE-UP" not in c.out
+        assert "SECOND-STARTED" not in c.out
+        assert "FIRST-STOPPED" in c.out
+        err = mask_pids(c.err)
+        assert "INFO     | host | PID | Received SIGTERM during start-up; stopping the host" in err
+        assert "Start-up ended early: a stop was requested" in err
+
+    def test_second_sigint_during_start_up_exits_at_once(self, child) -> None:
+        """Two Ctrl+C during a start() that ignores its token end the process with 130."""
+        c = child(SLOW_START.replace("if not token.wait(60):", "if not time.sleep(60):"))
+        c.wait_for("STARTING")
+        c.signal_group(signal.SIGINT)
+        assert wait_until(lambda: "Received SIGINT during start-up" in c.err, timeout=20), c.err
+        c.signal_group(signal.SIGINT)
+        assert c.finish(timeout=20) == 130
+        assert "second SIGINT during the stop; exiting at once" in c.err
+
+
+class TestExitCodes:
+    def test_crashed_service_exits_one(self, child) -> None:
+        """A background service failing under stop_host makes the process exit 1 (restartable by systemd)."""
+        c = child(CRASH)
+        assert c.finish() == 1
+        err = mask_pids(c.err)
+        assert "CRITICAL | crash | PID | Background service 'crash' failed: RuntimeError: disk full" in err
+        assert "(exit code 1)" in err
+
+    def test_failed_start_exits_three(self, child) -> None:
+        """A start() that raises makes the process exit 3 and names the service."""
+        c = child(START_FAILS)
+        assert c.finish() == 3
+        assert "Hosted service 'broker' failed to start: ConnectionRefusedError: broker down" in c.err
+
+
+class TestOffMainThread:
+    def test_run_in_a_worker_thread_installs_no_handler_and_stops_on_request(self) -> None:
+        """run() off the main thread leaves signal handlers alone and returns 0 after stop_application()."""
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        during: dict[int, object] = {}
+
+        class Watch(BackgroundService):
+            def execute(self, stopping: CancellationToken) -> None:
+                stopping.wait()
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=5))
+        builder.services.add_hosted_service(Watch)
+        host = builder.build()
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(host.run()), name="app-runner")
+        thread.start()
+        assert host.lifetime.started.wait(10)
+        during.update({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+        host.lifetime.stop_application()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert result == [0]
+        assert during == before
+        assert signal.set_wakeup_fd(-1) == -1  # nobody left a wake-up fd behind
+
+    def test_run_on_the_main_thread_restores_the_handlers(self) -> None:
+        """run() on the main thread puts the previous SIGINT/SIGTERM handlers back when it returns."""
+        assert threading.current_thread() is threading.main_thread()
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        seen: list[object] = []
+
+        class Quit(BackgroundService):
+            def execute(self, stopping: CancellationToken) -> None:
+                assert host.lifetime.started.wait(10)
+                seen.append(signal.getsignal(signal.SIGTERM))
+                host.lifetime.stop_application()
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=5))
+        builder.services.add_hosted_service(Quit)
+        host = builder.build()
+        assert host.run() == 0
+        assert seen and seen[0] is not before[signal.SIGTERM]  # hostkit's handler was in place while running
+        assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
