@@ -23,7 +23,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_until
+
+if not __package__:  # run as a script by the chaos test: make the `tests` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.conftest import wait_until
 
 REDIS_SKIP = (
     "no redis-server could be started ({why}); install it with `apt-get install redis-server` "

@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 import dill
 import pytest
-from conftest import wait_until
 
 from hostkit import (
     BackgroundService,
@@ -28,6 +27,7 @@ from hostkit.exceptions import (
     ScopeError,
     ServiceNotFoundError,
 )
+from tests.conftest import wait_until
 
 # -- services used across the tests (module level: type hints resolve, dill pickles by name) --
 

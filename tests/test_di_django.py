@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PROJECT_ROOT
+
+from tests.conftest import PROJECT_ROOT
 
 pytest.importorskip("django")
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import PROJECT_ROOT, wait_until
 
 from hostkit import ExitCode
+from tests.conftest import PROJECT_ROOT, wait_until
 
 EXAMPLES_DIR = Path(PROJECT_ROOT) / "examples"
 

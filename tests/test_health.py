@@ -10,7 +10,6 @@ import socket
 import threading
 
 import pytest
-from conftest import wait_until
 
 from hostkit import BackgroundService, HostBuilder, HostOptions, RestartPolicy
 from hostkit.exceptions import ConfigurationError, HostStartupError, ProbeListenerError
@@ -21,6 +20,7 @@ from hostkit.health import (
     ProbeListener,
     use_health,
 )
+from tests.conftest import wait_until
 
 
 def get(port: int, path: str, method: str = "GET") -> tuple[int, dict | str]:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
-from queue_helpers import open_queue, read_records, redis_server, unique_name
+
+from tests.conftest import wait_until
+from tests.queue_helpers import open_queue, read_records, redis_server, unique_name
 
 __all__ = ["redis_server"]
 

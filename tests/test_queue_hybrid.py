@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PROJECT_ROOT, wait_until
+
+from tests.conftest import PROJECT_ROOT, wait_until
 
 pytest.importorskip("flask", reason="the hybrid example needs Flask: pip install 'hostkit[test]'")
 

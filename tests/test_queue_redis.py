@@ -8,9 +8,9 @@ import textwrap
 from typing import Any
 
 import pytest
-from queue_helpers import ConsumerContract, QueueContract, RedisServer, redis_server, unique_name
 
 from hostkit.exceptions import ConfigurationError
+from tests.queue_helpers import ConsumerContract, QueueContract, RedisServer, redis_server, unique_name
 
 __all__ = ["redis_server"]  # the session fixture, imported so pytest finds it here
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from queue_helpers import ConsumerContract, QueueContract, unique_name
 
 from hostkit.exceptions import ConfigurationError, PayloadError
 from hostkit.queues import SQLiteQueue
+from tests.queue_helpers import ConsumerContract, QueueContract, unique_name
 
 
 @pytest.fixture
@@ -119,10 +119,9 @@ class TestSQLiteSpecifics:
     @pytest.mark.timeout(120)
     def test_consumer_runs_with_process_placement(self, tmp_path: Path) -> None:
         """placement='process': the same QueueConsumer consumes in a child process and stops with the host."""
-        from conftest import wait_until
-
         from hostkit import HostBuilder
         from hostkit.queues import QueueConsumer
+        from tests.conftest import wait_until
 
         q = SQLiteQueue(tmp_path / "q.db", "proc")
         q.enqueue_many([{"n": i} for i in range(20)])

@@ -10,12 +10,12 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import wait_until
 
 from hostkit import BackgroundService, HostBuilder, HostedService, HostOptions
 from hostkit.exceptions import ConfigurationError, HostStartupError, SystemdNotifyError
 from hostkit.health import HealthCheckResult, use_health
 from hostkit.systemd import Notifier, SystemdService, use_systemd
+from tests.conftest import wait_until
 
 
 class NotifySocket:

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
 
 from hostkit.cli import main
+from tests.conftest import PROJECT_ROOT
 
 
 class TestWorkerTemplate:

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, wait_until
+
+from tests.conftest import PROJECT_ROOT, wait_until
 
 EXAMPLES = Path(PROJECT_ROOT) / "examples"
 
