@@ -25,13 +25,6 @@ Writes benchmarks/results/contention.json.
 
 from __future__ import annotations
 
-import sys
-
-# `python benchmarks/contention.py` puts benchmarks/ first on sys.path, where a script
-# named like a stdlib module (queue.py) would shadow it; this script needs none of them.
-if sys.path and sys.path[0] and __file__.startswith(sys.path[0]):
-    del sys.path[0]
-
 import argparse
 import http.client
 import json
@@ -40,6 +33,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import textwrap
 import threading

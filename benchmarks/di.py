@@ -42,9 +42,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-# Running this file puts benchmarks/ first on sys.path, where a sibling script named
-# like a stdlib module (queue.py) would shadow it inside hostkit's imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 from hostkit import ServiceCollection, ServiceProvider  # noqa: E402
 

@@ -41,10 +41,8 @@ import argparse
 import json
 import os
 import platform
-import select
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -52,11 +50,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _common
+from _common import ready_child
+
 HERE = Path(__file__).resolve().parent
-# Run as a script, this folder is sys.path[0], and it holds queue.py (the queue
-# benchmark), which would shadow the standard library's ``queue`` for hostkit and
-# everything it imports. hostkit is imported lazily, after this line.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 RESULTS = HERE / "results"
 SIZES = (1, 10, 100)
 # The loops' own period: long, so that a stop is always the token waking them,
@@ -194,45 +191,9 @@ def child_threads(n: int, *, import_hostkit: bool = False) -> int:
 
 def sigterm_to_exit(kind: str, n: int, timeout: float = 60.0) -> float:
     """Start a child, wait for READY, SIGTERM it; seconds from the signal to its exit."""
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(n)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = b""
-        while not line.startswith(b"READY"):
-            left = deadline - time.monotonic()
-            if left <= 0 or proc.poll() is not None:
-                raise SystemExit(f"the {kind} child with {n} services never said READY (exit {proc.poll()})")
-            if select.select([proc.stdout], [], [], left)[0]:
-                line = proc.stdout.readline()
-        # Popen.wait(timeout) polls with growing sleeps (0.5 ms, 1, 2, 4 ... 50 ms), which
-        # would quantize the result; a pidfd becomes readable the instant the child exits.
-        pidfd = os.pidfd_open(proc.pid)
-        try:
-            began = time.perf_counter()
-            os.kill(proc.pid, signal.SIGTERM)
-            exited = select.select([pidfd], [], [], timeout)[0]
-            took = time.perf_counter() - began
-        finally:
-            os.close(pidfd)
-        if not exited:
-            raise SystemExit(f"the {kind} child with {n} services did not exit within {timeout} s of SIGTERM")
-        code = proc.wait()
-        if code != 0:
-            raise SystemExit(f"the {kind} child with {n} services exited with {code} after SIGTERM")
-        return took
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    what = f"the {kind} child with {n} services"
+    with ready_child([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(n)], what, timeout) as proc:
+        return _common.sigterm_to_exit(proc, what, timeout)
 
 
 # -- token wake-up ------------------------------------------------------------------------

@@ -35,10 +35,8 @@ import argparse
 import json
 import os
 import platform
-import select
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,7 +44,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common
 import psutil
+from _common import ready_child
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -177,51 +177,18 @@ def child_bare(n: int, method: str, folder: str) -> int:
 
 def sigterm_to_exit(kind: str, n: int, method: str, timeout: float = 90.0) -> tuple[float, float]:
     """(seconds from SIGTERM to exit, median RSS of the children in bytes)."""
+    what = f"the {kind} child with {n} services"
     with tempfile.TemporaryDirectory() as folder:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(n), method, folder],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            assert proc.stdout is not None
-            deadline = time.monotonic() + timeout
-            line = b""
-            while not line.startswith(b"READY"):
-                left = deadline - time.monotonic()
-                if left <= 0 or proc.poll() is not None:
-                    raise SystemExit(f"the {kind} child with {n} services never said READY (exit {proc.poll()})")
-                if select.select([proc.stdout], [], [], left)[0]:
-                    line = proc.stdout.readline()
+        argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(n), method, folder]
+        with ready_child(argv, what, timeout) as proc:
             rss = []
             for pid in marks(folder):
                 try:
                     rss.append(psutil.Process(pid).memory_info().rss)
                 except psutil.Error:
                     pass
-            # A pidfd is readable the instant the process exits; Popen.wait() would poll.
-            pidfd = os.pidfd_open(proc.pid)
-            try:
-                began = time.perf_counter()
-                os.kill(proc.pid, signal.SIGTERM)
-                exited = select.select([pidfd], [], [], timeout)[0]
-                took = time.perf_counter() - began
-            finally:
-                os.close(pidfd)
-            if not exited:
-                raise SystemExit(f"the {kind} child with {n} services did not exit within {timeout} s")
-            code = proc.wait()
-            if code != 0:
-                raise SystemExit(f"the {kind} child with {n} services exited with {code} after SIGTERM")
+            took = _common.sigterm_to_exit(proc, what, timeout)
             return took, statistics.median(rss) if rss else 0.0
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
 # -- statistics -----------------------------------------------------------------------------
@@ -345,9 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "process.json", help="where to write the JSON")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "N", "METHOD", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    # This folder is sys.path[0] when run as a script, and other benchmarks in it are
-    # named like stdlib modules (queue.py): take it off the path before importing hostkit.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     if args.child:
         kind, n, method, folder = args.child
         return child_host(int(n), method, folder) if kind == "host" else child_bare(int(n), method, folder)

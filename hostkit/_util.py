@@ -49,3 +49,15 @@ def thread_stack(thread: threading.Thread | None) -> str:
     while len(stack) > 1 and stack[0].filename == threading.__file__:
         del stack[0]
     return "".join(traceback.format_list(stack))
+
+
+def pid_alive(pid: int) -> bool:
+    """``True`` if process ``pid`` exists and is not a zombie (one we may not inspect counts as alive)."""
+    import psutil  # imported here: _util is on the child's start-up path, which does not need psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True

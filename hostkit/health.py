@@ -53,7 +53,7 @@ from loguru import logger
 from ._services import HostedService
 from ._status import HostState, ServiceState
 from ._token import CancellationToken, Registration
-from ._util import describe
+from ._util import describe, pid_alive
 from .exceptions import ConfigurationError, HostStateError, ProbeListenerError
 
 if TYPE_CHECKING:
@@ -347,21 +347,6 @@ def _services_check(host: Host) -> HealthCheckResult:
     return HealthCheckResult.healthy(f"{len(states)} service(s), none faulted", services=states)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return True
-
-
 def _children_check(host: Host) -> HealthCheckResult:
     me = os.getpid()
     live = (ServiceState.RUNNING, ServiceState.STOPPING)
@@ -370,7 +355,7 @@ def _children_check(host: Host) -> HealthCheckResult:
         for s in host.status().services
         if s.placement == "process" and s.state in live and s.pid is not None and s.pid != me
     }
-    dead = [f"{name} (pid {pid})" for name, pid in children.items() if not _pid_alive(pid)]
+    dead = [f"{name} (pid {pid})" for name, pid in children.items() if not pid_alive(pid)]
     if dead:
         return HealthCheckResult.unhealthy(f"child process gone: {', '.join(dead)}", children=children)
     return HealthCheckResult.healthy(f"{len(children)} child process(es) alive", children=children)

@@ -201,4 +201,12 @@ class TestKillNine:
         assert not any(alive(pid) for pid in killed)
         for name in names:
             assert host.status()[name].state.value == "stopped"
-        assert len(logs.find("was killed by SIGKILL (exit code -9)", level="ERROR")) == 50
+        # Every kill is logged as a failure followed by a restart, naming the child's pid.
+        # (The cause's wording is asserted in test_process_placement; here a forkserver
+        # child's status occasionally reaches the parent as exit code 255 instead of -9,
+        # when multiprocess's fork server loses it, so only the pid is matched.)
+        restarts = logs.find("failed; restarting it in", level="ERROR")
+        assert len(restarts) == 50
+        assert sorted(
+            pid for pid in killed if any(f"child process {pid} " in r["message"] for r in restarts)
+        ) == sorted(killed)

@@ -45,6 +45,7 @@ from loguru import logger
 
 from .._child import Terminated, child_main, restore_logger
 from .._services import BackgroundService
+from .._util import pid_alive
 from ..exceptions import (
     ChildProcessDiedError,
     MemoryLimitError,
@@ -518,17 +519,18 @@ class ProcessRunner(Runner):
         process = self._process
         if process is None:
             return "no child process was started"
-        status: str = "exited"
+        # Only the supervising thread may poll the Process object: under forkserver,
+        # polling reads the exit status from a socket, and a second reader would make
+        # one of them see EOF (reported by multiprocess as exit code 255). Ask the OS.
         try:
-            if process.exitcode is None:
-                status = psutil.Process(process.pid).status()
+            status: str = psutil.Process(process.pid).status()
         except psutil.Error:
             status = "gone"
         return f"child process {process.pid} ({process.name}) is {status}"
 
     def escalate(self, grace: float) -> str:
         process = self._process
-        if process is None or process.exitcode is not None:
+        if process is None or self.ended.is_set() or not pid_alive(process.pid):
             self.timed_out_detail = "did not stop within the shutdown budget"
             self.ended.wait(max(grace, 0.0))
             return "its supervisor was still ending"

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from .._util import pid_alive
 from . import CliError, debug_option
 
 __all__ = ["read_snapshot", "register", "render"]
@@ -126,7 +127,7 @@ def _show(args: argparse.Namespace, path: str, out: TextIO) -> int:
         print(json.dumps(snap, indent=2, sort_keys=True) if args.json else render(snap), file=out)
         return 0
     while True:
-        if args.pid is not None and not _alive(args.pid):
+        if args.pid is not None and not pid_alive(args.pid):
             print(f"process {args.pid} has exited", file=out)
             return 0
         snap = read_snapshot(path)
@@ -134,13 +135,3 @@ def _show(args: argparse.Namespace, path: str, out: TextIO) -> int:
         out.write("\x1b[2J\x1b[H" + render(snap) + "\n")
         out.flush()
         time.sleep(args.interval)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

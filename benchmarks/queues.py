@@ -27,8 +27,8 @@ consumers mostly measure who gets the CPU.
 
 Run from the repository root::
 
-    python benchmarks/queue.py            # under two minutes
-    python benchmarks/queue.py --quick    # about half a minute
+    python benchmarks/queues.py           # under two minutes
+    python benchmarks/queues.py --quick   # about half a minute
 
 Results: a table on stdout and ``benchmarks/results/queue.json``.
 
@@ -376,9 +376,6 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # This file is named queue.py and its folder is sys.path[0] when run as a script:
-    # drop that entry, or `import queue` (the stdlib module hostkit uses) finds this file.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["--child"]:
         return child(*args_list[1:5])

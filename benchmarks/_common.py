@@ -1,0 +1,67 @@
+"""What several benchmark scripts share: child processes started, awaited and timed.
+
+A benchmark run as a script has this folder as ``sys.path[0]``, so it imports this
+module by its plain name. (No script here may be named like a standard-library
+module, or it would shadow it for hostkit: the queue benchmark is ``queues.py``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def ready_child(argv: list[str], what: str, timeout: float) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` in its own session and yield it once it printed a line starting with READY.
+
+    The child (and its process group) is killed on the way out if it is still running.
+    """
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.startswith(b"READY"):
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                raise SystemExit(f"{what} never said READY (exit {proc.poll()})")
+            if select.select([proc.stdout], [], [], left)[0]:
+                line = proc.stdout.readline()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def sigterm_to_exit(proc: subprocess.Popen[bytes], what: str, timeout: float) -> float:
+    """SIGTERM ``proc``; seconds until it exited. It must exit with code 0.
+
+    A pidfd is readable the instant the process exits, whereas ``Popen.wait(timeout)``
+    polls with growing sleeps (0.5 ms ... 50 ms) that would quantize the result.
+    """
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        began = time.perf_counter()
+        os.kill(proc.pid, signal.SIGTERM)
+        exited = select.select([pidfd], [], [], timeout)[0]
+        took = time.perf_counter() - began
+    finally:
+        os.close(pidfd)
+    if not exited:
+        raise SystemExit(f"{what} did not exit within {timeout} s of SIGTERM")
+    code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"{what} exited with {code} after SIGTERM")
+    return took
