@@ -154,7 +154,7 @@ class EmbeddedHost:
             if self._atexit_pid != pid:
                 self._atexit_pid = pid
                 # Interpreter exit is the last chance to stop: dev servers and waitress have no exit hook.
-                atexit.register(self._stop_at_exit)
+                _at_interpreter_exit(self._stop_at_exit)
             monitor = None
             if self.contention is not None:
                 from .contention import ContentionMonitor
@@ -251,3 +251,23 @@ def load_factory(spec: object, what: str) -> Any:
         msg = f"{what}={spec!r} could not be loaded: {err}"
         raise ConfigurationError(msg) from err
     return obj
+
+
+def _at_interpreter_exit(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the interpreter exits, while it can still start threads.
+
+    Stopping a host starts threads (the shutdown-budget timer, helper threads for
+    user hooks), and since Python 3.12 an ``atexit`` callback may not start one
+    ("can't create new thread at interpreter shutdown"). threading's own exit hooks
+    run earlier, before non-daemon threads are joined, when threads are still
+    allowed; ``concurrent.futures`` stops its workers there for the same reason.
+    ``atexit`` remains the fallback where that hook is missing or already closed.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(callback)
+            return
+        except RuntimeError:  # threading is already shutting down
+            pass
+    atexit.register(callback)

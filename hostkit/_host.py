@@ -499,7 +499,18 @@ class Host:
         if deadline is None or not is_overridden(service, method):
             bound(token)
             return
-        call = _Call(bound, token, f"hostkit-{record.name}-{method}")
+        try:
+            call = _Call(bound, token, f"hostkit-{record.name}-{method}")
+        except RuntimeError:
+            # No new threads at interpreter shutdown (Python 3.12), where an embedded
+            # host stops: run the call here, unbounded, rather than not at all.
+            _log.bind(service=record.name).warning(
+                "{}() of {!r} runs without its deadline: no thread can start at interpreter shutdown",
+                method,
+                record.name,
+            )
+            bound(token)
+            return
         if not call.join(deadline - time.monotonic()):
             raise _Hung(call)
         if call.error is not None:

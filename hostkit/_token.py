@@ -12,6 +12,7 @@ them is.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import cast
@@ -64,6 +65,37 @@ class CancellationToken(threading.Event):
         self.name = name
         self._callbacks: list[Registration] | None = []
         self._callbacks_lock = threading.Lock()
+        # Set by CancellationTokenSource.cancel_after. The deadline is enforced by
+        # wait() and is_set() themselves; a timer thread (_arm) is started only when
+        # a callback needs to run at the deadline. So a stop budget costs no thread in
+        # the common case, and still works where no thread can be started (Python
+        # 3.12 refuses new threads during interpreter shutdown, where embedded hosts stop).
+        self._deadline: float | None = None
+        self._arm: Callable[[], None] | None = None
+
+    def is_set(self) -> bool:
+        """``True`` once the token is set (or its ``cancel_after`` deadline has passed)."""
+        deadline = self._deadline
+        if deadline is not None and not super().is_set() and time.monotonic() >= deadline:
+            self.set()
+        return super().is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until the token is set or ``timeout`` seconds pass; ``True`` if it is set."""
+        deadline = self._deadline
+        if deadline is None:
+            return super().wait(timeout)
+        remaining = deadline - time.monotonic()
+        if timeout is not None and timeout < remaining:
+            return super().wait(timeout)
+        if remaining > 0 and super().wait(remaining):
+            return True
+        return self.is_set() or super().wait(max(deadline - time.monotonic(), 0.0))
+
+    def _remaining(self) -> float | None:
+        """Seconds until the deadline (``None`` without one)."""
+        deadline = self._deadline
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
     @classmethod
     def none(cls) -> CancellationToken:
@@ -118,11 +150,23 @@ class CancellationToken(threading.Event):
         if not callable(cast("object", callback)):
             msg = f"register() needs a callable taking no arguments, not: {describe(callback)}"
             raise TypeError(msg)
+        registration = self._watch(callback)
+        arm = self._arm
+        if arm is not None and registration._token is not None:
+            arm()  # the callback must run at the deadline even if nobody waits
+        return registration
+
+    def _watch(self, callback: Callable[[], object]) -> Registration:
+        """Like :meth:`register`, but without starting a deadline timer.
+
+        For callers that bound their own wait with :meth:`_remaining`.
+        """
         registration = Registration(self, callback)
-        with self._callbacks_lock:
-            if self._callbacks is not None:
-                self._callbacks.append(registration)
-                return registration
+        if not self.is_set():
+            with self._callbacks_lock:
+                if self._callbacks is not None:
+                    self._callbacks.append(registration)
+                    return registration
         registration._token = None
         callback()
         return registration
@@ -191,23 +235,50 @@ class CancellationTokenSource:
         self._cancel_timer()
 
     def cancel_after(self, delay: float | timedelta) -> None:
-        """Cancel the token after ``delay`` seconds; a later call replaces the delay."""
+        """Cancel the token after ``delay`` seconds; a later call replaces the delay.
+
+        Waits on the token end at the deadline by themselves; a timer thread is
+        started only if callbacks are registered, to run them on time.
+        """
         seconds = seconds_option(delay, "delay")
         if self.token.is_set():
             return
         if seconds <= 0:
             self.cancel()
             return
-        timer = threading.Timer(seconds, self.cancel)
-        timer.name = f"hostkit-cancel-after-{self.token.name or id(self)}"
-        timer.daemon = True
+        self._cancel_timer()
+        self.token._deadline = time.monotonic() + seconds
+        self.token._arm = self._start_timer
+        with self.token._callbacks_lock:
+            has_callbacks = bool(self.token._callbacks)
+        if has_callbacks:
+            self._start_timer()
+
+    def _start_timer(self) -> None:
+        deadline = self.token._deadline
+        if deadline is None:
+            return
         with self._timer_lock:
-            old, self._timer = self._timer, timer
-        if old is not None:
-            old.cancel()
-        timer.start()
+            if self._timer is not None:
+                return
+            timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire, args=(deadline,))
+            timer.name = f"hostkit-cancel-after-{self.token.name or id(self)}"
+            timer.daemon = True
+            try:
+                timer.start()
+            except RuntimeError:
+                # No new threads at interpreter shutdown (Python 3.12): waits still end
+                # at the deadline; callbacks run when something next checks the token.
+                logger.debug("Cannot start the deadline timer of token {!r} (interpreter shutdown)", self.token.name)
+                return
+            self._timer = timer
+
+    def _fire(self, deadline: float) -> None:
+        if self.token._deadline == deadline:  # not replaced by a later cancel_after
+            self.token.set()
 
     def _cancel_timer(self) -> None:
+        self.token._arm = None
         with self._timer_lock:
             timer, self._timer = self._timer, None
         if timer is not None and timer is not threading.current_thread():
@@ -216,6 +287,12 @@ class CancellationTokenSource:
 
     def close(self) -> None:
         """Stop the ``cancel_after`` timer and drop the links; the token keeps its state."""
+        deadline = self.token._deadline
+        if deadline is not None:
+            if time.monotonic() >= deadline:
+                self.token.set()  # the deadline passed: it stays cancelled
+            else:
+                self.token._deadline = None  # stopped before its deadline: it stays active
         self._cancel_timer()
         for link in self._links:
             link.unregister()

@@ -13,6 +13,7 @@ import pytest
 
 from hostkit.exceptions import ConfigurationError, PayloadError
 from hostkit.queues import SQLiteQueue
+from tests.conftest import wait_until
 from tests.queue_helpers import ConsumerContract, QueueContract, unique_name
 
 
@@ -121,7 +122,6 @@ class TestSQLiteSpecifics:
         """placement='process': the same QueueConsumer consumes in a child process and stops with the host."""
         from hostkit import HostBuilder
         from hostkit.queues import QueueConsumer
-        from tests.conftest import wait_until
 
         q = SQLiteQueue(tmp_path / "q.db", "proc")
         q.enqueue_many([{"n": i} for i in range(20)])
@@ -150,9 +150,15 @@ class TestSQLiteSpecifics:
         q.enqueue_many([{"n": i} for i in range(2000)])
         script = textwrap.dedent(
             """
-            import sys
+            import os, sys, time
             from hostkit.queues import SQLiteQueue
             q = SQLiteQueue(sys.argv[1], "par")
+            # Start gate: all four lease in parallel, not one draining the queue before
+            # the others have even started their interpreter.
+            open(sys.argv[2] + ".ready." + str(os.getpid()), "w").close()
+            deadline = time.monotonic() + 60
+            while not os.path.exists(sys.argv[2] + ".go") and time.monotonic() < deadline:
+                time.sleep(0.005)
             got = []
             while True:
                 batch = q.lease("c", max_messages=8)
@@ -164,10 +170,13 @@ class TestSQLiteSpecifics:
             print(" ".join(map(str, got)))
             """
         )
+        gate = str(tmp_path / "gate")
         procs = [
-            subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
+            subprocess.Popen([sys.executable, "-c", script, str(path), gate], stdout=subprocess.PIPE, text=True)
             for _ in range(4)
         ]
+        assert wait_until(lambda: len(list(tmp_path.glob("gate.ready.*"))) == 4, timeout=60)
+        Path(gate + ".go").touch()
         outputs = [p.communicate(timeout=100)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0, 0]
         numbers = [int(n) for out in outputs for n in out.split()]

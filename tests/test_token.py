@@ -239,10 +239,28 @@ class TestSource:
             source.cancel_after(0.01)
             assert source.token.wait(10)
 
+    def test_cancel_after_needs_no_thread_to_end_a_wait(self) -> None:
+        """A wait on a cancel_after token ends at the deadline with no timer thread (none can start at
+        interpreter shutdown on Python 3.12, where embedded hosts stop)."""
+        with CancellationTokenSource(cancel_after=0.05, name="budget") as source:
+            assert not [t for t in threading.enumerate() if t.name.startswith("hostkit-cancel-after")]
+            assert source.token.wait(10)
+            assert source.cancelled
+            assert not [t for t in threading.enumerate() if t.name.startswith("hostkit-cancel-after")]
+
+    def test_cancel_after_runs_callbacks_at_the_deadline_though_nobody_waits(self) -> None:
+        """A callback registered on a cancel_after token runs at the deadline: a timer is started for it."""
+        fired = threading.Event()
+        with CancellationTokenSource(cancel_after=0.05) as source:
+            source.token.register(fired.set)
+            assert fired.wait(10)
+            assert source.token.cancelled
+
     def test_close_stops_a_pending_timer(self) -> None:
         """Closing the source stops its cancel_after timer: the token stays active and no thread is left."""
-        source = CancellationTokenSource(cancel_after=60)
+        source = CancellationTokenSource(cancel_after=0.05)
         source.close()
+        assert not source.token.wait(0.2)
         assert not source.cancelled
 
     @pytest.mark.parametrize(

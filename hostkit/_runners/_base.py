@@ -80,8 +80,10 @@ class Runner(ABC):
         if self._thread is None or self.ended.is_set():
             return True
         gate = threading.Event()
-        with self.ended.register(gate.set), token.register(gate.set):
-            gate.wait()
+        # _watch, not register: the wait is bounded by the token's own deadline, so no
+        # timer thread is needed to end it (see CancellationToken._deadline).
+        with self.ended.register(gate.set), token._watch(gate.set):
+            gate.wait(token._remaining())
         return self.ended.is_set()
 
     def join(self, timeout: float | None = None) -> bool:

@@ -39,7 +39,7 @@ EXTEND_TIMEOUT_USEC during a long stop, and WATCHDOG=1 while liveness passes.
 With --probe-port, /health/live and /health/ready answer on that port.
 
 exit codes:
-  0  stopped on request, or every service completed
+  0  stopped on request (signal, stop_application(), stop())
   1  a background service failed (on_background_error="stop_host")
   2  bad command line or input (module, attribute, port in use, NOTIFY_SOCKET)
   3  a service's start failed
