@@ -65,3 +65,16 @@ def sigterm_to_exit(proc: subprocess.Popen[bytes], what: str, timeout: float) ->
     if code != 0:
         raise SystemExit(f"{what} exited with {code} after SIGTERM")
     return took
+
+
+def calibrate() -> float:
+    """Seconds for a fixed amount of pure-Python work: this machine's speed right now.
+
+    The machine slows under sustained load (shared/facts.md), so every round times
+    this beside its figures; compare result files only when their calibrations agree.
+    """
+    began = time.perf_counter()
+    total = 0
+    for i in range(300_000):
+        total += i * i % 7
+    return time.perf_counter() - began

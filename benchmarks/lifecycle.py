@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import _common
-from _common import ready_child
+from _common import calibrate, ready_child
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -226,15 +226,6 @@ def wakeup_latency(make_event: Callable[[], threading.Event], samples: int) -> l
 
 
 # -- calibration and statistics -----------------------------------------------------------
-
-
-def calibrate() -> float:
-    """Seconds for a fixed amount of pure-Python work: the machine's speed right now."""
-    began = time.perf_counter()
-    total = 0
-    for i in range(300_000):
-        total += i * i % 7
-    return time.perf_counter() - began
 
 
 def ms(seconds: float) -> float:

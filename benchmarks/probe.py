@@ -53,20 +53,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from _common import calibrate
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCENARIOS = ("idle", "thread-cpu", "process-cpu")
 SERVERS = ("stdlib", "hostkit", "hostkit-5ms")
 TARGET_P99_MS = 20.0
-
-
-def calibrate() -> float:
-    """Milliseconds for a fixed pure-Python loop (this machine's speed right now)."""
-    began = time.perf_counter()
-    total = 0
-    for i in range(300_000):
-        total += i * i % 7
-    return (time.perf_counter() - began) * 1000
 
 
 def burn() -> int:
@@ -251,7 +244,7 @@ def main() -> int:
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {(s, c): [] for c in SCENARIOS for s in SERVERS}
     calibrations = []
     for r in range(rounds):
-        calibrations.append(calibrate())
+        calibrations.append(calibrate() * 1000)
         for scenario in SCENARIOS:
             # Alternate the order each round so a drifting machine affects every server alike.
             order = SERVERS if r % 2 == 0 else tuple(reversed(SERVERS))

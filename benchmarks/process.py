@@ -46,7 +46,7 @@ from typing import Any
 
 import _common
 import psutil
-from _common import ready_child
+from _common import calibrate, ready_child
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -192,14 +192,6 @@ def sigterm_to_exit(kind: str, n: int, method: str, timeout: float = 90.0) -> tu
 
 
 # -- statistics -----------------------------------------------------------------------------
-
-
-def calibrate() -> float:
-    began = time.perf_counter()
-    total = 0
-    for i in range(300_000):
-        total += i * i % 7
-    return time.perf_counter() - began
 
 
 def ms(seconds: float) -> float:

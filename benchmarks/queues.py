@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import calibrate
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PREFETCH = 16
@@ -266,14 +268,6 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes] | None, str | N
     proc.kill()
     proc.wait()
     return None, "redis-server did not start"
-
-
-def calibrate() -> float:
-    start = time.perf_counter()
-    total = 0
-    for i in range(300_000):
-        total += i * i % 7
-    return time.perf_counter() - start
 
 
 def run(rounds: int, n_e2e: int, n_enqueue: int, backends: list[str]) -> dict[str, Any]:
