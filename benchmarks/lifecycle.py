@@ -4,15 +4,20 @@ For hosts with 1, 10 and 100 thread-placed background services that honour
 cancellation, beside a baseline of the same number of bare ``threading.Thread``
 objects stopped by an ``Event``, it measures:
 
-* start: from ``Host.run()`` to ``lifetime.started`` (baseline: from the first
-  ``Thread.start()`` until every thread is started);
-* stop: from ``stop_application()`` to ``run()`` returning, with every service
-  inside its loop (baseline: ``Event.set()`` then ``join()`` of every thread);
+* start: from ``Host.run()`` to ``lifetime.started`` (baseline: what a program
+  without a host does for the same behaviour: install SIGINT/SIGTERM handlers,
+  create the threads and start them);
+* stop: from ``stop_application()`` on another thread to ``run()`` returning, with
+  every service inside its loop (baseline: the main thread waits for the same
+  request, then ``Event.set()`` and ``join()`` of every thread; ``set()`` + ``join()``
+  alone, with no hand-off, is in the JSON as ``baseline_direct_ms``);
 * SIGTERM to exit: a real child process (this script, ``--child``) is started,
   says ``READY`` on stdout once running, gets SIGTERM, and the time until the
-  parent sees it exit is taken (baseline child: bare threads, ``sigwait``, join;
-  a third child, bare threads that also ``import hostkit``, shows how much of the
-  difference is only the interpreter tearing down the imported modules);
+  parent sees it exit is taken (baseline child: bare threads, ``sigwait``, join).
+  Most of it is the interpreter tearing down what the process imported, so two
+  more bare-threads children separate that: one that only imports loguru (the
+  logging library hostkit is built on), one that imports every module the host
+  child had loaded; ``host/modules`` is then what the host's own stop adds;
 * token wake-up: from ``CancellationToken.cancel()`` on one thread to
   ``token.wait()`` returning on another (baseline: ``threading.Event``).
 
@@ -120,33 +125,72 @@ def host_round(n: int) -> tuple[float, float]:
     return marks["started"] - began, ended - marks["stop"]
 
 
-def threads_round(n: int) -> tuple[float, float]:
-    """(start seconds, stop seconds) of ``n`` bare threads stopped by an Event."""
+def threads_round(n: int) -> tuple[float, float, float]:
+    """(start, stop, direct stop) seconds of ``n`` bare threads stopped by an Event.
+
+    The start is what a program without a host does to get the same behaviour:
+    install SIGINT/SIGTERM handlers that request the stop, create the threads and
+    start them, timed until the last ``start()`` returned.
+    The stop is what a program without a host does: its main thread waits for a
+    stop request, another thread (here, as for the host) makes it, and the main
+    thread sets the Event and joins every thread. Timed from the request to the
+    last join, like the host's. ``direct stop`` is ``set()`` + ``join()`` alone, on
+    the thread that already holds control: no hand-off, kept for reference.
+    """
     counter = Counter(n)
     stop = threading.Event()
+    requested = threading.Event()
+    marks: dict[str, float] = {}
 
     def loop() -> None:
         counter()
         while not stop.wait(LOOP_PERIOD):
             pass
 
-    threads = [threading.Thread(target=loop, name=f"bare-{i}", daemon=True) for i in range(n)]
+    def stopper() -> None:
+        counter.all_in.wait()
+        marks["stop"] = time.perf_counter()
+        requested.set()
+
+    def on_signal(signum: int, frame: object) -> None:
+        requested.set()
+
+    helper = threading.Thread(target=stopper, name="bench-stopper")
+    helper.start()
     began = time.perf_counter()
+    # What run() does too: make SIGINT and SIGTERM request the stop, create the threads, start them.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = [threading.Thread(target=loop, name=f"bare-{i}", daemon=True) for i in range(n)]
     for t in threads:
         t.start()
     started = time.perf_counter()
-    counter.all_in.wait()
-    stop_at = time.perf_counter()
+    requested.wait()
     stop.set()
     for t in threads:
         t.join()
-    return started - began, time.perf_counter() - stop_at
+    stopped = time.perf_counter()
+    helper.join()
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+    # The same threads once more, stopped directly, for the reference figure.
+    stop = threading.Event()
+    counter = Counter(n)
+    threads = [threading.Thread(target=loop, name=f"bare-{i}", daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    counter.all_in.wait()
+    direct_at = time.perf_counter()
+    stop.set()
+    for t in threads:
+        t.join()
+    return started - began, stopped - marks["stop"], time.perf_counter() - direct_at
 
 
 # -- children for SIGTERM-to-exit ---------------------------------------------------------
 
 
-def child_host(n: int) -> int:
+def child_host(n: int, listing: str = "") -> int:
     counter = Counter(n)
     # Default logging (Host.run() configures it): what a user's worker does.
     host = make_host(n, counter, configure_logging=True)
@@ -158,14 +202,35 @@ def child_host(n: int) -> int:
     announcer = threading.Thread(target=ready, name="bench-ready", daemon=True)
     announcer.start()
     code: int = host.run()
+    if listing:
+        # Every module this host process has loaded, by the time it exits: the
+        # "threads+modules" child imports the same set.
+        Path(listing).write_text("\n".join(sorted(sys.modules)), encoding="utf-8")
     return code
 
 
-def child_threads(n: int, *, import_hostkit: bool = False) -> int:
-    if import_hostkit:
-        # Same bare threads, but with hostkit (loguru, tenacity, psutil...) imported:
+def import_modules(listing: str) -> None:
+    """Import every module named in the file ``listing`` (one per line) that imports cleanly."""
+    import importlib
+
+    for name in Path(listing).read_text(encoding="utf-8").split():
+        if name in sys.modules or name in ("__main__", "__mp_main__", "lifecycle"):
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception:  # private or platform modules that only their parent can load
+            continue
+
+
+def child_threads(n: int, *, imports: str = "") -> int:
+    if imports == "loguru":
+        # Only loguru, a core dependency fixed by hostkit's users: the floor of any
+        # program that logs through it.
+        import loguru  # noqa: F401
+    elif imports:
+        # Same bare threads, with every module the host child had loaded imported too:
         # separates what interpreter teardown of those modules costs from the host's stop.
-        import hostkit  # noqa: F401
+        import_modules(imports)
     # Block SIGTERM before any thread exists (threads inherit the mask), so the
     # main thread alone receives it, synchronously, in sigwait().
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -189,10 +254,11 @@ def child_threads(n: int, *, import_hostkit: bool = False) -> int:
     return 0
 
 
-def sigterm_to_exit(kind: str, n: int, timeout: float = 60.0) -> float:
+def sigterm_to_exit(kind: str, n: int, timeout: float = 60.0, *extra: str) -> float:
     """Start a child, wait for READY, SIGTERM it; seconds from the signal to its exit."""
     what = f"the {kind} child with {n} services"
-    with ready_child([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(n)], what, timeout) as proc:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(n), *extra]
+    with ready_child(argv, what, timeout) as proc:
         return _common.sigterm_to_exit(proc, what, timeout)
 
 
@@ -232,20 +298,53 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-def repeated(fn: Callable[[int], tuple[float, float]], n: int, times: int) -> tuple[float, float]:
-    """Median (start, stop) of ``times`` in-process runs: one round's figure, steadier than one run."""
+def repeated(fn: Callable[[int], tuple[float, ...]], n: int, times: int) -> tuple[float, ...]:
+    """Median of each figure over ``times`` in-process runs: one round's figures, steadier than one run."""
     runs = [fn(n) for _ in range(times)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    return tuple(statistics.median(r[i] for r in runs) for i in range(len(runs[0])))
 
 
 def median_ratio(host: list[float], base: list[float]) -> float:
     return statistics.median(h / b for h, b in zip(host, base, strict=True) if b > 0)
 
 
+def size_rows(n: int, data: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """The three rows (start, stop, SIGTERM to exit) of one size, with their targets."""
+    rows: list[dict[str, Any]] = []
+    for metric in ("start", "stop", "exit"):
+        host, base = data[f"host_{metric}"], data[f"base_{metric}"]
+        row: dict[str, Any] = {
+            "services": n,
+            "metric": {"start": "run() -> started", "stop": "stop -> run() returns", "exit": "SIGTERM -> exit"}[metric],
+            "host_ms": ms(statistics.median(host)),
+            "baseline_ms": ms(statistics.median(base)),
+            "ratio": round(median_ratio(host, base), 2),
+            "host_runs_ms": [ms(x) for x in host],
+            "baseline_runs_ms": [ms(x) for x in base],
+        }
+        if metric in ("start", "stop"):
+            row["target"] = "ratio <= 2.0"
+            row["ok"] = row["ratio"] <= 2.0
+        if metric == "stop":
+            row["baseline_direct_ms"] = ms(statistics.median(data["direct_stop"]))
+        if metric == "exit":
+            modules = data["modules_exit"]
+            row["threads_with_loguru_ms"] = ms(statistics.median(data["loguru_exit"]))
+            row["threads_with_modules_ms"] = ms(statistics.median(modules))
+            row["ratio_to_same_modules"] = round(median_ratio(host, modules), 2)
+            row["loguru_floor_ratio"] = round(median_ratio(data["loguru_exit"], base), 2)
+            row["target"] = "host < 100 ms" if n == 100 else "vs modules <= 2"
+            row["ok"] = row["host_ms"] < 100.0 if n == 100 else row["ratio_to_same_modules"] <= 2.0
+        rows.append(row)
+    return rows
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
 def run(rounds: int, inner: int, wake_samples: int) -> dict[str, Any]:
+    import tempfile
+
     import hostkit
     from hostkit import CancellationToken
 
@@ -254,53 +353,33 @@ def run(rounds: int, inner: int, wake_samples: int) -> dict[str, Any]:
     # Warm up once (imports, first thread creation) so round 1 is not an outlier.
     host_round(1)
     threads_round(1)
-    for n in SIZES:
-        data: dict[str, list[float]] = {
-            k: [] for k in ("host_start", "base_start", "host_stop", "base_stop", "host_exit", "base_exit")
-        }
-        import_exit: list[float] = []
-        for r in range(rounds):
-            calibration.append(calibrate())
-            # Alternate which goes first, so drift of the machine hits both alike.
-            order = ("host", "base") if r % 2 == 0 else ("base", "host")
-            for who in order:
-                if who == "host":
-                    start, stop = repeated(host_round, n, inner)
-                    data["host_start"].append(start)
-                    data["host_stop"].append(stop)
-                    data["host_exit"].append(sigterm_to_exit("host", n))
-                else:
-                    start, stop = repeated(threads_round, n, inner)
-                    data["base_start"].append(start)
-                    data["base_stop"].append(stop)
-                    data["base_exit"].append(sigterm_to_exit("threads", n))
-                    import_exit.append(sigterm_to_exit("threads-import", n))
-        for metric, target in (("start", 2.0), ("stop", 2.0), ("exit", None)):
-            host, base = data[f"host_{metric}"], data[f"base_{metric}"]
-            row: dict[str, Any] = {
-                "services": n,
-                "metric": {"start": "run() -> started", "stop": "stop -> run() returns", "exit": "SIGTERM -> exit"}[
-                    metric
-                ],
-                "host_ms": ms(statistics.median(host)),
-                "baseline_ms": ms(statistics.median(base)),
-                "ratio": round(median_ratio(host, base), 2),
-                "host_runs_ms": [ms(x) for x in host],
-                "baseline_runs_ms": [ms(x) for x in base],
-            }
-            if metric == "exit":
-                row["threads_with_import_ms"] = ms(statistics.median(import_exit))
-            if target is not None:
-                row["target"] = f"ratio <= {target}"
-                row["ok"] = row["ratio"] <= target
-            elif n == 100:
-                row["target"] = "host < 100 ms"
-                row["ok"] = row["host_ms"] < 100.0
-            else:
-                row["target"] = ""
-                row["ok"] = None
-            rows.append(row)
-
+    with tempfile.TemporaryDirectory(prefix="hostkit-bench-") as tmp:
+        # One host child first, only to learn which modules a host process has loaded.
+        listing = str(Path(tmp) / "modules.txt")
+        sigterm_to_exit("host", 1, 60.0, listing)
+        module_count = len(Path(listing).read_text(encoding="utf-8").split())
+        for n in SIZES:
+            keys = ("host_start", "base_start", "host_stop", "base_stop", "direct_stop", "host_exit", "base_exit")
+            data: dict[str, list[float]] = {k: [] for k in (*keys, "loguru_exit", "modules_exit")}
+            for r in range(rounds):
+                calibration.append(calibrate())
+                # Alternate which goes first, so drift of the machine hits both alike.
+                order = ("host", "base") if r % 2 == 0 else ("base", "host")
+                for who in order:
+                    if who == "host":
+                        start, stop = repeated(host_round, n, inner)
+                        data["host_start"].append(start)
+                        data["host_stop"].append(stop)
+                        data["host_exit"].append(sigterm_to_exit("host", n))
+                    else:
+                        start, stop, direct = repeated(threads_round, n, inner)
+                        data["base_start"].append(start)
+                        data["base_stop"].append(stop)
+                        data["direct_stop"].append(direct)
+                        data["base_exit"].append(sigterm_to_exit("threads", n))
+                        data["loguru_exit"].append(sigterm_to_exit("threads-loguru", n))
+                        data["modules_exit"].append(sigterm_to_exit("threads-modules", n, 60.0, listing))
+            rows.extend(size_rows(n, data))
     token_wake = wakeup_latency(lambda: CancellationToken(name="bench"), wake_samples)
     event_wake = wakeup_latency(threading.Event, wake_samples)
 
@@ -327,6 +406,7 @@ def run(rounds: int, inner: int, wake_samples: int) -> dict[str, Any]:
             "max": ms(max(calibration)),
         },
         "rows": rows,
+        "host_child_modules": module_count,
         "wakeup": {
             "samples": wake_samples,
             "token": summary(token_wake),
@@ -342,18 +422,33 @@ def print_table(result: dict[str, Any]) -> None:
         f"hostkit {result['hostkit']} lifecycle benchmark: Python {result['python']}, {result['cpus']} CPUs, "
         f"median of {result['rounds']} rounds; calibration {cal['median']} ms (min {cal['min']}, max {cal['max']})"
     )
-    header = (
-        f"{'services':>8}  {'metric':<22} {'host ms':>9} {'threads ms':>10} {'ratio':>6}  {'target':<15} {'ok':<4}"
-        f" {'threads+import ms':>17}"
-    )
+    header = f"{'services':>8}  {'metric':<22} {'host ms':>9} {'threads ms':>10} {'ratio':>6}  {'target':<15} {'ok':<4}"
     print(header)
     print("-" * len(header))
     for row in result["rows"]:
+        if row["metric"] == "SIGTERM -> exit":
+            continue
         ok = {True: "yes", False: "NO", None: ""}[row["ok"]]
         print(
             f"{row['services']:>8}  {row['metric']:<22} {row['host_ms']:>9.2f} {row['baseline_ms']:>10.2f} "
             f"{row['ratio']:>6.2f}  {row['target']:<15} {ok:<4}"
-            + (f" {row['threads_with_import_ms']:>17.2f}" if "threads_with_import_ms" in row else "")
+        )
+    print()
+    print("SIGTERM -> process exit (a child process each), ms:")
+    header = (
+        f"{'services':>8}  {'host':>7} {'threads':>8} {'ratio':>6}  {'threads+loguru':>14} {'threads+modules':>15}"
+        f" {'host/modules':>12}  {'target':<15} {'ok':<4}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in result["rows"]:
+        if row["metric"] != "SIGTERM -> exit":
+            continue
+        ok = {True: "yes", False: "NO", None: ""}[row["ok"]]
+        print(
+            f"{row['services']:>8}  {row['host_ms']:>7.2f} {row['baseline_ms']:>8.2f} {row['ratio']:>6.2f}  "
+            f"{row['threads_with_loguru_ms']:>14.2f} {row['threads_with_modules_ms']:>15.2f} "
+            f"{row['ratio_to_same_modules']:>12.2f}  {row['target']:<15} {ok:<4}"
         )
     wake = result["wakeup"]
     print()
@@ -364,9 +459,15 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"  {label:<26} {w['median_ms']:>7.3f} {w['p90_ms']:>7.3f} {w['max_ms']:>7.3f}")
     print(f"  ratio (median token / median event): {wake['ratio']}")
     print()
+    stops = [r for r in result["rows"] if r["metric"] == "stop -> run() returns"]
     print(
-        "threads+import: the bare-threads child with `import hostkit` added; the gap between it and the bare\n"
-        "threads is interpreter teardown of the imported modules, not the host's stop."
+        "stop: from a request made on another thread to run() returning; the threads baseline is a main\n"
+        "thread that waits for the same request, sets the Event and joins (set()+join() alone, with no\n"
+        "hand-off: " + ", ".join(f"{r['baseline_direct_ms']:.2f} ms at {r['services']}" for r in stops) + ").\n"
+        "SIGTERM -> exit is mostly interpreter teardown of what the process imported: threads+loguru is\n"
+        "the bare threads with only `import loguru` (hostkit's logging, a fixed core dependency);\n"
+        f"threads+modules imports every module the host child had loaded ({result['host_child_modules']});\n"
+        "host/modules is what the host's own stop adds."
     )
 
 
@@ -375,13 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 rounds and fewer wake-up samples (a few seconds)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per size (default 5, or 3 with --quick)")
     parser.add_argument("--output", type=Path, default=RESULTS / "lifecycle.json", help="where to write the JSON")
-    parser.add_argument("--child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", metavar="KIND N [LISTING]", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         kind, n = args.child[0], int(args.child[1])
+        extra = args.child[2] if len(args.child) > 2 else ""
         if kind == "host":
-            return child_host(n)
-        return child_threads(n, import_hostkit=kind == "threads-import")
+            return child_host(n, extra)
+        imports = {"threads": "", "threads-loguru": "loguru", "threads-modules": extra}[kind]
+        return child_threads(n, imports=imports)
     rounds = args.rounds or (3 if args.quick else 5)
     if rounds < 1:
         parser.error(f"--rounds must be >= 1, not: {rounds}")

@@ -245,8 +245,13 @@ class Host:
         ``stop_application()``, which cancels the start-up token: cooperative start()
         calls return, the remaining ones are skipped, and run() stops what started.
         The main thread cannot do this itself: it is inside start().
+
+        Skipped when no start-up code can block: every service is a thread-placed
+        background service whose ``starting``/``start``/``started`` are hostkit's
+        own (they only start a thread). Then start-up takes microseconds, a signal
+        waits in the pipe until it is over, and no helper thread is worth starting.
         """
-        if not watch.installed:
+        if not watch.installed or not self._start_can_block():
             yield
             return
         done = threading.Event()
@@ -267,6 +272,19 @@ class Host:
             done.set()
             watch.wake()
             reader.join()
+
+    def _start_can_block(self) -> bool:
+        """``True`` if some service's start-up runs code that may take a while.
+
+        User code (an overridden ``starting``/``start``/``started``) can wait on
+        anything; a process-placed service starts a child (tens of milliseconds each).
+        """
+        return any(
+            record.placement == "process"
+            or not isinstance(record.service, BackgroundService)
+            or any(is_overridden(record.service, m) for m in ("starting", "start", "started"))
+            for record in self._records
+        )
 
     def start(self) -> None:
         """Start every service in registration order; return once all have started.
@@ -584,13 +602,14 @@ class Host:
         self._on_stop_requested()
         started = list(reversed(self._started))
         _log.info("Host stopping {} service(s) ({}; budget {:.1f} s)", len(started), reason, budget)
+        # Signal every background service first, before the rest of the bookkeeping: they
+        # wind down in parallel with each other and with this stop, and no service's stop
+        # adds to another's.
+        for record in started:
+            runner = self._runner(record)
+            if runner is not None:
+                runner.request_stop()
         with CancellationTokenSource(cancel_after=max(cancel_at - time.monotonic(), 0.0), name="shutdown") as src:
-            # Signal every background service first: they wind down in parallel,
-            # and no service's stop adds to another's.
-            for record in started:
-                runner = self._runner(record)
-                if runner is not None:
-                    runner.request_stop()
             for phase in ("stopping", "stop", "stopped"):
                 if self.options.stop_concurrently:
                     self._stop_phase_concurrently(started, phase, src.token, wait_end)

@@ -17,13 +17,16 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import tenacity
 from loguru import logger
 
 from ._status import ServiceRecord, ServiceState
 from ._token import CancellationToken
 from .exceptions import OperationCancelledError
+
+if TYPE_CHECKING:
+    import tenacity
 
 __all__ = ["Supervisor", "format_failure"]
 
@@ -59,13 +62,16 @@ class Supervisor:
         self._attempts = 0
         self._consecutive = 0
         self._failures: deque[float] = deque()
-        self._log = logger.bind(service=record.name)
 
     def run(self) -> None:
         policy = self.record.restart
         if policy is None:
             self._attempt()
             return
+        # Imported here: a host without restart policies never loads tenacity (its import
+        # and its share of interpreter teardown cost milliseconds a plain host does not need).
+        import tenacity
+
         retrying = tenacity.Retrying(
             stop=self._give_up,
             wait=self._wait,
@@ -143,7 +149,7 @@ class Supervisor:
             exception=exc,
             detail=f"restart {restarts} in {delay:.2f} s after: {summary}",
         )
-        self._log.error(
+        logger.bind(service=self.record.name).error(
             "Background service {!r} failed; restarting it in {:.2f} s (restart {}): {}\n{}",
             self.record.name,
             delay,

@@ -77,6 +77,38 @@ builder.services.add_hosted_service(Second, name="second")
 sys.exit(builder.build().run())
 """
 
+# Twenty thread-placed loops; the first one sends SIGTERM to the process as soon as its thread
+# runs, while the host is most likely still starting the others. Every thread start is recorded.
+QUICK_START = """
+import os, signal
+started_threads = []
+_start = threading.Thread.start
+
+def recording_start(self):
+    started_threads.append(self.name)
+    _start(self)
+
+threading.Thread.start = recording_start
+
+class Loop(BackgroundService):
+    def __init__(self, first):
+        self.first = first
+
+    def execute(self, stopping):
+        if self.first:
+            os.kill(os.getpid(), signal.SIGTERM)
+        while not stopping.wait(0.05):
+            pass
+        say("LOOP-ENDED")
+
+builder = HostBuilder(options=HostOptions(shutdown_timeout=20))
+for i in range(20):
+    builder.services.add_hosted_service(Loop(i == 0), name=f"loop-{i}")
+code = builder.build().run()
+say("THREADS:" + ",".join(started_threads))
+sys.exit(code)
+"""
+
 CRASH = """
 class Crash(BackgroundService):
     def execute(self, stopping):
@@ -213,6 +245,28 @@ class TestSignalsDuringStartUp:
         err = mask_pids(c.err)
         assert "INFO     | host | PID | Received SIGTERM during start-up; stopping the host" in err
         assert "Start-up ended early: a stop was requested" in err
+
+    def test_signal_during_a_quick_start_up_waits_in_the_pipe_and_stops_the_host(self, child) -> None:
+        """With only thread-placed background services, start-up runs no user code and needs no
+        signal-reading helper thread: a SIGTERM sent while it runs is read once it is over."""
+        c = child(QUICK_START)
+        assert c.finish() == 0, c.err
+        assert c.out.count("LOOP-ENDED") == 20
+        threads = c.out.split("THREADS:", 1)[1]
+        assert "hostkit-loop-0" in threads  # the recording works...
+        assert "hostkit-host-signals" not in threads  # ...and no helper thread was started
+        assert "Received SIGTERM; stopping the host" in c.err
+
+    def test_start_up_with_user_code_reads_signals_on_a_helper_thread(self, child) -> None:
+        """A host whose start-up runs user code keeps a helper thread reading signals meanwhile."""
+        c = child(
+            QUICK_START.replace(
+                "class Loop(BackgroundService):",
+                "class Loop(BackgroundService):\n    def starting(self, token):\n        pass\n",
+            )
+        )
+        assert c.finish() == 0, c.err
+        assert "hostkit-host-signals" in c.out.split("THREADS:", 1)[1]
 
     def test_second_sigint_during_start_up_exits_at_once(self, child) -> None:
         """Two Ctrl+C during a start() that ignores its token end the process with 130."""
