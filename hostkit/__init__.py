@@ -7,19 +7,36 @@ status snapshot.
 
 from __future__ import annotations
 
-from loguru import logger
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from ._builder import HostBuilder
-from ._di import Scope, ServiceCollection, ServiceProvider
-from ._host import ExitCode, Host
-from ._lifetime import ApplicationLifetime
-from ._logging import configure_logging
-from ._once import OncePerDeployment
-from ._options import HostOptions, RestartPolicy
-from ._periodic import PeriodicTimer
-from ._services import BackgroundService, HostedService, Placement
-from ._status import HostState, HostStatus, ServiceState, ServiceStatus
-from ._token import CancellationToken, CancellationTokenSource, Registration
+from ._postimport import when_imported
+
+if TYPE_CHECKING:
+    from . import exceptions as exceptions
+    from ._builder import HostBuilder as HostBuilder
+    from ._di import Scope as Scope
+    from ._di import ServiceCollection as ServiceCollection
+    from ._di import ServiceProvider as ServiceProvider
+    from ._host import ExitCode as ExitCode
+    from ._host import Host as Host
+    from ._lifetime import ApplicationLifetime as ApplicationLifetime
+    from ._logging import configure_logging as configure_logging
+    from ._once import OncePerDeployment as OncePerDeployment
+    from ._options import HostOptions as HostOptions
+    from ._options import RestartPolicy as RestartPolicy
+    from ._periodic import PeriodicTimer as PeriodicTimer
+    from ._services import BackgroundService as BackgroundService
+    from ._services import HostedService as HostedService
+    from ._services import Placement as Placement
+    from ._status import HostState as HostState
+    from ._status import HostStatus as HostStatus
+    from ._status import ServiceState as ServiceState
+    from ._status import ServiceStatus as ServiceStatus
+    from ._token import CancellationToken as CancellationToken
+    from ._token import CancellationTokenSource as CancellationTokenSource
+    from ._token import Registration as Registration
 
 __version__ = "0.1.0"
 
@@ -48,15 +65,75 @@ __all__ = [
     "configure_logging",
 ]
 
-for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type) or callable(_obj):
-        try:
-            _obj.__module__ = "hostkit"
-        except (AttributeError, TypeError):
-            pass
-del _name, _obj
+# Each public name is imported from its module on first use (PEP 562), so
+# `from hostkit import BackgroundService` (what a service module, and so a spawned
+# child, imports) does not import the host, loguru, psutil or tenacity.
+_SOURCES: dict[str, str] = {
+    "ApplicationLifetime": "._lifetime",
+    "BackgroundService": "._services",
+    "CancellationToken": "._token",
+    "CancellationTokenSource": "._token",
+    "ExitCode": "._host",
+    "Host": "._host",
+    "HostBuilder": "._builder",
+    "HostOptions": "._options",
+    "HostState": "._status",
+    "HostStatus": "._status",
+    "HostedService": "._services",
+    "OncePerDeployment": "._once",
+    "PeriodicTimer": "._periodic",
+    "Placement": "._services",
+    "Registration": "._token",
+    "RestartPolicy": "._options",
+    "Scope": "._di",
+    "ServiceCollection": "._di",
+    "ServiceProvider": "._di",
+    "ServiceState": "._status",
+    "ServiceStatus": "._status",
+    "configure_logging": "._logging",
+}
+
+
+def _load(source: str) -> None:
+    """Import ``source`` and publish every public name it defines, as ``hostkit.<name>``."""
+    module = importlib.import_module(source, __name__)
+    for name, where in _SOURCES.items():
+        if where != source:
+            continue
+        obj = getattr(module, name)
+        # Documented (and shown in reprs) where users import them from.
+        if isinstance(obj, type) or callable(obj):
+            try:
+                obj.__module__ = "hostkit"
+            except (AttributeError, TypeError):
+                pass
+        globals()[name] = obj
+
+
+# Hidden from type checkers: they see the names imported above, and flag any other.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        source = _SOURCES.get(name)
+        if source is not None:
+            _load(source)
+            return globals()[name]
+        if name == "exceptions":
+            # Always reachable as an attribute, as when the package imported it eagerly.
+            return importlib.import_module(".exceptions", __name__)
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, "exceptions"})
+
+
+def _disable_own_logger(loguru: ModuleType) -> None:
+    loguru.logger.disable("hostkit")
+
 
 # A library never writes logs anywhere on its own: configure_logging() (called by
-# Host.run() and `hostkit run`) enables them.
-logger.disable("hostkit")
+# Host.run() and `hostkit run`) enables them. Disabled as soon as loguru exists
+# (now, if it was imported already), before any hostkit code can log.
+when_imported("loguru", _disable_own_logger)

@@ -7,8 +7,12 @@
    graceful stop (systemd and container runtimes send SIGTERM to every process of
    the group), a SIGTERM after a stop request (the host's escalation at the
    deadline) raises in the main thread so ``finally`` blocks still run;
-2. log forwarding: every loguru record, and every stdlib ``logging`` record routed
-   into loguru, goes to the parent over the result pipe, in order;
+2. log forwarding: every stdlib ``logging`` record, and every loguru record, goes
+   to the parent over the result pipe, in order. loguru is not imported here (a
+   spawned child would pay tens of milliseconds for it): its forwarding sink is
+   installed the moment the service's code imports it (at once if it already is,
+   as under fork, or when the fork server preloaded it), and from then on stdlib
+   records are routed through loguru as in the host;
 3. the stop watcher thread: the stop request on the control pipe, the parent's
    sentinel (the parent died) and the SIGTERM wake-up pipe all set ``stopping``;
    ``PR_SET_PDEATHSIG`` as a backstop for fork and spawn;
@@ -29,11 +33,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from types import FrameType, ModuleType
 from typing import Any
 
 import dill
-from loguru import logger
 
+from ._postimport import when_imported
 from ._token import CancellationToken
 
 __all__ = ["ChildSettings", "child_main"]
@@ -87,6 +92,8 @@ class _Beat:
 
 def restore_logger(options: tuple[Any, ...]) -> Any:
     """The child's own loguru logger, with the options (bound extras, patchers) it was pickled with."""
+    from loguru import logger
+
     logger_type: Any = type(logger)
     return logger_type(getattr(logger, "_core"), *options)  # noqa: B009 - private, on purpose
 
@@ -97,51 +104,194 @@ def _plain(value: object) -> object:
     return repr(value)
 
 
-def _forward_logs(channel: _Channel, settings: ChildSettings) -> None:
-    """Send every loguru record to the parent; route stdlib ``logging`` into loguru."""
+def _caller_module(default: str) -> str:
+    """``__name__`` of the module that called the stdlib logger (what loguru names a record by)."""
+    skip = (_caller_module.__code__.co_filename, logging.__file__)
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename in skip:
+        frame = frame.f_back
+    if frame is None:
+        return default
+    return str(frame.f_globals.get("__name__", default))
 
-    def sink(message: Any) -> None:
-        record = message.record
-        exc_text = None
-        if record["exception"] is not None:
-            etype, evalue, etb = record["exception"]
-            exc_text = "".join(traceback.format_exception(etype, evalue, etb))
-        channel.send(
+
+class _LogForwarder:
+    """Sends the child's log records to the parent, which re-emits them through loguru.
+
+    loguru is imported in the child only if the service's code imports it (it costs
+    a spawned child tens of milliseconds): its records then go through a sink, and
+    stdlib ``logging`` records are routed into loguru as in the host. Until then
+    stdlib records and hostkit's own lines are sent as they are, in the same shape.
+    """
+
+    def __init__(self, channel: _Channel, settings: ChildSettings) -> None:
+        self.channel = channel
+        self.service = settings["name"]
+        self.pid = os.getpid()
+        self.stdlib_handler: logging.Handler | None = None
+        self.loguru_installed = False
+
+    # -- without loguru -----------------------------------------------------------
+
+    def send(
+        self,
+        level: str,
+        levelno: int,
+        message: str,
+        *,
+        name: str,
+        created: float,
+        function: str,
+        line: int,
+        file_path: str,
+        exception: str | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        base = os.path.basename(file_path)
+        thread = threading.current_thread()
+        self.channel.send(
             (
                 "log",
                 {
-                    "level": record["level"].name,
-                    "levelno": record["level"].no,
-                    "message": record["message"],
-                    "time": record["time"],
-                    "name": record["name"],
-                    "function": record["function"],
-                    "line": record["line"],
-                    "module": record["module"],
-                    "file_name": record["file"].name,
-                    "file_path": record["file"].path,
-                    "thread_id": record["thread"].id,
-                    "thread_name": record["thread"].name,
-                    "process_name": record["process"].name,
-                    "extra": {str(k): _plain(v) for k, v in record["extra"].items()},
-                    "exception": exc_text,
+                    "level": level,
+                    "levelno": levelno,
+                    "message": message,
+                    "time": created,
+                    "name": name,
+                    "function": function,
+                    "line": line,
+                    "module": os.path.splitext(base)[0],
+                    "file_name": base,
+                    "file_path": file_path,
+                    "thread_id": thread.ident,
+                    "thread_name": thread.name,
+                    "process_name": _process_name(),
+                    "extra": {"service": self.service, "pid": self.pid, **(extra or {})},
+                    "exception": exception,
                 },
             )
         )
 
-    # Under fork the parent's sinks were copied into the child: writing to them here
-    # would bypass the parent (and its in-memory sinks would swallow the lines).
-    logger.remove()
-    logger.add(sink, level=0, format="{message}", enqueue=False, catch=True)
-    logger.configure(extra={"service": settings["name"], "pid": os.getpid()})
-    # hostkit disables its own logger on import; the parent filters by module name
-    # when it re-emits, so enable everything here and let the parent's settings decide.
-    logger.enable("")
-    from ._logging import InterceptHandler
+    def warning(self, message: str, exc: BaseException | None = None) -> None:
+        """hostkit's own line from the child (loguru or not)."""
+        caller = sys._getframe(1)
+        self.send(
+            "WARNING",
+            logging.WARNING,
+            message,
+            name=__name__,
+            created=time.time(),
+            function=caller.f_code.co_name,
+            line=caller.f_lineno,
+            file_path=__file__,
+            exception="".join(traceback.format_exception(exc)) if exc is not None else None,
+        )
 
+    def emit_stdlib(self, record: logging.LogRecord) -> None:
+        exception = None
+        if record.exc_info and record.exc_info[1] is not None:
+            exception = "".join(traceback.format_exception(*record.exc_info))
+        self.send(
+            record.levelname,
+            record.levelno,
+            record.getMessage(),
+            name=_caller_module(record.name),
+            created=record.created,
+            function=record.funcName,
+            line=record.lineno,
+            file_path=record.pathname,
+            exception=exception,
+            extra={"logger_name": record.name},
+        )
+
+    # -- with loguru ---------------------------------------------------------------
+
+    def install_loguru(self, loguru: ModuleType) -> None:
+        """Forward every loguru record; from now on route stdlib records through loguru."""
+        logger = loguru.logger
+        channel = self.channel
+
+        def sink(message: Any) -> None:
+            record = message.record
+            exc_text = None
+            if record["exception"] is not None:
+                etype, evalue, etb = record["exception"]
+                exc_text = "".join(traceback.format_exception(etype, evalue, etb))
+            channel.send(
+                (
+                    "log",
+                    {
+                        "level": record["level"].name,
+                        "levelno": record["level"].no,
+                        "message": record["message"],
+                        "time": record["time"],
+                        "name": record["name"],
+                        "function": record["function"],
+                        "line": record["line"],
+                        "module": record["module"],
+                        "file_name": record["file"].name,
+                        "file_path": record["file"].path,
+                        "thread_id": record["thread"].id,
+                        "thread_name": record["thread"].name,
+                        "process_name": _process_name(),
+                        "extra": {str(k): _plain(v) for k, v in record["extra"].items()},
+                        "exception": exc_text,
+                    },
+                )
+            )
+
+        # Under fork the parent's sinks were copied into the child: writing to them here
+        # would bypass the parent (and its in-memory sinks would swallow the lines).
+        logger.remove()
+        logger.add(sink, level=0, format="{message}", enqueue=False, catch=True)
+        logger.configure(extra={"service": self.service, "pid": self.pid})
+        # hostkit disables its own logger; the parent filters by module name when it
+        # re-emits, so enable everything here and let the parent's settings decide.
+        logger.enable("")
+        self.loguru_installed = True
+        from ._logging import InterceptHandler
+
+        # Swapped in place of the direct handler (not called from it: loguru names a
+        # record by the frame that called the stdlib logger, which must be the caller's).
+        root = logging.getLogger()
+        if self.stdlib_handler is not None:
+            root.removeHandler(self.stdlib_handler)
+            self.stdlib_handler = None
+        root.addHandler(InterceptHandler())
+
+    def complete(self) -> None:
+        if self.loguru_installed:
+            sys.modules["loguru"].logger.complete()
+
+
+class _StdlibHandler(logging.Handler):
+    def __init__(self, forwarder: _LogForwarder) -> None:
+        super().__init__()
+        self.forwarder = forwarder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.forwarder.emit_stdlib(record)
+        except Exception:
+            self.handleError(record)
+
+
+def _process_name() -> str:
+    """This child's name (``hostkit-<service>-<n>``); loguru alone would say the stdlib's ``MainProcess``."""
+    import multiprocess  # the child runs under it: already imported
+
+    return str(multiprocess.current_process().name)
+
+
+def _forward_logs(channel: _Channel, settings: ChildSettings) -> _LogForwarder:
+    """Send every record to the parent: stdlib ``logging`` now, loguru once it is imported."""
+    forwarder = _LogForwarder(channel, settings)
+    forwarder.stdlib_handler = _StdlibHandler(forwarder)
     root = logging.getLogger()
-    root.handlers = [InterceptHandler()]
+    root.handlers = [forwarder.stdlib_handler]
     root.setLevel(settings.get("stdlib_level", logging.WARNING))
+    when_imported("loguru", forwarder.install_loguru)
+    return forwarder
 
 
 def _set_proctitle(name: str) -> None:
@@ -284,7 +434,7 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
     channel = _Channel(results)
     wake_r, wake_w = os.pipe()
     _install_signals(token, wake_w)
-    _forward_logs(channel, settings)
+    logs = _forward_logs(channel, settings)
     _set_proctitle(settings["process_name"])
     watcher = threading.Thread(
         target=_watch, args=(control, token, wake_r, settings), name=f"hostkit-{settings['name']}-watch", daemon=True
@@ -302,20 +452,19 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
             _apply_resources(settings)
             service, close = _load(payload, token, channel)
             service.__dict__["_hostkit_runner"] = _Beat(beat)
-            with logger.contextualize(service=settings["name"], pid=os.getpid()):
-                service.execute(token)
+            service.execute(token)
         finally:
             # Past execute a late SIGTERM has nothing left to interrupt; the result
             # must reach the parent whole.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             try:
                 close()
-            except Exception:
-                logger.opt(exception=True).warning("Closing the child's singletons failed")
+            except Exception as exc:
+                logs.warning("Closing the child's singletons failed", exc)
     except Terminated:
         result = ("terminated",)
     except BaseException as exc:
         result = _describe_error(exc)
-    logger.complete()
+    logs.complete()
     channel.send(result)
     channel.close()

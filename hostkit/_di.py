@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, TypeVar, overload
 
-from loguru import logger
-
 from ._registration import HostedServiceRegistration, make_registration
 from ._util import describe
 from .exceptions import (
@@ -1008,6 +1006,8 @@ def _run_ends(hooks: list[tuple[Callable[[], object] | None, Callable[[], object
         try:
             end()
         except Exception:
+            from loguru import logger  # only on failure: a process-placed child imports _di, not loguru
+
             logger.opt(exception=True).bind(service=_call_name(end)).warning(
                 "Scope end hook {} failed; the others still run", _call_name(end)
             )
@@ -1024,6 +1024,8 @@ def _finish_all(to_close: list[tuple[int, Any]], what: str, exc: BaseException |
                 obj.__exit__(type(exc) if exc is not None else None, exc, exc.__traceback__ if exc else None)
         except Exception:
             name = _call_name(obj) if kind == _GEN else type(obj).__qualname__
+            from loguru import logger  # only on failure: a process-placed child imports _di, not loguru
+
             logger.opt(exception=True).bind(service=name).warning(
                 "Closing the {} service {} failed; the others still close", what, name
             )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from loguru import logger
-
 from ._token import CancellationToken
 
 __all__ = ["ApplicationLifetime"]
@@ -37,6 +35,8 @@ class ApplicationLifetime:
         """Ask the host to stop. Idempotent, and safe from any thread (also from a service)."""
         if self.stopping.is_set():
             return
+        from loguru import logger  # here: a spawned child's lifetime must not load loguru
+
         logger.bind(service="host").debug("Stop requested through ApplicationLifetime.stop_application()")
         self.stopping.set()
 

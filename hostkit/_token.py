@@ -17,8 +17,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import cast
 
-from loguru import logger
-
 from ._options import seconds_option
 from ._util import describe
 from .exceptions import OperationCancelledError
@@ -116,6 +114,10 @@ class CancellationToken(threading.Event):
             try:
                 registration._callback()
             except Exception:
+                # Imported here: a process-placed service's child imports this module but
+                # loads loguru only if its own code uses it (see hostkit._child).
+                from loguru import logger
+
                 logger.opt(exception=True).warning(
                     "A cancellation callback of token {!r} raised; the others still run",
                     self.name,
@@ -269,6 +271,8 @@ class CancellationTokenSource:
             except RuntimeError:
                 # No new threads at interpreter shutdown (Python 3.12): waits still end
                 # at the deadline; callbacks run when something next checks the token.
+                from loguru import logger
+
                 logger.debug("Cannot start the deadline timer of token {!r} (interpreter shutdown)", self.token.name)
                 return
             self._timer = timer

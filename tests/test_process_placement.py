@@ -392,6 +392,113 @@ class TestResources:
         assert logs.find("A thread cannot be killed; it is reported unhealthy", level="ERROR")
 
 
+class Formatted:
+    """Every record the host re-emits, formatted with the fields a child's record carries."""
+
+    FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS}|{name}|{function}|{line}|{extra[service]}|{level}|{message}"
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._id = logger.add(self.lines.append, format=self.FORMAT, level="DEBUG", enqueue=False)
+
+    def close(self) -> None:
+        logger.remove(self._id)
+
+    def find(self, message: str) -> list[list[str]]:
+        return [line.rstrip("\n").split("|", 6) for line in self.lines if message in line]
+
+
+class TestSpawnImportsLittle:
+    """A spawned child imports what its service imports, not all of hostkit and loguru (issue #3's start cost)."""
+
+    def test_service_without_loguru_runs_without_it_and_its_stdlib_records_arrive(self, logs) -> None:
+        """stdlib records, exception included, reach the host with time, module, function, service and pid."""
+        from tests.light_services import ReportsImports
+
+        formatted = Formatted()
+        try:
+            before = time.time()
+            with host_with(ReportsImports(), start_method="spawn"):
+                assert wait_until(lambda: logs.find("stdlib exception in the child"), timeout=30)
+        finally:
+            formatted.close()
+        (report,) = logs.find("heavy modules in the child:")
+        assert report["level"] == "WARNING" and report["service"] == "ReportsImports"
+        assert report["process"] != os.getpid()
+        (fields,) = formatted.find("heavy modules in the child:")
+        stamp, name, function, line, service, level, _ = fields
+        assert (name, function, service, level) == ("tests.light_services", "execute", "ReportsImports", "WARNING")
+        assert int(line) > 0
+        logged_at = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S"))
+        assert before - 2 <= logged_at <= time.time() + 1
+        (caught,) = logs.find("stdlib exception in the child", level="ERROR")
+        assert "KeyError: 'missing'" in caught["message"]
+        heavy = report["message"].rsplit(": ", 1)[1]
+        assert heavy == "none"
+
+    def test_loguru_imported_inside_execute_still_reaches_the_host(self, logs) -> None:
+        """The forwarding sink is installed when the service imports loguru: no record lost, order kept."""
+        from tests.light_services import ImportsLoguruLate
+
+        with host_with(ImportsLoguruLate(), start_method="spawn"):
+            assert wait_until(lambda: logs.find("stdlib after loguru"), timeout=30)
+        mine = [r for r in logs.records if r["service"] == "ImportsLoguruLate" and r["process"] != os.getpid()]
+        messages = [r["message"] for r in mine]
+        assert messages[0].startswith("stdlib before loguru (loguru already imported: ")
+        assert messages[1:] == ["loguru line 1", "stdlib after loguru", "loguru after the stop"]
+        assert [r["level"] for r in mine] == ["WARNING", "INFO", "WARNING", "INFO"]
+        assert len({r["process"] for r in mine}) == 1
+        assert messages[0].endswith("already imported: False)")
+
+    def test_child_container_close_failure_reaches_the_host(self, logs) -> None:
+        """A singleton failing to close in a spawned child is logged there and re-emitted by the host."""
+        from tests.light_services import FailsToClose, UsesFailsToClose
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_singleton(FailsToClose)
+        builder.services.add_hosted_service(UsesFailsToClose, placement="process", start_method="spawn")
+        with builder.build():
+            assert wait_until(lambda: logs.find("running with FailsToClose"), timeout=30)
+        (failed,) = logs.find("Closing the singleton service FailsToClose failed", level="WARNING")
+        assert failed["process"] != os.getpid()
+        assert "OSError: disk went away" in failed["message"]
+
+
+class TestRecordsSentWithoutLoguru:
+    def test_hostkit_own_line_from_a_child_is_reemitted_with_its_fields(self, logs) -> None:
+        """hostkit's own child lines need no loguru in the child; the host re-emits them like any record."""
+        from hostkit._child import _LogForwarder
+        from hostkit._runners.process import _reemit
+
+        class Channel:
+            def __init__(self) -> None:
+                self.sent: list[tuple[Any, ...]] = []
+
+            def send(self, message: tuple[Any, ...]) -> None:
+                self.sent.append(message)
+
+        channel = Channel()
+        forwarder = _LogForwarder(channel, {"name": "svc"})  # type: ignore[arg-type]
+        try:
+            raise OSError("closing failed")
+        except OSError as exc:
+            forwarder.warning("Closing the child's singletons failed", exc)
+        ((kind, data),) = channel.sent
+        assert kind == "log" and isinstance(data["time"], float)
+        formatted = Formatted()
+        try:
+            _reemit(data, 4242, "svc")
+        finally:
+            formatted.close()
+        (fields,) = formatted.find("Closing the child's singletons failed")
+        stamp, name, function, _line, service, level, _message = fields
+        assert (name, service, level) == ("hostkit._child", "svc", "WARNING")
+        assert function == "test_hostkit_own_line_from_a_child_is_reemitted_with_its_fields"
+        assert abs(time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) - data["time"]) < 2
+        (record,) = logs.find("Closing the child's singletons failed")
+        assert record["process"] == 4242 and "OSError: closing failed" in record["message"]
+
+
 class TestStartMethod:
     @pytest.mark.parametrize("where", ["host", "service"])
     def test_start_method_set_per_host_or_per_service(self, where, logs) -> None:

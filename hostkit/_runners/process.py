@@ -189,8 +189,13 @@ def _emitter(module_name: str) -> Callable[[Any, Any, str], None]:
 
 
 def _reemit(data: dict[str, Any], pid: int, service: str) -> None:
+    when = data["time"]
+
     def patch(record: Any) -> None:
-        record["time"] = data["time"]
+        if isinstance(when, float):  # sent without loguru (a stdlib record): a timestamp
+            record["time"] = type(record["time"]).fromtimestamp(when, tz=record["time"].tzinfo)
+        else:
+            record["time"] = when
         record["function"] = data["function"]
         record["line"] = data["line"]
         record["module"] = data["module"]
@@ -216,18 +221,19 @@ _preload_lock = threading.Lock()
 
 
 def _preload_in_forkserver(ctx: Any) -> None:
-    """Have the fork server import hostkit's child side once, so each child need not.
+    """Have the fork server import hostkit's child side and loguru once, so each child need not.
 
-    Without it every forkserver child imports hostkit, loguru, dill and psutil on its
-    own (~40 ms here, most of a child's start). Only effective if the fork server is
-    not running yet; modules the user asked to preload are kept.
+    Without it every forkserver child imports hostkit's child side and dill on its
+    own, and loguru when its service logs through it (~40 ms here, most of a child's
+    start). Only effective if the fork server is not running yet; modules the user
+    asked to preload are kept.
     """
     from multiprocess import forkserver
 
     with _preload_lock:
         server = forkserver._forkserver
         current = list(getattr(server, "_preload_modules", ["__main__"]))
-        wanted = [m for m in ("hostkit._forkserver", "hostkit._child") if m not in current]
+        wanted = [m for m in ("hostkit._forkserver", "hostkit._child", "loguru") if m not in current]
         if wanted:
             ctx.set_forkserver_preload([*current, *wanted])
 

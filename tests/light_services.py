@@ -1,0 +1,64 @@
+"""Process-placed services for the spawn import tests; a spawned child imports this module.
+
+It imports what a typical service module imports from hostkit and nothing heavy:
+no loguru (unless a service imports it itself), no psutil, no pytest. The services
+talk to the test through stdlib ``logging``, which a child forwards to the host with
+or without loguru.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from hostkit import BackgroundService, CancellationToken
+
+log = logging.getLogger(__name__)
+
+#: Modules the host side of hostkit uses and a child should not import on its own.
+HEAVY = ("loguru", "psutil", "tenacity")
+
+
+def heavy_imported() -> str:
+    return ",".join(m for m in HEAVY if m in sys.modules) or "none"
+
+
+class ReportsImports(BackgroundService):
+    """Says which heavy modules its child has imported, and logs an exception, through stdlib logging only."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        log.warning("heavy modules in the child: %s", heavy_imported())
+        try:
+            raise KeyError("missing")
+        except KeyError:
+            log.exception("stdlib exception in the child")
+        stopping.wait()
+
+
+class ImportsLoguruLate(BackgroundService):
+    """Imports loguru only inside execute(); logs through both before and after the import and after the stop."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        log.warning("stdlib before loguru (loguru already imported: %s)", "loguru" in sys.modules)
+        from loguru import logger
+
+        logger.info("loguru line {}", 1)
+        log.warning("stdlib after loguru")
+        stopping.wait()
+        logger.info("loguru after the stop")
+
+
+class FailsToClose:
+    """A singleton whose ``close()`` raises: the child's container logs it when the service ends."""
+
+    def close(self) -> None:
+        raise OSError("disk went away")
+
+
+class UsesFailsToClose(BackgroundService):
+    def __init__(self, resource: FailsToClose) -> None:
+        self.resource = resource
+
+    def execute(self, stopping: CancellationToken) -> None:
+        log.warning("running with %s", type(self.resource).__name__)
+        stopping.wait()

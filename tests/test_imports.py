@@ -1,0 +1,160 @@
+"""What importing hostkit costs: public names load on first use; hooks run after a module's first import."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import textwrap
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import hostkit
+from hostkit._postimport import _awaited, _finder, when_imported
+
+
+def fresh(code: str) -> str:
+    """Run ``code`` in a fresh interpreter; its stdout."""
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+class TestLazyPackage:
+    def test_import_hostkit_imports_no_dependency(self) -> None:
+        """`import hostkit` and the service base classes pull in neither loguru, psutil, tenacity nor multiprocess."""
+        out = fresh(
+            """
+            import sys
+            import hostkit
+            from hostkit import BackgroundService, HostedService, HostOptions, RestartPolicy
+            print(sorted(m for m in ("loguru", "psutil", "tenacity", "multiprocess", "dill") if m in sys.modules))
+            """
+        )
+        assert out == "[]"
+
+    def test_every_public_name_resolves_as_hostkit_name(self) -> None:
+        """Each name of __all__ loads on first use, is cached, and classes say they come from `hostkit`."""
+        out = fresh(
+            """
+            import hostkit
+            bad = []
+            for name in hostkit.__all__:
+                obj = getattr(hostkit, name)
+                if obj is not getattr(hostkit, name) or name not in vars(hostkit):
+                    bad.append(("not cached", name))
+                if isinstance(obj, type) and obj.__module__ != "hostkit":
+                    bad.append(("module", name, obj.__module__))
+            print(bad)
+            """
+        )
+        assert out == "[]"
+
+    def test_from_import_star_and_dir_list_the_public_names(self) -> None:
+        namespace: dict[str, object] = {}
+        exec("from hostkit import *", namespace)
+        assert set(hostkit.__all__) <= set(namespace)
+        assert set(hostkit.__all__) <= set(dir(hostkit))
+
+    def test_unknown_name_is_an_attribute_error_and_an_import_error(self) -> None:
+        with pytest.raises(AttributeError, match="module 'hostkit' has no attribute 'Nope'"):
+            _ = hostkit.Nope  # type: ignore[attr-defined]
+        with pytest.raises(ImportError, match="cannot import name 'Nope' from 'hostkit'"):
+            exec("from hostkit import Nope", {})
+
+    def test_exceptions_module_is_an_attribute_after_import_hostkit(self) -> None:
+        """As when the package imported it eagerly: `import hostkit` then `hostkit.exceptions.X`."""
+        out = fresh("import hostkit; print(hostkit.exceptions.HostStartupError.__name__)")
+        assert out == "HostStartupError"
+
+    @pytest.mark.parametrize("loguru_first", [True, False])
+    def test_hostkit_logs_nothing_until_configured_whichever_is_imported_first(self, loguru_first: bool) -> None:
+        """`logger.disable("hostkit")` holds whether loguru is imported before hostkit or after it."""
+        first, second = ("from loguru import logger", "import hostkit") if loguru_first else ("import hostkit", "")
+        out = fresh(
+            f"""
+            import sys
+            {first}
+            {second}
+            print("loguru imported by hostkit:", "loguru" in sys.modules)
+            from loguru import logger
+            logger.remove()
+            logger.add(sys.stdout, format="{{name}}: {{message}}")
+            ns = {{"__name__": "hostkit.somewhere", "logger": logger}}
+            exec("logger.info('hidden')", ns)
+            hostkit.configure_logging(sink=sys.stdout)
+            exec("logger.info('shown')", ns)
+            """
+        )
+        lines = out.splitlines()
+        assert lines[0] == f"loguru imported by hostkit: {loguru_first}"
+        assert "hidden" not in out
+        assert any(line.endswith("shown") for line in lines[1:])
+
+
+@pytest.fixture
+def modules(tmp_path: Path) -> Iterator[Path]:
+    """A folder on sys.path for throw-away modules; they, and any hook left waiting, are removed after."""
+    sys.path.insert(0, str(tmp_path))
+    before = set(sys.modules)
+    try:
+        yield tmp_path
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in set(sys.modules) - before:
+            if name.startswith("hk_probe"):
+                del sys.modules[name]
+        for name in [n for n in _awaited if n.startswith("hk_probe")]:
+            del _awaited[name]
+        if not _awaited and _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)
+
+
+class TestWhenImported:
+    def test_runs_after_the_first_import_with_the_module_complete(self, modules: Path) -> None:
+        (modules / "hk_probe_a.py").write_text("VALUE = 41\nVALUE += 1\n")
+        seen: list[tuple[str, object]] = []
+        when_imported("hk_probe_a", lambda m: seen.append(("first", m.VALUE)))
+        when_imported("hk_probe_a", lambda m: seen.append(("second", m.VALUE)))
+        assert seen == []
+        import hk_probe_a  # type: ignore[import-not-found]
+
+        assert seen == [("first", 42), ("second", 42)]
+        # Imported as if without the hook; the finder is gone once nothing waits.
+        assert type(hk_probe_a.__loader__).__name__ == "SourceFileLoader"
+        assert hk_probe_a.__spec__.loader is hk_probe_a.__loader__
+        assert "hk_probe_a" not in _awaited
+        again = __import__("hk_probe_a")
+        assert again is hk_probe_a and len(seen) == 2
+
+    def test_runs_at_once_when_already_imported(self, modules: Path) -> None:
+        (modules / "hk_probe_b.py").write_text("X = 1\n")
+        import hk_probe_b  # type: ignore[import-not-found]
+
+        seen: list[types.ModuleType] = []
+        when_imported("hk_probe_b", seen.append)
+        assert seen == [hk_probe_b]
+
+    def test_a_package_and_a_failed_import_retried(self, modules: Path) -> None:
+        """A package works too; a module whose code raised is hooked again on the next attempt."""
+        package = modules / "hk_probe_pkg"
+        package.mkdir()
+        (package / "__init__.py").write_text("import os\nif os.environ.get('HK_PROBE_FAIL'):\n    raise RuntimeError\n")
+        (package / "data.txt").write_text("resource")
+        seen: list[str] = []
+        when_imported("hk_probe_pkg", lambda m: seen.append(m.__name__))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HK_PROBE_FAIL", "1")
+            with pytest.raises(RuntimeError):
+                importlib.import_module("hk_probe_pkg")
+        assert seen == [] and "hk_probe_pkg" in _awaited
+        importlib.import_module("hk_probe_pkg")
+        assert seen == ["hk_probe_pkg"]
+        from importlib.resources import files
+
+        assert files("hk_probe_pkg").joinpath("data.txt").read_text() == "resource"
