@@ -8,12 +8,15 @@ module, or it would shadow it for hostkit: the queue benchmark is ``queues.py``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -78,3 +81,9 @@ def calibrate() -> float:
     for i in range(300_000):
         total += i * i % 7
     return time.perf_counter() - began
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Write a benchmark's result as indented JSON, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

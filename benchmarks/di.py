@@ -32,7 +32,6 @@ resolved and disposed, under 20 µs, and within 10x of constructing by hand.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -40,6 +39,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _common import write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -203,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     number = args.number or (10_000 if args.quick else 50_000)
     result = run(rounds, number)
     print_table(result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.output, result)
     return 0
 
 

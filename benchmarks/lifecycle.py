@@ -43,7 +43,6 @@ SIGTERM to exit under 100 ms for 100 services.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -56,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import _common
-from _common import calibrate, ready_child
+from _common import calibrate, ready_child, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -490,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds must be >= 1, not: {rounds}")
     result = run(rounds, inner=3 if args.quick else 5, wake_samples=50 if args.quick else 200)
     print_table(result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.output, result)
     print(f"\nwrote {args.output}")
     return 0
 

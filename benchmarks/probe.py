@@ -53,7 +53,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from _common import calibrate
+from _common import calibrate, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -289,8 +289,7 @@ def main() -> int:
         },
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
+    write_json(args.output, result)
     print(f"\nprobe latency, GET /health/live ({rounds} rounds x {requests} probes; medians over rounds)")
     print(f"calibration: {result['calibration_ms']['median']:.1f} ms (fixed loop)\n")
     print(f"| {'scenario':<11} | {'server':<11} | p50 ms | p99 ms | max ms | p99 vs stdlib | cpu work/s | target |")

@@ -37,7 +37,6 @@ under 500 ms for 16 cooperative children.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -51,7 +50,7 @@ from typing import Any
 
 import _common
 import psutil
-from _common import calibrate, ready_child
+from _common import calibrate, ready_child, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -326,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
     result = run(methods, rounds, starts=3 if args.quick else 5)
     print_table(result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.output, result)
     print(f"written to {args.output}")
     return 0
 

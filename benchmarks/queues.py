@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import calibrate
+from _common import calibrate, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -385,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds, n_e2e, n_enqueue = 2, 5_000, 3_000
     result = run(rounds, n_e2e, n_enqueue, args.backend or ["sqlite", "redis"])
     print_table(result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.output, result)
     print(f"\nJSON: {args.output}")
     return 0
 

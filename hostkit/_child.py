@@ -128,6 +128,8 @@ class _LogForwarder:
         self.channel = channel
         self.service = settings["name"]
         self.pid = os.getpid()
+        # Named once: every record carries it, and it does not change in this process.
+        self.process_name = _process_name()
         self.stdlib_handler: logging.Handler | None = None
         self.loguru_installed = False
 
@@ -165,7 +167,7 @@ class _LogForwarder:
                     "file_path": file_path,
                     "thread_id": thread.ident,
                     "thread_name": thread.name,
-                    "process_name": _process_name(),
+                    "process_name": self.process_name,
                     "extra": {"service": self.service, "pid": self.pid, **(extra or {})},
                     "exception": exception,
                 },
@@ -210,6 +212,7 @@ class _LogForwarder:
         """Forward every loguru record; from now on route stdlib records through loguru."""
         logger = loguru.logger
         channel = self.channel
+        process_name = self.process_name
 
         def sink(message: Any) -> None:
             record = message.record
@@ -233,7 +236,7 @@ class _LogForwarder:
                         "file_path": record["file"].path,
                         "thread_id": record["thread"].id,
                         "thread_name": record["thread"].name,
-                        "process_name": _process_name(),
+                        "process_name": process_name,
                         "extra": {str(k): _plain(v) for k, v in record["extra"].items()},
                         "exception": exc_text,
                     },
