@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -33,10 +34,16 @@ def free_port() -> int:
 
 
 def fetch(url: str) -> dict | None:
+    """The JSON a view answers, or None when no whole answer came.
+
+    The example project has no middleware that sets Content-Length, so a body is read until the
+    connection closes: when the autoreloader ends the serving process between the headers and
+    the body, the answer arrives empty or cut, which is "no answer yet", like a refused connection.
+    """
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
             return json.loads(resp.read().decode())  # type: ignore[no-any-return]
-    except OSError:
+    except (OSError, http.client.HTTPException, json.JSONDecodeError):
         return None
 
 
