@@ -469,7 +469,7 @@ class ConsumerContract:
         assert started.wait(20)
         stopper = threading.Thread(target=host.stop)
         stopper.start()
-        time.sleep(0.2)  # let the stop begin while the handler is still busy (not a sync point)
+        assert host.lifetime.stopping.wait(20)  # the stop has begun while the handler is still busy
         finish.set()
         stopper.join(30)
         assert not stopper.is_alive()

@@ -137,9 +137,11 @@ class TestRunserver:
         assert first["pid"] in fetch(f"{base}/ticks")["pids"]  # type: ignore[index]
         old_family = {p.pid for p in parent.children(recursive=True)}
 
-        time.sleep(1.1)  # mtime resolution: make the change visible to the stat reloader
         views = project.dir / "jobs" / "views.py"
+        before = views.stat()
         views.write_text(views.read_text() + "\n# changed\n")
+        # The stat reloader reloads on a newer mtime; on a coarse clock the write may keep the old one.
+        os.utime(views, ns=(before.st_atime_ns, before.st_mtime_ns + 5_000_000_000))
         assert wait_until(lambda: (v := view()) and v["pid"] != first["pid"], timeout=60)
         second = view()
         assert second is not None and second["threads"].count("hostkit-TickRecorder") == 1

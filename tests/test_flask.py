@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -337,8 +336,11 @@ class TestServers:
             assert set(first["children"]) <= old_family
 
             # Change the source: the reloader replaces the serving child.
-            time.sleep(1.1)  # the stat reloader compares mtimes at 1 s resolution on some filesystems
-            (tmp_path / "devapp.py").write_text(DEV_APP.replace("VERSION = 1", "VERSION = 2"))
+            source = tmp_path / "devapp.py"
+            before = source.stat()
+            source.write_text(DEV_APP.replace("VERSION = 1", "VERSION = 2"))
+            # The stat reloader reloads on a newer mtime; on a coarse clock the write may keep the old one.
+            os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 5_000_000_000))
             assert wait_until(lambda: (v := view()) is not None and v["pid"] != first["pid"], timeout=60)
             second = view()
             assert second is not None
