@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -36,6 +40,19 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval:
         if value or time.monotonic() >= deadline:
             return bool(value)
         time.sleep(interval)
+
+
+def fetch_json(url: str, timeout: float = 10.0) -> Any:
+    """The JSON a server answers at ``url``, or None when no whole answer came.
+
+    A dev server's reloader ends the serving process whenever it likes, between the headers and
+    the body too: a refused connection, an empty or cut body all mean "no answer yet".
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.loads(resp.read().decode())
+    except (OSError, http.client.HTTPException, json.JSONDecodeError):
+        return None
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import shutil
 import signal
@@ -12,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import closing
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import psutil
 import pytest
 
 from hostkit.exceptions import ConfigurationError
-from tests.conftest import PROJECT_ROOT, wait_until
+from tests.conftest import PROJECT_ROOT, fetch_json, wait_until
 
 pytest.importorskip("django")
 
@@ -31,20 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def fetch(url: str) -> dict | None:
-    """The JSON a view answers, or None when no whole answer came.
-
-    The example project has no middleware that sets Content-Length, so a body is read until the
-    connection closes: when the autoreloader ends the serving process between the headers and
-    the body, the answer arrives empty or cut, which is "no answer yet", like a refused connection.
-    """
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return json.loads(resp.read().decode())  # type: ignore[no-any-return]
-    except (OSError, http.client.HTTPException, json.JSONDecodeError):
-        return None
 
 
 class Project:
@@ -122,7 +105,7 @@ class TestRunserver:
 
         def view() -> dict | None:
             """The serving process's threads, once no reload is under way."""
-            seen = fetch(f"{base}/threads")
+            seen = fetch_json(f"{base}/threads")
             if seen is None or [c.pid for c in parent.children()] != [seen["pid"]]:
                 return None
             return seen
@@ -133,8 +116,8 @@ class TestRunserver:
         assert first["threads"].count("hostkit-TickRecorder") == 1
         assert parent.num_threads() == 1  # the autoreloader parent runs no host
         # The service's units of work reach the database (one scope each), from the serving process.
-        assert wait_until(lambda: (t := fetch(f"{base}/ticks")) and t["ticks"] >= 2, timeout=30)
-        assert first["pid"] in fetch(f"{base}/ticks")["pids"]  # type: ignore[index]
+        assert wait_until(lambda: (t := fetch_json(f"{base}/ticks")) and t["ticks"] >= 2, timeout=30)
+        assert first["pid"] in fetch_json(f"{base}/ticks")["pids"]  # type: ignore[index]
         old_family = {p.pid for p in parent.children(recursive=True)}
 
         views = project.dir / "jobs" / "views.py"

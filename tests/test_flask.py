@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import socket
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -19,7 +17,7 @@ import pytest
 
 from hostkit import BackgroundService, CancellationToken, HostBuilder, HostState
 from hostkit.exceptions import ConfigurationError
-from tests.conftest import PROJECT_ROOT, wait_until
+from tests.conftest import PROJECT_ROOT, fetch_json, wait_until
 
 flask = pytest.importorskip("flask")
 EXAMPLES = Path(PROJECT_ROOT) / "examples"
@@ -50,11 +48,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return resp.read().decode()
 
 
 class TestExtension:
@@ -308,9 +301,8 @@ class TestServers:
 
         def view() -> dict | None:
             """What the serving process reports, once it is settled: its host's threads and children."""
-            try:
-                seen = json.loads(get(url))
-            except OSError:
+            seen = fetch_json(url)
+            if seen is None:
                 return None
             serving = seen["pid"]
             if [c.pid for c in parent.children()] != [serving]:
@@ -398,14 +390,8 @@ class TestServers:
         try:
             url = f"http://127.0.0.1:{port}/threads"
 
-            def fetch() -> dict | None:
-                try:
-                    return json.loads(get(url))
-                except OSError:
-                    return None
-
-            assert wait_until(fetch, timeout=60, interval=0.1)
-            assert fetch()["threads"].count("hostkit-Ticker") == 1  # type: ignore[index]
+            assert wait_until(lambda: fetch_json(url), timeout=60, interval=0.1)
+            assert fetch_json(url)["threads"].count("hostkit-Ticker") == 1  # type: ignore[index]
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 0

@@ -130,8 +130,13 @@ class TestHybridExample:
         assert wait_until(all_done, timeout=60, interval=0.1), f"done: {len(results)}/{len(ids)}"
         assert [results[i]["words"] for i in ids] == list(range(1, 21))
         assert {r["worker"] for r in results.values()} == {worker.pid}
-        status, stats = hybrid.request("GET", "/queue")
-        assert (stats["depth"], stats["in_flight"], stats["dead"]) == (0, 0, 0)
+
+        # A job's result is written by its handler, and its message is acked once the handler returns.
+        def settled() -> bool:
+            stats = hybrid.request("GET", "/queue")[1]
+            return (stats["depth"], stats["in_flight"], stats["dead"]) == (0, 0, 0)
+
+        assert wait_until(settled, timeout=30, interval=0.05), hybrid.request("GET", "/queue")[1]
 
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0
