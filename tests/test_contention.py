@@ -124,8 +124,6 @@ class TestSampler:
 class TestLagProbe:
     def test_lag_rises_with_a_gil_holding_thread(self) -> None:
         """A CPU-bound thread in the process makes 1 ms sleeps wake later than without it."""
-        quiet = LagProbe(samples=50)
-        quiet.burst()
         stop = threading.Event()
 
         def spin() -> None:
@@ -134,19 +132,32 @@ class TestLagProbe:
                 for i in range(20_000):
                     n += i * i
 
-        t = threading.Thread(target=spin)
-        t.start()
-        try:
-            loaded = LagProbe(samples=50)
-            loaded.burst()
-        finally:
-            stop.set()
-            t.join()
-        q, loud = quiet.summary(), loaded.summary()
-        assert loud["count"] == q["count"] == 50
-        # The switch interval is 5 ms: a waking sleeper waits for the GIL about that long.
-        assert loud["p50"] > q["p50"]
-        assert loud["p50"] >= 1.0, loud
+        def one_round() -> tuple[dict, dict]:
+            quiet = LagProbe(samples=50)
+            quiet.burst()
+            stop.clear()
+            t = threading.Thread(target=spin)
+            t.start()
+            try:
+                loaded = LagProbe(samples=50)
+                loaded.burst()
+            finally:
+                stop.set()
+                t.join()
+            return quiet.summary(), loaded.summary()
+
+        # The switch interval is 5 ms: a waking sleeper waits for the GIL about that long. On a
+        # machine busy with other processes the spinner is often off the CPU and the effect thins
+        # out, so the claim is that a round shows it, out of three.
+        rounds = []
+        for _ in range(3):
+            q, loud = one_round()
+            assert loud["count"] == q["count"] == 50
+            rounds.append((q["p50"], loud["p50"]))
+            if loud["p50"] > q["p50"] and loud["p50"] >= 1.0:
+                break
+        else:
+            pytest.fail(f"no round showed GIL lag; (quiet p50, loaded p50) ms: {rounds}")
 
     def test_probe_thread_runs_in_bursts_and_stops(self) -> None:
         """Started, the probe takes bursts on its own thread; stop() joins it."""
