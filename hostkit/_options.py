@@ -62,7 +62,9 @@ class HostOptions:
             ``False`` when your application manages loguru's sinks itself.
 
     Raises:
-        ConfigurationError: a value has the wrong type or range (also a ``ValueError``).
+        ConfigurationError: a value has the wrong type or range (also a ``ValueError``),
+            when the options are made and when a field is assigned later. Durations
+            must be finite, at most 365 days.
 
     .. versionadded:: 0.1
     """
@@ -75,20 +77,11 @@ class HostOptions:
     start_method: str = "forkserver"
     configure_logging: bool = True
 
-    def __post_init__(self) -> None:
-        self.shutdown_timeout = _seconds(self.shutdown_timeout, "HostOptions.shutdown_timeout") or 0.0
-        self.startup_timeout = _seconds(self.startup_timeout, "HostOptions.startup_timeout")
-        if self.on_background_error not in _ERROR_BEHAVIORS:
-            msg = (
-                f"HostOptions.on_background_error must be one of {', '.join(map(repr, _ERROR_BEHAVIORS))}, "
-                f"not: {describe(self.on_background_error)}"
-            )
-            raise ConfigurationError(msg)
-        check_start_method(self.start_method, "HostOptions.start_method")
-        for name in ("start_concurrently", "stop_concurrently", "configure_logging"):
-            if not isinstance(getattr(self, name), bool):
-                msg = f"HostOptions.{name} must be True or False, not: {describe(getattr(self, name))}"
-                raise ConfigurationTypeError(msg)
+    def __setattr__(self, name: str, value: object) -> None:
+        # Checked on every assignment, not only when made: `hostkit run --shutdown-timeout`
+        # and the Django command set the budget on a host that is already built, and a
+        # value that slipped through would only fail in the middle of the stop.
+        super().__setattr__(name, _check_host_option(name, value))
 
     @property
     def shutdown_seconds(self) -> float:
@@ -99,6 +92,24 @@ class HostOptions:
     def startup_seconds(self) -> float | None:
         """``startup_timeout`` as a float number of seconds, or ``None``."""
         return None if self.startup_timeout is None else float(self.startup_timeout)  # type: ignore[arg-type]
+
+
+def _check_host_option(name: str, value: object) -> object:
+    """``value`` for ``HostOptions.<name>``, converted (durations to seconds), or a clear error."""
+    what = f"HostOptions.{name}"
+    if name == "shutdown_timeout":
+        return _seconds(value, what) or 0.0  # type: ignore[arg-type]
+    if name == "startup_timeout":
+        return _seconds(value, what)  # type: ignore[arg-type]
+    if name == "on_background_error" and value not in _ERROR_BEHAVIORS:
+        msg = f"{what} must be one of {', '.join(map(repr, _ERROR_BEHAVIORS))}, not: {describe(value)}"
+        raise ConfigurationError(msg)
+    if name == "start_method":
+        check_start_method(value, what)
+    if name in ("start_concurrently", "stop_concurrently", "configure_logging") and not isinstance(value, bool):
+        msg = f"{what} must be True or False, not: {describe(value)}"
+        raise ConfigurationTypeError(msg)
+    return value
 
 
 def check_start_method(method: object, what: str) -> str:
@@ -122,14 +133,23 @@ class RestartPolicy:
     The back-off wait ends at once when a stop is requested, and no restart
     begins after that.
 
+    With ``max_restarts=None`` the service is restarted after every failure, with
+    no end: the back-off grows to ``backoff_max`` and stays there, however many
+    failures follow.
+
     Attributes:
         max_restarts: restarts allowed within ``window``; ``None`` for no limit.
         window: the sliding window, in seconds, for ``max_restarts``.
-        backoff: the first back-off, in seconds.
+        backoff: the first back-off, in seconds; at most ``backoff_max``.
         backoff_max: the longest back-off, in seconds.
-        multiplier: the back-off grows by this factor per consecutive failure.
+        multiplier: the back-off grows by this factor per consecutive failure (>= 1).
         jitter: up to this many seconds of random delay added to each back-off.
         reset_after: a run at least this long resets the back-off to ``backoff``.
+
+    Raises:
+        ConfigurationError: a value is of the wrong type, negative, not finite,
+            longer than 365 days (the durations), or ``backoff`` is longer than
+            ``backoff_max``.
 
     .. versionadded:: 0.1
     """
@@ -150,11 +170,39 @@ class RestartPolicy:
             raise ConfigurationError(msg)
         for name in ("window", "backoff", "backoff_max", "jitter", "reset_after"):
             object.__setattr__(self, name, _seconds(getattr(self, name), f"RestartPolicy.{name}"))
-        if not isinstance(self.multiplier, (int, float)) or math.isnan(self.multiplier) or self.multiplier < 1:
-            msg = f"RestartPolicy.multiplier must be a number >= 1, not: {describe(self.multiplier)}"
+        multiplier: object = self.multiplier
+        if (
+            not isinstance(multiplier, (int, float))
+            or isinstance(multiplier, bool)
+            or not math.isfinite(multiplier)
+            or multiplier < 1
+        ):
+            msg = f"RestartPolicy.multiplier must be a finite number >= 1, not: {describe(multiplier)}"
+            raise ConfigurationError(msg)
+        object.__setattr__(self, "multiplier", float(multiplier))
+        if self.backoff > self.backoff_max:
+            msg = (
+                f"RestartPolicy.backoff ({self.backoff:g} s) is longer than backoff_max ({self.backoff_max:g} s), "
+                f"so it could never be used; raise backoff_max too, e.g. "
+                f"RestartPolicy(backoff={self.backoff:g}, backoff_max={max(self.backoff, 30.0):g})"
+            )
             raise ConfigurationError(msg)
 
     def delay(self, consecutive_failures: int, random_fraction: float) -> float:
-        """The back-off before restart number ``consecutive_failures`` (1-based)."""
-        base = self.backoff * (self.multiplier ** max(consecutive_failures - 1, 0))
-        return min(base, self.backoff_max) + self.jitter * random_fraction
+        """The back-off before restart number ``consecutive_failures`` (1-based).
+
+        ``backoff * multiplier ** (consecutive_failures - 1)``, capped at
+        ``backoff_max``, plus ``jitter * random_fraction``. Never overflows: the
+        power is only computed while it is below the cap.
+        """
+        steps = max(consecutive_failures - 1, 0)
+        base, cap = self.backoff, self.backoff_max
+        if base == 0 or steps == 0 or self.multiplier == 1:
+            grown = base
+        elif steps >= math.log(cap / base, self.multiplier):
+            # Compared in logarithms first: multiplier ** steps overflows a float (about 1,024
+            # doublings), long before a policy without max_restarts stops failing.
+            grown = cap
+        else:
+            grown = base * self.multiplier**steps
+        return min(grown, cap) + self.jitter * random_fraction

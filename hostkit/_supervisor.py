@@ -6,8 +6,13 @@ One :class:`Supervisor` per run of a background service. It calls ``run_once``
 loop; two strategies are ours because tenacity has no equivalent: a stop after
 more than N failures within a sliding window, and a back-off that resets after a
 healthy run. The back-off sleeps on the service's ``stopping`` token, so a stop
-request ends it at once (measured ~8 ms, see facts.md), and no attempt begins
-after a stop was requested.
+request ends it at once (measured ~8 ms), and no attempt begins after a stop
+was requested.
+
+A failure of the service and a failure of this machinery are told apart: the
+first is the policy's to handle, the second is a bug in hostkit, raised as
+:class:`~hostkit.exceptions.SupervisorError` so that it is never reported as the
+service's own failure, nor lost with the supervising thread.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from loguru import logger
 
 from ._status import ServiceRecord, ServiceState
 from ._token import CancellationToken
-from .exceptions import OperationCancelledError
+from .exceptions import OperationCancelledError, SupervisorError
 
 if TYPE_CHECKING:
     import tenacity
@@ -62,8 +67,18 @@ class Supervisor:
         self._attempts = 0
         self._consecutive = 0
         self._failures: deque[float] = deque()
+        #: The service's last failure, as raised by ``run_once``: anything else that
+        #: escapes the retry loop came from the loop itself.
+        self._last_failure: BaseException | None = None
 
     def run(self) -> None:
+        """Run until the service ends for good.
+
+        Raises:
+            BaseException: the service's last failure, when it failed for good.
+            SupervisorError: the restart machinery itself failed (a bug in hostkit);
+                its ``__cause__`` is the original error.
+        """
         policy = self.record.restart
         if policy is None:
             self._attempt()
@@ -80,7 +95,17 @@ class Supervisor:
             before_sleep=self._before_sleep,
             reraise=True,
         )
-        retrying(self._attempt)
+        try:
+            retrying(self._attempt)
+        except BaseException as exc:
+            if exc is self._last_failure:
+                raise
+            summary, _ = format_failure(exc)
+            msg = (
+                f"the restart supervisor of background service {self.record.name!r} failed after "
+                f"{self._attempts} run(s) and {self.record.restarts} restart(s): {summary}"
+            )
+            raise SupervisorError(msg) from exc
 
     # -- one attempt -------------------------------------------------------------
 
@@ -94,22 +119,26 @@ class Supervisor:
         began = self._clock()
         try:
             self._run_once()
-        except OperationCancelledError:
+        except OperationCancelledError as exc:
             if self.stopping.is_set():
                 return
-            self._failed(began)
+            self._failed(began, exc)
             raise
-        except BaseException:
-            self._failed(began)
+        except BaseException as exc:
+            self._failed(began, exc)
             raise
 
-    def _failed(self, began: float) -> None:
+    def _failed(self, began: float, exc: BaseException) -> None:
+        self._last_failure = exc
         now = self._clock()
         policy = self.record.restart
         if policy is not None and now - began >= policy.reset_after:
             self._consecutive = 0
         self._consecutive += 1
-        self._failures.append(now)
+        if policy is not None and policy.max_restarts is not None:
+            # Only a limited policy counts failures in its window; one without a limit
+            # keeps no history, so restarting for months costs no memory.
+            self._failures.append(now)
         self.record.update(last_failure_at=time.time())
 
     # -- tenacity strategies -----------------------------------------------------

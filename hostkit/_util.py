@@ -8,7 +8,12 @@ import threading
 import traceback
 from datetime import timedelta
 
-__all__ = ["describe", "thread_stack", "to_seconds"]
+__all__ = ["MAX_SECONDS", "describe", "thread_stack", "to_seconds"]
+
+#: The longest duration any option accepts: 365 days. A wait longer than that is a
+#: mistake, not a timeout, and past about 292 years (``threading.TIMEOUT_MAX``) every
+#: ``Event.wait`` raises ``OverflowError``, in the middle of a stop.
+MAX_SECONDS = 365 * 24 * 3600.0
 
 
 def describe(value: object) -> str:
@@ -17,11 +22,11 @@ def describe(value: object) -> str:
 
 
 def to_seconds(value: float | timedelta, what: str, *, allow_none: bool = False) -> float:
-    """Turn a duration into seconds, rejecting negatives, NaN and wrong types.
+    """Turn a duration into seconds, rejecting negatives, NaN, infinity, absurd lengths and wrong types.
 
     Raises:
         TypeError: ``value`` is not a number or a timedelta.
-        ValueError: ``value`` is negative or not finite.
+        ValueError: ``value`` is negative, NaN, infinite or longer than :data:`MAX_SECONDS`.
     """
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
@@ -32,6 +37,9 @@ def to_seconds(value: float | timedelta, what: str, *, allow_none: bool = False)
         raise TypeError(msg)
     if math.isnan(seconds) or seconds < 0:
         msg = f"{what} must be >= 0 seconds, not: {describe(value)}"
+        raise ValueError(msg)
+    if seconds > MAX_SECONDS:
+        msg = f"{what} must be a finite number of seconds, at most {MAX_SECONDS:.0f} (365 days), not: {describe(value)}"
         raise ValueError(msg)
     return seconds
 

@@ -17,6 +17,7 @@ exception it resembles, so code that already catches ``TypeError`` or
     ├── ChildProcessDiedError      (RuntimeError)  a child ended by a signal or os._exit
     ├── ServiceHungError           (TimeoutError)  a service missed its heartbeat_timeout
     ├── MemoryLimitError           (MemoryError)   a child passed its memory_limit
+    ├── SupervisorError            (RuntimeError)  the restart machinery failed (a hostkit bug)
     ├── ProbeListenerError         (OSError)       the health probe port cannot be bound
     ├── SystemdNotifyError         (OSError)       NOTIFY_SOCKET cannot be used
     ├── ChannelFullError           (queue.Full)    a channel refused an item: full
@@ -56,6 +57,7 @@ __all__ = [
     "ServiceNotFoundError",
     "ServicePicklingError",
     "StartupTimeoutError",
+    "SupervisorError",
     "SystemdNotifyError",
 ]
 
@@ -134,6 +136,17 @@ class ServiceHungError(HostkitError, TimeoutError):
 
 class MemoryLimitError(HostkitError, MemoryError):
     """A process-placed service's child passed its ``memory_limit`` (RSS) and was stopped.
+
+    .. versionadded:: 0.1
+    """
+
+
+class SupervisorError(HostkitError, RuntimeError):
+    """The machinery that runs and restarts a background service failed, not the service.
+
+    A bug in hostkit: the service is no longer supervised, so it is marked faulted
+    and the host applies ``on_background_error``. Its ``__cause__`` is the original
+    error; the log line at CRITICAL carries its traceback. Please report it.
 
     .. versionadded:: 0.1
     """

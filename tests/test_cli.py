@@ -327,6 +327,20 @@ class TestRunBadInput:
             one_error_line(result) == "hostkit run: error: --shutdown-timeout must be >= 0 seconds, not: -1.0 (float)"
         )
 
+    @pytest.mark.parametrize("value", ["inf", "nan", "1e12"])
+    def test_infinite_or_absurd_shutdown_timeout(self, app_dir: Path, value: str) -> None:
+        """inf, NaN or a budget past a year is refused before anything runs (inf used to break the stop)."""
+        result = hostkit("run", "apps:create_builder", "--shutdown-timeout", value, cwd=app_dir)
+        assert result.returncode == 2
+        shown = repr(float(value))
+        expected = (
+            f"--shutdown-timeout must be >= 0 seconds, not: {shown} (float)"
+            if value == "nan"
+            else f"--shutdown-timeout must be a finite number of seconds, at most 31536000 (365 days), "
+            f"not: {shown} (float)"
+        )
+        assert one_error_line(result) == f"hostkit run: error: {expected}"
+
 
 class TestProbeCommand:
     def test_exit_codes_follow_health(self, capsys: pytest.CaptureFixture[str]) -> None:

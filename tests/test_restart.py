@@ -156,8 +156,59 @@ class TestBackoff:
         """A wrong policy value fails when the policy is made, naming the field."""
         with pytest.raises(ConfigurationError, match=r"RestartPolicy.max_restarts must be an int >= 0 or None"):
             RestartPolicy(max_restarts=-1)
-        with pytest.raises(ConfigurationError, match=r"RestartPolicy.multiplier must be a number >= 1"):
+        with pytest.raises(ConfigurationError, match=r"RestartPolicy.multiplier must be a finite number >= 1"):
             RestartPolicy(multiplier=0.5)
+
+    @pytest.mark.parametrize(
+        ("changes", "message"),
+        [
+            (
+                {"multiplier": float("inf")},
+                "RestartPolicy.multiplier must be a finite number >= 1, not: inf (float)",
+            ),
+            (
+                {"multiplier": float("nan")},
+                "RestartPolicy.multiplier must be a finite number >= 1, not: nan (float)",
+            ),
+            ({"multiplier": True}, "RestartPolicy.multiplier must be a finite number >= 1, not: True (bool)"),
+            (
+                {"backoff": float("inf")},
+                "RestartPolicy.backoff must be a finite number of seconds, at most 31536000 (365 days), "
+                "not: inf (float)",
+            ),
+            (
+                {"backoff_max": float("inf")},
+                "RestartPolicy.backoff_max must be a finite number of seconds, at most 31536000 (365 days), "
+                "not: inf (float)",
+            ),
+            (
+                {"backoff_max": 1e12},
+                "RestartPolicy.backoff_max must be a finite number of seconds, at most 31536000 (365 days), "
+                "not: 1000000000000.0 (float)",
+            ),
+            (
+                {"window": float("inf")},
+                "RestartPolicy.window must be a finite number of seconds, at most 31536000 (365 days), "
+                "not: inf (float)",
+            ),
+            ({"window": float("nan")}, "RestartPolicy.window must be >= 0 seconds, not: nan (float)"),
+            (
+                {"backoff": 60},
+                "RestartPolicy.backoff (60 s) is longer than backoff_max (30 s), so it could never be used; "
+                "raise backoff_max too, e.g. RestartPolicy(backoff=60, backoff_max=60)",
+            ),
+        ],
+    )
+    def test_non_finite_and_absurd_values_are_refused(self, changes: dict[str, float], message: str) -> None:
+        """inf, NaN, durations past a year and a first back-off above the cap fail when the policy is made.
+
+        Each of them used to be accepted and then broke the supervising thread at the first
+        failure (an overflow, or a wait too long for the platform), far from the mistake.
+        """
+        with pytest.raises(ConfigurationError) as info:
+            RestartPolicy(**changes)  # type: ignore[arg-type]
+        assert str(info.value) == message
+        assert isinstance(info.value, ValueError)
 
 
 class TestStopDuringBackoff:
@@ -233,3 +284,99 @@ class TestThroughTheHost:
         assert status.restarts == 0
         assert status.error == "RuntimeError: run 1 failed"
         assert host.exit_code == ExitCode.OK
+
+
+class TestRestartForever:
+    def test_backoff_is_capped_without_overflow_however_many_failures(self) -> None:
+        """The back-off reaches backoff_max and stays there, at failure 10 or failure 10**18."""
+        policy = RestartPolicy(max_restarts=None, backoff=0.5, multiplier=2, backoff_max=30, jitter=0.25)
+        assert policy.delay(1, 0.0) == 0.5
+        assert policy.delay(2, 0.0) == 1.0
+        assert policy.delay(7, 0.0) == 30.0
+        for failures in (1_025, 5_000, 10**6, 10**18):
+            assert policy.delay(failures, 0.0) == 30.0
+            assert policy.delay(failures, 1.0) == 30.25
+        huge = RestartPolicy(max_restarts=None, backoff=1e-9, multiplier=1e300, backoff_max=60, jitter=0)
+        assert huge.delay(10**9, 0.0) == 60.0
+        zero = RestartPolicy(max_restarts=None, backoff=0, backoff_max=0, jitter=0)
+        assert zero.delay(10**9, 0.5) == 0.0
+
+    def test_backoff_never_decreases_as_failures_add_up(self) -> None:
+        """Each further consecutive failure waits at least as long as the one before."""
+        policy = RestartPolicy(max_restarts=None, backoff=0.001, multiplier=1.5, backoff_max=45, jitter=0)
+        delays = [policy.delay(n, 0.0) for n in range(1, 3_000)]
+        assert delays == sorted(delays)
+        assert delays[-1] == 45.0
+
+    @pytest.mark.timeout(120)
+    def test_five_thousand_consecutive_failures_keep_restarting_and_the_host_stops_cleanly(self) -> None:
+        """max_restarts=None restarts at every failure, at 5,000 and beyond; the host then stops with exit 0."""
+        failures = 5_000
+        healthy = threading.Event()
+
+        class Flaps(BackgroundService):
+            runs = 0
+
+            def execute(self, stopping: CancellationToken) -> None:
+                type(self).runs += 1
+                if type(self).runs <= failures:
+                    raise RuntimeError(f"failure {type(self).runs}")
+                healthy.set()
+                stopping.wait()
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        policy = RestartPolicy(max_restarts=None, backoff=0, backoff_max=0, jitter=0)
+        builder.services.add_hosted_service(Flaps(), restart=policy)
+        host = builder.build()
+        host.start()
+        try:
+            assert wait_until(lambda: healthy.is_set() or host.lifetime.stopping.is_set(), timeout=100)
+            assert healthy.is_set(), f"stopped restarting after {Flaps.runs} runs: {host.status()['Flaps']}"
+            status = host.status()["Flaps"]
+            assert status.state is ServiceState.RUNNING
+            assert status.restarts == failures
+            assert not host.lifetime.stopping.is_set()
+        finally:
+            host.stop()
+        assert host.status()["Flaps"].state is ServiceState.STOPPED
+        assert host.exit_code == ExitCode.OK
+        assert Flaps.runs == failures + 1
+
+
+class TestSupervisorBug:
+    def test_a_failing_supervisor_is_logged_as_a_hostkit_bug_and_surfaced(self, logs) -> None:
+        """An error in the restart machinery itself is not passed off as the service's failure.
+
+        It is logged at CRITICAL as hostkit's own failure with its traceback, the service is
+        faulted with a SupervisorError that names the original error, and the host applies
+        on_background_error: under "stop_host" it stops with exit code 1.
+        """
+        from hostkit.exceptions import SupervisorError
+
+        class BrokenPolicy(RestartPolicy):
+            def delay(self, consecutive_failures: int, random_fraction: float) -> float:
+                raise ZeroDivisionError("bug in the back-off")
+
+        class Crashes(BackgroundService):
+            def execute(self, stopping: CancellationToken) -> None:
+                raise RuntimeError("service failure")
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_hosted_service(Crashes(), restart=BrokenPolicy(max_restarts=None, jitter=0))
+        host = builder.build()
+        host.start()
+        try:
+            assert host.lifetime.stopped.wait(20)
+        finally:
+            host.stop()
+        status = host.status()["Crashes"]
+        assert status.state is ServiceState.FAULTED
+        assert status.error is not None and status.error.startswith(f"{SupervisorError.__name__}: ")
+        assert "ZeroDivisionError: bug in the back-off" in status.error
+        assert status.traceback is not None and "raise ZeroDivisionError" in status.traceback
+        assert host.exit_code == ExitCode.SERVICE_FAILED
+        critical = logs.find("restart supervisor of background service 'Crashes' failed", level="CRITICAL")
+        assert len(critical) == 1
+        assert "a bug in hostkit" in critical[0]["message"]
+        assert "ZeroDivisionError: bug in the back-off" in critical[0]["message"]
+        assert not logs.find("Background service 'Crashes' failed:", level="CRITICAL")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 
@@ -107,6 +108,33 @@ class TestTimeouts:
         """NaN is refused like a negative number."""
         with pytest.raises(ConfigurationError, match=r"HostOptions.shutdown_timeout must be >= 0 seconds, not: nan"):
             HostOptions(shutdown_timeout=float("nan"))
+
+    @pytest.mark.parametrize("field", ["shutdown_timeout", "startup_timeout"])
+    @pytest.mark.parametrize("value", [float("inf"), 1e12])
+    def test_infinite_or_absurd_timeout(self, field: str, value: float) -> None:
+        """inf and durations past a year are refused when the options are made.
+
+        An infinite budget used to be accepted and then broke the stop itself: every
+        wait on the budget raised OverflowError and the services were never waited for.
+        """
+        with pytest.raises(ConfigurationError) as info:
+            HostOptions(**{field: value})
+        assert str(info.value) == (
+            f"HostOptions.{field} must be a finite number of seconds, at most 31536000 (365 days), "
+            f"not: {value!r} (float)"
+        )
+
+    def test_assigning_a_field_later_is_validated_too(self) -> None:
+        """Options changed after they were made (as `hostkit run` does on a built host) are checked the same way."""
+        options = HostOptions()
+        with pytest.raises(ConfigurationError, match=r"HostOptions.shutdown_timeout must be a finite number"):
+            options.shutdown_timeout = float("inf")
+        with pytest.raises(ConfigurationError, match=r"HostOptions.on_background_error must be one of"):
+            options.on_background_error = "restart"  # type: ignore[assignment]
+        assert options.shutdown_timeout == 30.0
+        assert options.on_background_error == "stop_host"
+        options.shutdown_timeout = timedelta(seconds=12)
+        assert options.shutdown_timeout == 12.0
 
     def test_configure_options_validates_at_once(self) -> None:
         """configure_options() validates the new value when called, not at build()."""

@@ -22,7 +22,7 @@ from loguru import logger
 from .._status import ServiceRecord, ServiceState
 from .._supervisor import Supervisor, format_failure
 from .._token import CancellationToken
-from ..exceptions import HostStateError
+from ..exceptions import HostStateError, SupervisorError
 
 if TYPE_CHECKING:
     from .._services import BackgroundService
@@ -99,10 +99,23 @@ class Runner(ABC):
     # -- the supervising thread ---------------------------------------------------
 
     def _main(self) -> None:
-        self.record.update(thread_id=threading.get_native_id())
         try:
+            self.record.update(thread_id=threading.get_native_id())
             with logger.contextualize(service=self.record.name):
                 Supervisor(self.record, self.stopping, self._run_once).run()
+        except SupervisorError as exc:
+            # Not the service's failure: the loop that ran and restarted it broke. Said
+            # so in the log, and the service is faulted so that the host applies
+            # on_background_error and health reports it, rather than it going quiet.
+            self.failure = exc
+            summary, text = format_failure(exc)
+            self.record.mark(ServiceState.FAULTED, error=summary, traceback=text, exception=exc, detail=None)
+            self._log.critical(
+                "The restart supervisor of background service {!r} failed; the service is no longer run. "
+                "This is a bug in hostkit, please report it with this traceback:\n{}",
+                self.record.name,
+                text.rstrip(),
+            )
         except BaseException as exc:
             self.failure = exc
             summary, text = format_failure(exc)
