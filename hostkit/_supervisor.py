@@ -37,8 +37,16 @@ __all__ = ["Supervisor", "format_failure"]
 
 
 def format_failure(exc: BaseException) -> tuple[str, str]:
-    """``("Type: message", traceback text)`` for an exception, chained causes included."""
-    summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    """``("Type: message", traceback text)`` for an exception, chained causes included.
+
+    Never raises: an exception whose ``__str__`` raises is shown as the standard
+    library shows it, since this runs where an error would end the supervising thread.
+    """
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<exception str() failed>"
+    summary = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return summary, "".join(traceback.format_exception(exc))
 
 

@@ -380,3 +380,38 @@ class TestSupervisorBug:
         assert "a bug in hostkit" in critical[0]["message"]
         assert "ZeroDivisionError: bug in the back-off" in critical[0]["message"]
         assert not logs.find("Background service 'Crashes' failed:", level="CRITICAL")
+
+    @pytest.mark.parametrize("restart", [None, RestartPolicy(max_restarts=2, backoff=0, backoff_max=0, jitter=0)])
+    def test_a_failure_that_cannot_be_printed_still_faults_the_service(self, logs, restart) -> None:
+        """An exception whose __str__ raises is reported and restarted like any other failure.
+
+        It used to end the supervising thread in the middle of reporting it: the thread died
+        with a traceback on stderr only, and the service showed as running for good.
+        """
+
+        class Unprintable(Exception):
+            def __str__(self) -> str:
+                raise ValueError("no text")
+
+        class Crashes(BackgroundService):
+            runs = 0
+
+            def execute(self, stopping: CancellationToken) -> None:
+                type(self).runs += 1
+                raise Unprintable
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_hosted_service(Crashes(), restart=restart)
+        host = builder.build()
+        host.start()
+        try:
+            assert host.lifetime.stopped.wait(20), host.status()["Crashes"]
+        finally:
+            host.stop()
+        status = host.status()["Crashes"]
+        assert status.state is ServiceState.FAULTED
+        assert status.error == "Unprintable: <exception str() failed>"
+        assert status.restarts == (0 if restart is None else 2)
+        assert Crashes.runs == (1 if restart is None else 3)
+        assert host.exit_code == ExitCode.SERVICE_FAILED
+        assert logs.find("Background service 'Crashes' failed: Unprintable", level="CRITICAL")

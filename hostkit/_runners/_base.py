@@ -100,6 +100,27 @@ class Runner(ABC):
 
     def _main(self) -> None:
         try:
+            self._supervise_and_report()
+        except BaseException as exc:
+            # Reporting how the run ended failed: a bug in hostkit. The thread must not end
+            # quietly (threading's hook only prints to stderr) and leave the service showing
+            # as running: fault it, and log it where every other error goes.
+            self.failure = exc
+            self.record.mark(
+                ServiceState.FAULTED,
+                error=f"hostkit failed to report how the run ended: {type(exc).__name__}",
+                detail=None,
+            )
+            self._log.opt(exception=exc).critical(
+                "hostkit failed to report how background service {!r} ended; it is no longer run. "
+                "This is a bug in hostkit, please report it with this traceback",
+                self.record.name,
+            )
+        finally:
+            self._finish()
+
+    def _supervise_and_report(self) -> None:
+        try:
             self.record.update(thread_id=threading.get_native_id())
             with logger.contextualize(service=self.record.name):
                 Supervisor(self.record, self.stopping, self._run_once).run()
@@ -131,8 +152,6 @@ class Runner(ABC):
             else:
                 self.record.mark(ServiceState.COMPLETED, detail=None)
                 self._log.info("Background service {!r} completed", self.record.name)
-        finally:
-            self._finish()
 
     def _finish(self) -> None:
         self.ended.set()
