@@ -85,20 +85,22 @@ class HostBuilder:
 
         Raises:
             HostStateError: ``build()`` was called before on this builder.
+            ConfigurationError: ``ApplicationLifetime`` or ``HostOptions`` is registered
+                in the services: the host owns both (the lifetime is injected, the
+                options come from the builder).
             CaptiveDependencyError, ServiceNotFoundError, CircularDependencyError:
                 the dependency graph is wrong (see :class:`~hostkit.ServiceCollection`).
         """
         if self._built:
             msg = "HostBuilder.build() was called twice; a builder builds one host. Make a new HostBuilder"
             raise HostStateError(msg)
+        self._refuse_host_owned_registrations()
         self._built = True
         lifetime = ApplicationLifetime()
         # A copy: the user's collection stays as they wrote it (and picklable for a child process).
         services = self.services.copy()
-        if ApplicationLifetime not in services:
-            services.add_singleton(ApplicationLifetime, instance=lifetime)
-        if HostOptions not in services:
-            services.add_singleton(HostOptions, instance=self.options)
+        services.add_singleton(ApplicationLifetime, instance=lifetime)
+        services.add_singleton(HostOptions, instance=self.options)
         for registration in services.hosted:
             if isinstance(registration.service, type):
                 services.add_singleton(
@@ -107,6 +109,28 @@ class HostBuilder:
                 )
         provider = services.build_provider(validate=True)
         return Host(provider, list(services.hosted), options=self.options, lifetime=lifetime)
+
+    def _refuse_host_owned_registrations(self) -> None:
+        """The lifetime and the options belong to the host: a registration of either would be ignored.
+
+        Refused here, before anything runs, rather than leaving services holding a
+        lifetime the host never sets, or options it never reads.
+        """
+        if ApplicationLifetime in self.services:
+            msg = (
+                "ApplicationLifetime is registered in the services, but a host always uses its own lifetime and "
+                "would ignore this one. Remove the registration: a service that needs the lifetime takes an "
+                "ApplicationLifetime parameter and gets the host's own injected (or use host.lifetime)"
+            )
+            raise ConfigurationError(msg)
+        if HostOptions in self.services:
+            msg = (
+                "HostOptions is registered in the services, but a host takes its options from the builder and "
+                "would ignore this registration. Remove it and set the options on the builder: "
+                "HostBuilder(options=HostOptions(...)) or builder.configure_options(...); a service that needs "
+                "them takes a HostOptions parameter and gets the builder's injected"
+            )
+            raise ConfigurationError(msg)
 
     def __repr__(self) -> str:
         return f"<HostBuilder hosted={len(self.services.hosted)} registrations={len(self.services)}>"

@@ -6,9 +6,11 @@ then ``lifetime.started``. A ``start`` that raises, or start-up passing
 ``startup_timeout``, stops what had started (reverse order) and raises
 :class:`~hostkit.exceptions.HostStartupError` naming the service.
 
-Stop: ``lifetime.stopping``; every background service's token is set *first*, so
-they all wind down in parallel; then ``stopping``/``stop``/``stopped`` hooks in
-reverse order, all sharing one deadline. A hook we did not write runs on a helper
+Stop: ``lifetime.stopping``, whose callbacks are let finish within the budget
+(they may be running on the thread that asked for the stop); then every
+background service's token is set, all *first*, so they wind down in parallel;
+then ``stopping``/``stop``/``stopped`` hooks in reverse order, all sharing one
+deadline. A hook we did not write runs on a helper
 thread so a hung one cannot keep the others from being attempted. At the
 deadline, every service still running is logged with where it is stuck, and
 escalated (a child process is terminated, then killed; a thread is abandoned).
@@ -335,9 +337,9 @@ class Host:
         nothing. A second caller waits for the first caller's stop to finish. During
         start-up it ends the start-up early (no further service starts) and then
         stops what had started. Called from a service's own code (``start``,
-        ``execute``, a hook), it only requests the stop, like
-        ``lifetime.stop_application()``, and returns at once: waiting there would
-        mean waiting for itself.
+        ``execute``, a hook) or from a ``lifetime.stopping`` callback, it only
+        requests the stop, like ``lifetime.stop_application()``, and returns at
+        once: waiting there would mean waiting for itself.
 
         Raises:
             ConfigurationError: ``timeout`` is negative (``ConfigurationTypeError``
@@ -372,10 +374,13 @@ class Host:
         self._stop_started(budget, reason="stop requested")
 
     def _inside_own_call(self) -> bool:
-        """``True`` on a thread that runs one of this host's lifecycle calls or a service's ``execute``."""
+        """``True`` on a thread that runs one of this host's lifecycle calls, a service's ``execute``,
+        or the ``lifetime.stopping`` callbacks (which the stop waits for)."""
         if getattr(self._local, "in_call", False):
             return True
         current = threading.current_thread()
+        if self.lifetime.stopping._running_callbacks() is current:
+            return True
         return any(
             runner is not None and runner._thread is current for runner in (self._runner(r) for r in self._records)
         )
@@ -602,6 +607,7 @@ class Host:
         self._on_stop_requested()
         started = list(reversed(self._started))
         _log.info("Host stopping {} service(s) ({}; budget {:.1f} s)", len(started), reason, budget)
+        self._await_stopping_callbacks(began, cancel_at)
         # Signal every background service first, before the rest of the bookkeeping: they
         # wind down in parallel with each other and with this stop, and no service's stop
         # adds to another's.
@@ -633,6 +639,30 @@ class Host:
             self._state = HostState.STOPPED
         _log.info("Host stopped in {:.3f} s (exit code {})", time.monotonic() - began, self.exit_code)
         self.lifetime.stopped.set()
+
+    def _await_stopping_callbacks(self, began: float, until: float) -> None:
+        """Let the ``lifetime.stopping`` callbacks finish before any service is stopped (.NET's order).
+
+        They run on the thread that set ``stopping``: when that was another thread
+        (``stop_application()`` from a service or a request handler), this one was woken
+        as the token was set, and would otherwise stop the services, fire ``stopped``
+        and let ``run()`` return while a callback is still at work. The wait is part of
+        the one budget: a callback still running when the shutdown token is due is
+        named with its stack, and the stop goes on without it.
+        """
+        stopping = self.lifetime.stopping
+        if stopping._callbacks_finished(max(until - time.monotonic(), 0.0)):
+            return
+        thread = stopping._running_callbacks()
+        if thread is None:
+            return  # it returned just as the wait ended
+        _log.error(
+            "A lifetime.stopping callback was still running {:.1f} s into the stop (on thread {}); the services "
+            "are stopped without waiting for it any longer. It is at:\n{}",
+            time.monotonic() - began,
+            thread.name,
+            thread_stack(thread).rstrip(),
+        )
 
     @staticmethod
     def _runner(record: ServiceRecord) -> Runner | None:

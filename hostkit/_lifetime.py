@@ -12,11 +12,17 @@ __all__ = ["ApplicationLifetime"]
 class ApplicationLifetime:
     """The host's lifetime events, and the one way to ask it to stop.
 
+    The host makes its own and injects it into every service that takes an
+    ``ApplicationLifetime`` parameter; registering one yourself is refused at
+    ``build()``.
+
     Attributes:
         started: set once every service has started.
         stopping: set when a stop is requested or begins; services may watch it
-            to wind down early.
-        stopped: set when the stop has finished.
+            to wind down early. Its callbacks run on the thread that requested the
+            stop, and the host lets them finish (within the shutdown budget) before
+            it stops any service.
+        stopped: set when the stop has finished, after every service's stop.
 
     .. versionadded:: 0.1
     """

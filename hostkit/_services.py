@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
     from ._runners._base import Runner
@@ -83,8 +83,30 @@ class BackgroundService(HostedService):
             runner.beat()
 
     def start(self, token: CancellationToken) -> None:
-        """Launch ``execute`` in its placement and return at once."""
-        self._runner().start()
+        """Launch ``execute`` in its placement and return at once.
+
+        As in .NET, ``token`` is linked into ``execute``'s ``stopping`` token: if it
+        is already cancelled, ``execute`` gets a cancelled token from its first line (a
+        process-placed service starts no child at all); if it is cancelled later, also
+        after ``start`` returned, ``stopping`` is set, and a child is asked to stop.
+
+        Raises:
+            TypeError: ``token`` is not a :class:`~hostkit.CancellationToken` (a plain
+                ``threading.Event`` cannot tell anyone it was set, so it could not be linked).
+        """
+        from ._token import CancellationToken
+        from ._util import describe
+
+        if not isinstance(cast("object", token), CancellationToken):
+            msg = f"start() needs a CancellationToken (a threading.Event cannot be linked), not: {describe(token)}"
+            raise TypeError(msg)
+        runner = self._runner()
+        if token.is_set() and not runner.started:
+            runner.request_stop()  # before the run begins, so execute never sees it unset
+        runner.start()
+        link = token.register(runner.request_stop)
+        # Dropped when the run ends: a long-lived start token must not keep the runner alive.
+        runner.ended.register(link.unregister)
 
     def stop(self, token: CancellationToken) -> None:
         """Set the service's ``stopping`` token and wait for ``execute`` to return.

@@ -47,6 +47,16 @@ class Registration:
         self.unregister()
 
 
+class _Cancelling:
+    """The one run of a token's callbacks: the thread that runs them, set ``done`` after."""
+
+    __slots__ = ("done", "thread")
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = thread
+        self.done = threading.Event()
+
+
 class CancellationToken(threading.Event):
     """A :class:`threading.Event` that means "stop".
 
@@ -70,6 +80,8 @@ class CancellationToken(threading.Event):
         # 3.12 refuses new threads during interpreter shutdown, where embedded hosts stop).
         self._deadline: float | None = None
         self._arm: Callable[[], None] | None = None
+        # Made by the first set(), which runs the callbacks: who runs them, and when they are done.
+        self._cancelling: _Cancelling | None = None
 
     def is_set(self) -> bool:
         """``True`` once the token is set (or its ``cancel_after`` deadline has passed)."""
@@ -107,21 +119,28 @@ class CancellationToken(threading.Event):
 
     def set(self) -> None:
         """Cancel: wake every waiter, then run the registered callbacks once."""
-        super().set()
         with self._callbacks_lock:
             callbacks, self._callbacks = self._callbacks, None
-        for registration in callbacks or ():
-            try:
-                registration._callback()
-            except Exception:
-                # Imported here: a process-placed service's child imports this module but
-                # loads loguru only if its own code uses it (see hostkit._child).
-                from loguru import logger
+            if callbacks is not None:
+                cancelling = self._cancelling = _Cancelling(threading.current_thread())
+        super().set()
+        if callbacks is None:
+            return  # set before: the first set() runs the callbacks
+        try:
+            for registration in callbacks:
+                try:
+                    registration._callback()
+                except Exception:
+                    # Imported here: a process-placed service's child imports this module but
+                    # loads loguru only if its own code uses it (see hostkit._child).
+                    from loguru import logger
 
-                logger.opt(exception=True).warning(
-                    "A cancellation callback of token {!r} raised; the others still run",
-                    self.name,
-                )
+                    logger.opt(exception=True).warning(
+                        "A cancellation callback of token {!r} raised; the others still run",
+                        self.name,
+                    )
+        finally:
+            cancelling.done.set()
 
     cancel = set
 
@@ -172,6 +191,25 @@ class CancellationToken(threading.Event):
         registration._token = None
         callback()
         return registration
+
+    def _callbacks_finished(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the callbacks run by setting the token to return.
+
+        ``True`` once they have (or if the token is not set); ``True`` at once on the
+        thread that runs them, which would otherwise wait for itself. A waiter woken by
+        ``set()`` would otherwise go on while the callbacks still run on the setting thread.
+        """
+        cancelling = self._cancelling
+        if cancelling is None or cancelling.thread is threading.current_thread():
+            return True
+        return cancelling.done.wait(timeout)
+
+    def _running_callbacks(self) -> threading.Thread | None:
+        """The thread running this token's callbacks now, or ``None``."""
+        cancelling = self._cancelling
+        if cancelling is None or cancelling.done.is_set():
+            return None
+        return cancelling.thread
 
     def _unregister(self, registration: Registration) -> bool:
         with self._callbacks_lock:

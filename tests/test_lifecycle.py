@@ -5,19 +5,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from hostkit import (
+    ApplicationLifetime,
     BackgroundService,
     CancellationToken,
+    CancellationTokenSource,
     HostBuilder,
     HostedService,
     HostOptions,
     HostState,
     ServiceState,
 )
-from hostkit.exceptions import HostStartupError, HostStateError
+from hostkit.exceptions import ConfigurationError, HostStartupError, HostStateError
 from tests.conftest import wait_until
 
 
@@ -525,8 +528,6 @@ class TestContextManager:
 class TestInjection:
     def test_services_get_the_hosts_lifetime_injected(self) -> None:
         """A service class asking for ApplicationLifetime in its constructor gets the host's own."""
-        from hostkit import ApplicationLifetime
-
         seen: list[ApplicationLifetime] = []
 
         class Watcher(BackgroundService):
@@ -651,3 +652,269 @@ class TestConcurrentOptions:
 
 def _noop(_: Callable[[], None]) -> None:  # keeps the Callable import used by type checkers
     return None
+
+
+class NotesStoppingCallback(HostedService):
+    """Registers a slow callback on lifetime.stopping, as a service watching for the stop does.
+
+    The callback gives a host that does not wait for it a whole second to finish its stop
+    meanwhile: it notes whether ``lifetime.stopped`` fired while it was still running.
+    """
+
+    def __init__(self, lifetime: ApplicationLifetime, journal: Journal) -> None:
+        self.lifetime = lifetime
+        self.journal = journal
+
+    def start(self, token: CancellationToken) -> None:
+        self.lifetime.stopping.register(self.on_stopping)
+
+    def on_stopping(self) -> None:
+        self.journal.add("callback.begin")
+        if self.lifetime.stopped.wait(1.0):
+            self.journal.add("lifetime.stopped fired during the callback")
+        self.journal.add("callback.end")
+
+    def stopping(self, token: CancellationToken) -> None:
+        self.journal.add("stopping hook")
+
+    def stop(self, token: CancellationToken) -> None:
+        self.journal.add("stop")
+
+
+class TestLifetimeOrder:
+    """.NET's order: the stopping callbacks finish, then the stop phase, then lifetime.stopped, then run() returns."""
+
+    @staticmethod
+    def _host(journal: Journal, **options: object):  # type: ignore[no-untyped-def]
+        builder = HostBuilder(options=HostOptions(**{"shutdown_timeout": 10.0, **options}))  # type: ignore[arg-type]
+        builder.services.add_singleton(Journal, instance=journal)
+        builder.services.add_hosted_service(NotesStoppingCallback)
+        host = builder.build()
+        host.lifetime.stopped.register(lambda: journal.add("lifetime.stopped"))
+        return host
+
+    @staticmethod
+    def _stop_from_another_thread(host) -> threading.Thread:  # type: ignore[no-untyped-def]
+        def stop() -> None:
+            if host.lifetime.started.wait(10):
+                host.lifetime.stop_application()  # runs the stopping callbacks on this thread
+
+        thread = threading.Thread(target=stop, name="test-stopper")
+        thread.start()
+        return thread
+
+    EXPECTED = ["callback.begin", "callback.end", "stopping hook", "stop", "lifetime.stopped"]
+
+    @pytest.mark.timeout(30)
+    def test_run_on_the_main_thread_waits_for_the_callbacks(self) -> None:
+        """run() (signals on the main thread) stops only after a callback run by the stopping thread returned."""
+        journal = Journal()
+        host = self._host(journal)
+        stopper = self._stop_from_another_thread(host)
+        assert host.run() == 0
+        journal.add("run returned")
+        stopper.join(10)
+        assert journal.items == [*self.EXPECTED, "run returned"]
+
+    @pytest.mark.timeout(30)
+    def test_run_off_the_main_thread_waits_for_the_callbacks(self) -> None:
+        """The same when run() waits on another thread, without signal handling."""
+        journal = Journal()
+        host = self._host(journal)
+        codes: list[int] = []
+
+        def run() -> None:
+            codes.append(host.run())
+            journal.add("run returned")
+
+        runner = threading.Thread(target=run, name="test-run")
+        runner.start()
+        stopper = self._stop_from_another_thread(host)
+        runner.join(20)
+        stopper.join(10)
+        assert codes == [0]
+        assert journal.items == [*self.EXPECTED, "run returned"]
+
+    @pytest.mark.timeout(30)
+    def test_started_host_stopped_through_the_lifetime_waits_for_the_callbacks(self) -> None:
+        """After start(), stop_application() from another thread: lifetime.stopped fires after the callbacks."""
+        journal = Journal()
+        host = self._host(journal)
+        host.start()
+        stopper = self._stop_from_another_thread(host)
+        assert host.lifetime.stopped.wait(20)
+        journal.add("stopped seen")
+        stopper.join(10)
+        host.stop()
+        assert journal.items == [*self.EXPECTED, "stopped seen"]
+
+    @pytest.mark.timeout(30)
+    def test_a_callback_past_the_budget_is_named_and_the_stop_goes_on(self, logs) -> None:
+        """A stopping callback that does not return is waited for within the budget only, then named with its stack."""
+        release = threading.Event()
+        journal = Journal()
+
+        def stuck_in_stopping_callback() -> None:
+            release.wait(20)
+
+        host = self._host(journal, shutdown_timeout=1.0)
+        host.lifetime.stopping.register(stuck_in_stopping_callback)
+        stopper = self._stop_from_another_thread(host)
+        try:
+            began = time.monotonic()
+            assert host.run() == 0
+            took = time.monotonic() - began
+        finally:
+            release.set()
+            stopper.join(10)
+        assert "stop" in journal.items and "lifetime.stopped" in journal.items
+        errors = logs.find("A lifetime.stopping callback was still running", level="ERROR")
+        assert len(errors) == 1
+        assert "stuck_in_stopping_callback" in errors[0]["message"]
+        assert took < 8, f"the stop took {took:.1f} s with a 1 s budget"
+
+    @pytest.mark.timeout(30)
+    def test_a_callback_that_stops_the_host_does_not_wait_for_itself(self, logs) -> None:
+        """host.stop() called from a stopping callback asks for the stop and returns; nothing waits out the budget."""
+        journal = Journal()
+        host = self._host(journal)
+        host.lifetime.stopping.register(host.stop)
+        stopper = self._stop_from_another_thread(host)
+        began = time.monotonic()
+        assert host.run() == 0
+        took = time.monotonic() - began
+        stopper.join(10)
+        assert journal.items == self.EXPECTED
+        assert not logs.find("still running", level="ERROR")
+        assert took < 6, f"run() took {took:.1f} s: the stop waited for the callback that waited for the stop"
+
+
+class TestOwnLifetimeAndOptions:
+    def test_registering_an_application_lifetime_is_refused_at_build(self) -> None:
+        """The host always uses its own lifetime: registering another one fails at build(), saying what to do."""
+        builder = HostBuilder()
+        builder.services.add_singleton(ApplicationLifetime, instance=ApplicationLifetime())
+        with pytest.raises(ConfigurationError) as info:
+            builder.build()
+        assert str(info.value) == (
+            "ApplicationLifetime is registered in the services, but a host always uses its own lifetime and would "
+            "ignore this one. Remove the registration: a service that needs the lifetime takes an "
+            "ApplicationLifetime parameter and gets the host's own injected (or use host.lifetime)"
+        )
+
+    def test_registering_host_options_is_refused_at_build(self) -> None:
+        """The host takes its options from the builder: registering HostOptions fails at build(), saying where."""
+        builder = HostBuilder()
+        builder.services.add_singleton(HostOptions, factory=lambda: HostOptions(shutdown_timeout=5))
+        with pytest.raises(ConfigurationError) as info:
+            builder.build()
+        assert str(info.value) == (
+            "HostOptions is registered in the services, but a host takes its options from the builder and would "
+            "ignore this registration. Remove it and set the options on the builder: "
+            "HostBuilder(options=HostOptions(...)) or builder.configure_options(...); a service that needs them "
+            "takes a HostOptions parameter and gets the builder's injected"
+        )
+
+    def test_the_builders_options_are_injected(self) -> None:
+        """A service asking for HostOptions gets the very options the host runs with."""
+        seen: list[HostOptions] = []
+
+        class Reads(HostedService):
+            def __init__(self, options: HostOptions) -> None:
+                seen.append(options)
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=7))
+        builder.services.add_hosted_service(Reads)
+        host = builder.build()
+        with host:
+            pass
+        assert seen == [host.options]
+        assert host.options.shutdown_seconds == 7.0
+
+
+class MarksItsToken(BackgroundService):
+    """Notes in files (readable from a child process too) that it ran and that its token was cancelled."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def execute(self, stopping: CancellationToken) -> None:
+        Path(self.folder, "cancelled-at-entry" if stopping.is_set() else "running").touch()
+        if stopping.wait(30):
+            Path(self.folder, "cancelled").touch()
+
+
+class TestStartToken:
+    """As in .NET, the token given to BackgroundService.start() is linked into execute's stopping token."""
+
+    def test_an_already_cancelled_start_token_cancels_execute_from_its_first_line(self, tmp_path: Path) -> None:
+        """start() with a cancelled token: execute gets a cancelled token and the run ends as stopped."""
+        service = MarksItsToken(str(tmp_path))
+        source = CancellationTokenSource()
+        source.cancel()
+        service.start(source.token)
+        ended = service.__dict__["_hostkit_runner"].ended
+        try:
+            assert ended.wait(10), "execute ignored the cancelled start token"
+        finally:
+            service.stop(CancellationTokenSource(cancel_after=10).token)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cancelled", "cancelled-at-entry"]
+
+    def test_cancelling_the_start_token_later_cancels_execute(self, tmp_path: Path) -> None:
+        """start() returns; cancelling its token afterwards sets execute's stopping token."""
+        service = MarksItsToken(str(tmp_path))
+        with CancellationTokenSource(name="start") as source:
+            service.start(source.token)
+            try:
+                assert wait_until(lambda: (tmp_path / "running").exists())
+                source.cancel()
+                assert wait_until(lambda: (tmp_path / "cancelled").exists()), "execute ignored the start token"
+            finally:
+                service.stop(CancellationTokenSource(cancel_after=10).token)
+
+    def test_a_plain_event_is_refused_as_the_start_token(self) -> None:
+        """A threading.Event cannot tell anyone it was set: start() refuses it rather than ignore it."""
+        service = MarksItsToken("/nonexistent")
+        with pytest.raises(TypeError, match=r"start\(\) needs a CancellationToken"):
+            service.start(threading.Event())  # type: ignore[arg-type]
+
+    @pytest.mark.timeout(60)
+    @pytest.mark.parametrize("placement", ["thread", "process"])
+    def test_start_token_cancelled_during_start_up_cancels_execute_in_every_placement(
+        self, placement: str, tmp_path: Path
+    ) -> None:
+        """Through the host: a stop asked during start-up cancels the start token, and so a started service's execute.
+
+        The service registered after it sees the cancellation reach execute (in its thread, or
+        in its child process) before its own start() returns, that is before the host's stop.
+        """
+        seen: list[bool] = []
+
+        class AbortsStartUp(HostedService):
+            def start(self, token: CancellationToken) -> None:
+                assert wait_until(lambda: (tmp_path / "running").exists(), timeout=30)
+                host.lifetime.stop_application()
+                seen.append(wait_until(lambda: (tmp_path / "cancelled").exists(), timeout=10))
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_hosted_service(MarksItsToken(str(tmp_path)), placement=placement)
+        builder.services.add_hosted_service(AbortsStartUp())
+        host = builder.build()
+        host.start()
+        host.stop()
+        assert seen == [True], "execute was cancelled only by the stop, not by the start token"
+        assert host.status()["MarksItsToken"].state is ServiceState.STOPPED
+        assert host.exit_code == 0
+
+    def test_process_placement_with_a_cancelled_start_token_starts_no_child(self, tmp_path: Path) -> None:
+        """A process-placed service started with a cancelled token never starts its child, and counts as stopped."""
+        service = MarksItsToken(str(tmp_path))
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_hosted_service(service, placement="process")
+        host = builder.build()
+        source = CancellationTokenSource()
+        source.cancel()
+        service.start(source.token)  # the service's own API, as a .NET test calls StartAsync
+        service.stop(CancellationTokenSource(cancel_after=10).token)
+        assert host.status()["MarksItsToken"].state is ServiceState.STOPPED
+        assert list(tmp_path.iterdir()) == [], "execute ran in a child"
