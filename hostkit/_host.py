@@ -10,11 +10,10 @@ Stop: ``lifetime.stopping``, whose callbacks are let finish within the budget
 (they may be running on the thread that asked for the stop); then every
 background service's token is set, all *first*, so they wind down in parallel;
 then ``stopping``/``stop``/``stopped`` hooks in reverse order, all sharing one
-deadline. A hook we did not write runs on a helper
-thread so a hung one cannot keep the others from being attempted. At the
-deadline, every service still running is logged with where it is stuck, and
-escalated (a child process is terminated, then killed; a thread is abandoned).
-Then ``lifetime.stopped``.
+deadline. A hook we did not write runs on a helper thread so a hung one cannot
+keep the others from being attempted. At the deadline, every service still
+running is logged with where it is stuck, and escalated (a child process is
+terminated, then killed; a thread is abandoned). Then ``lifetime.stopped``.
 """
 
 from __future__ import annotations
