@@ -197,6 +197,21 @@ class TestSharedDirectories:
         finally:
             lock.release()
 
+    def test_processes_of_one_user_find_the_same_default_lock(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Workers of one server (same user, environment and directory) compute the same default lock path."""
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+        monkeypatch.setenv("TMPDIR", str(tmp_path))
+        monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from TMPDIR
+        code = "from hostkit._once import default_lock_path; print(default_lock_path('Cleaner'))"
+        paths = {
+            subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+            for _ in range(2)
+        }
+        assert paths == {default_lock_path("Cleaner")}
+        assert os.path.dirname(default_lock_path("Cleaner")) == str(tmp_path / f"hostkit-{os.geteuid()}")
+
     def test_another_user_cannot_hold_the_default_lock(self, shared_tmp: Path) -> None:
         """A user who takes the lock file first cannot keep the service from running."""
         need_attacker()

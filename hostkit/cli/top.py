@@ -196,16 +196,20 @@ def _locate(pid: int) -> tuple[str, set[int]]:
     from ..contention import snapshot_path
 
     uid, env = _host_user(pid)
+    candidates = []
+    unsafe: UnsafePathError | None = None
     try:
-        candidates = [snapshot_path(pid)]
+        candidates.append(snapshot_path(pid))
     except UnsafePathError as err:
-        raise CliError(str(err), code=1) from None
+        unsafe = err  # this user's own directory is not usable; the host's may still be
     if uid is not None:
         candidates += [os.path.join(d, f"top-{pid}.json") for d in runtime_dir_candidates(uid, env)]
     owners = {0, os.geteuid() if uid is None else uid}
     for path in dict.fromkeys(candidates):
         if os.path.lexists(path):
             return path, owners
+    if unsafe is not None:
+        raise CliError(str(unsafe), code=1)
     return candidates[0], owners
 
 
