@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ._services import Placement as Placement
     from ._status import HostState as HostState
     from ._status import HostStatus as HostStatus
+    from ._status import LockStatus as LockStatus
     from ._status import ServiceState as ServiceState
     from ._status import ServiceStatus as ServiceStatus
     from ._token import CancellationToken as CancellationToken
@@ -52,6 +53,7 @@ __all__ = [
     "HostState",
     "HostStatus",
     "HostedService",
+    "LockStatus",
     "OncePerDeployment",
     "PeriodicTimer",
     "Placement",
@@ -80,6 +82,7 @@ _SOURCES: dict[str, str] = {
     "HostState": "._status",
     "HostStatus": "._status",
     "HostedService": "._services",
+    "LockStatus": "._status",
     "OncePerDeployment": "._once",
     "PeriodicTimer": "._periodic",
     "Placement": "._services",

@@ -81,13 +81,24 @@ class _Channel:
 
 
 class _Beat:
-    """Stands in for the runner in the child: ``heartbeat()`` writes the time into shared memory."""
+    """Stands in for the runner in the child.
 
-    def __init__(self, value: Any) -> None:
+    ``heartbeat()`` writes the time into shared memory (a service may beat on every
+    loop turn, too often for the pipe); a deployment lock's status, which changes
+    rarely, goes to the parent by the result pipe.
+    """
+
+    def __init__(self, value: Any, channel: _Channel) -> None:
         self._value = value
+        self._channel = channel
 
     def beat(self) -> None:
         self._value.value = time.time()
+
+    def report_lock(self, status: Any) -> None:
+        # Plain values: the parent rebuilds the LockStatus, so nothing of hostkit is pickled by reference.
+        fields = None if status is None else (status.role, status.path, status.holder_pid)
+        self._channel.send(("lock", fields))
 
 
 def restore_logger(options: tuple[Any, ...]) -> Any:
@@ -454,7 +465,7 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
         try:
             _apply_resources(settings)
             service, close = _load(payload, token, channel)
-            service.__dict__["_hostkit_runner"] = _Beat(beat)
+            service.__dict__["_hostkit_runner"] = _Beat(beat, channel)
             service.execute(token)
         finally:
             # Past execute a late SIGTERM has nothing left to interrupt; the result

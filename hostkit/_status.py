@@ -7,13 +7,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from ._options import RestartPolicy
     from ._services import HostedService, Placement
 
-__all__ = ["HostState", "HostStatus", "ServiceRecord", "ServiceState", "ServiceStatus"]
+__all__ = ["HostState", "HostStatus", "LockStatus", "ServiceRecord", "ServiceState", "ServiceStatus"]
 
 
 class ServiceState(str, enum.Enum):
@@ -65,6 +65,36 @@ def _iso(ts: float | None) -> str | None:
 
 
 @dataclass(frozen=True)
+class LockStatus:
+    """Where a service wrapped in :class:`~hostkit.OncePerDeployment` stands with its deployment lock.
+
+    Attributes:
+        role: ``"holder"`` (this host runs the service) or ``"standby"`` (another
+            process holds the lock; this host takes over when it is released).
+        path: the lock file.
+        holder_pid: the pid of the process holding the lock (for a process-placed
+            service, the child's), or ``None`` if a standby could not read it yet.
+
+    .. versionadded:: 0.1
+    """
+
+    role: Literal["holder", "standby"]
+    path: str
+    holder_pid: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``role``, ``path``, ``holder_pid``."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line for people: who holds the lock, where."""
+        if self.role == "holder":
+            return f"holds the deployment lock {self.path} (pid {self.holder_pid})"
+        holder = "another process" if self.holder_pid is None else f"pid {self.holder_pid}"
+        return f"standby: {holder} holds the deployment lock {self.path}"
+
+
+@dataclass(frozen=True)
 class ServiceStatus:
     """A snapshot of one service.
 
@@ -82,9 +112,14 @@ class ServiceStatus:
         pid: the child's pid for a process-placed service, else the host's pid.
         thread_id: the native id of the thread running it, if any.
         last_heartbeat_at: when it last called ``heartbeat()`` (Unix time), or ``None``.
-        detail: a free-text note (why it stopped, what it is waiting for).
+        detail: a free-text note (why it stopped, what it is waiting for); for a
+            service wrapped in :class:`~hostkit.OncePerDeployment` with nothing
+            more pressing to say, :meth:`LockStatus.describe` of its ``lock``.
         healthy: ``False`` while a thread-placed service's heartbeat is stale (a
             thread cannot be killed, so it is reported instead).
+        lock: for a service wrapped in :class:`~hostkit.OncePerDeployment`, whether
+            this host holds its deployment lock or stands by (a :class:`LockStatus`),
+            else ``None``.
 
     .. versionadded:: 0.1
     """
@@ -104,6 +139,7 @@ class ServiceStatus:
     last_heartbeat_at: float | None = None
     detail: str | None = None
     healthy: bool = True
+    lock: LockStatus | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; times are ISO 8601 strings in UTC."""
@@ -173,6 +209,7 @@ class ServiceRecord:
         self.last_heartbeat_at: float | None = None
         self.detail: str | None = None
         self.healthy = True
+        self.lock: LockStatus | None = None
         self.exception: BaseException | None = None
 
     @classmethod
@@ -218,8 +255,10 @@ class ServiceRecord:
                 pid=self.pid,
                 thread_id=self.thread_id,
                 last_heartbeat_at=self.last_heartbeat_at,
-                detail=self.detail,
+                # A note of the runner (restarting, a stale heartbeat) says more than the lock's.
+                detail=self.detail if self.detail is not None or self.lock is None else self.lock.describe(),
                 healthy=self.healthy,
+                lock=self.lock,
             )
 
     def __repr__(self) -> str:

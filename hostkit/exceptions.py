@@ -20,6 +20,7 @@ exception it resembles, so code that already catches ``TypeError`` or
     ├── SupervisorError            (RuntimeError)  the restart machinery failed (a hostkit bug)
     ├── ProbeListenerError         (OSError)       the health probe port cannot be bound
     ├── SystemdNotifyError         (OSError)       NOTIFY_SOCKET cannot be used
+    ├── UnsafePathError            (PermissionError) another user could tamper with a file
     ├── ChannelFullError           (queue.Full)    a channel refused an item: full
     ├── ChannelClosedError         (RuntimeError)  a channel was closed
     ├── PayloadError               (TypeError)     a queue payload cannot be encoded or decoded
@@ -59,6 +60,7 @@ __all__ = [
     "StartupTimeoutError",
     "SupervisorError",
     "SystemdNotifyError",
+    "UnsafePathError",
 ]
 
 
@@ -182,6 +184,17 @@ class ProbeListenerError(HostkitError, OSError):
 
 class SystemdNotifyError(HostkitError, OSError):
     """The socket named in ``NOTIFY_SOCKET`` cannot be reached or written to.
+
+    .. versionadded:: 0.1
+    """
+
+
+class UnsafePathError(HostkitError, PermissionError):
+    """A file hostkit keeps for itself (a lock, a snapshot) is where another local user could tamper with it.
+
+    A symbolic link or another user's file in its place, or a directory others may
+    write: hostkit refuses it instead of following or trusting it. The message names
+    the path and the fix.
 
     .. versionadded:: 0.1
     """

@@ -264,6 +264,8 @@ class HealthChecks:
 
         ``host`` (live, ready): the host is starting or running (ready only when running).
         ``services`` (live, ready): no service faulted or timed out; restarting is degraded.
+        Its data: each service's state, and under ``locks`` each once-per-deployment
+        service's :class:`~hostkit.LockStatus` (holder or standby, path, holder's pid).
         ``children`` (live, ready): every process-placed service's child is alive.
         ``heartbeats`` (live, ready): every service with a ``heartbeat_timeout`` beat recently.
         """
@@ -337,14 +339,19 @@ _BAD = (ServiceState.FAULTED, ServiceState.TIMED_OUT)
 def _services_check(host: Host) -> HealthCheckResult:
     status = host.status()
     states = {s.name: s.state.value for s in status.services}
+    data: dict[str, Any] = {"services": states}
+    # Which worker runs a once-per-deployment service, and which stand by.
+    locks = {s.name: s.lock.to_dict() for s in status.services if s.lock is not None}
+    if locks:
+        data["locks"] = locks
     bad = [s for s in status.services if s.state in _BAD]
     if bad:
         why = ", ".join(f"{s.name} is {s.state.value}" + (f" ({s.error})" if s.error else "") for s in bad)
-        return HealthCheckResult.unhealthy(why, services=states)
+        return HealthCheckResult.unhealthy(why, **data)
     restarting = [s.name for s in status.services if s.state is ServiceState.RESTARTING]
     if restarting:
-        return HealthCheckResult.degraded(f"restarting: {', '.join(restarting)}", services=states)
-    return HealthCheckResult.healthy(f"{len(states)} service(s), none faulted", services=states)
+        return HealthCheckResult.degraded(f"restarting: {', '.join(restarting)}", **data)
+    return HealthCheckResult.healthy(f"{len(states)} service(s), none faulted", **data)
 
 
 def _children_check(host: Host) -> HealthCheckResult:

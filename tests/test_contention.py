@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import statistics
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from hostkit import BackgroundService, CancellationToken, HostBuilder
+from hostkit import BackgroundService, CancellationToken, HostBuilder, OncePerDeployment
 from hostkit.cli import main as cli_main
 from hostkit.contention import (
     ContentionMonitor,
@@ -23,6 +26,7 @@ from hostkit.contention import (
 )
 from hostkit.exceptions import ConfigurationError
 from tests.conftest import wait_until
+from tests.unprivileged import ATTACKER, attacker_run, make_shared_dir, need_attacker
 
 
 class Busy(BackgroundService):
@@ -273,3 +277,158 @@ class TestTop:
         assert cli_main(["top", "999999", "--once"]) == 1
         err = capsys.readouterr().err
         assert "no snapshot at" in err and "publish=True" in err
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    with make_shared_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def shared_tmp(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temp directory is a shared, world-writable one (like /tmp) that another user can reach."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(shared_dir))
+    return shared_dir
+
+
+_EVIL = "\x1b]0;pwned\x07\x1b[2J\x1b[H\r\u202e"
+
+
+def _fake_snapshot(pid: int) -> str:
+    """A snapshot in hostkit's shape whose texts carry terminal escape sequences."""
+    return json.dumps(
+        {
+            "time": 0.0,
+            "pid": pid,
+            "interval": 1.0,
+            "process": {"cpu_percent": 1.0, "rss": 1048576, "threads": 3},
+            "services": [
+                {
+                    "name": f"Evil{_EVIL}",
+                    "placement": "thread",
+                    "state": f"running{_EVIL}",
+                    "pid": pid,
+                    "thread_id": 7,
+                    "cpu_percent": 1.0,
+                    "detail": f"all fine{_EVIL}",
+                }
+            ],
+            "lag": None,
+            "requests": None,
+            "monitor_cpu_percent": 0.1,
+            "advice": [f"run this{_EVIL}"],
+        }
+    )
+
+
+def _raw_controls(text: str) -> list[str]:
+    return [c for c in text if not c.isprintable() and c != "\n"]
+
+
+class TestSharedDirectories:
+    """Another local user (an unprivileged uid) attacks the snapshot; the suite runs as root."""
+
+    def test_monitor_never_follows_a_link_planted_at_its_files(self, shared_tmp: Path) -> None:
+        """Links planted at the snapshot's name and its temp file's never make a root host overwrite their target."""
+        need_attacker()
+        victim = shared_tmp / "victim"
+        victim.write_text("precious")
+        victim.chmod(0o644)
+        host = _host(Idle())
+        monitor = ContentionMonitor(host, interval=0.05, probe=False, log_every=None, publish=True)
+        path = monitor.publish_path
+        assert path is not None
+        for name in (path, f"{path}.{os.getpid()}.tmp"):
+            attacker_run("ln", "-s", str(victim), name)  # refused when the directory is private
+        with host, monitor:
+            assert wait_until(
+                lambda: victim.read_text() != "precious" or (os.path.isfile(path) and not os.path.islink(path))
+            )
+            st = os.lstat(path)
+        assert victim.read_text() == "precious"
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+        assert stat.S_IMODE(os.lstat(os.path.dirname(path)).st_mode) == 0o700
+        assert not os.path.lexists(path)  # removed at stop
+
+    def test_top_does_not_show_a_snapshot_another_user_planted(
+        self, shared_tmp: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A fake snapshot another user puts where `hostkit top PID` looks is not shown."""
+        need_attacker()
+        pid = os.getpid()
+        path = snapshot_path(pid)
+        attacker_run("sh", "-c", 'mkdir -p "$(dirname "$1")" && printf %s "$2" > "$1"', "sh", path, _fake_snapshot(pid))
+        assert cli_main(["top", str(pid), "--once"]) == 1
+        out, err = capsys.readouterr()
+        assert "Evil" not in out and _raw_controls(out + err) == []
+        assert f"uid {ATTACKER}" in err
+
+    def test_top_refuses_a_file_another_user_owns(self, shared_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """`--file` of a snapshot another user wrote, or of a link, is refused, naming why."""
+        need_attacker()
+        fake = shared_dir / "top.json"
+        attacker_run("sh", "-c", 'printf %s "$2" > "$1"', "sh", str(fake), _fake_snapshot(os.getpid()))
+        assert cli_main(["top", "--file", str(fake), "--once"]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and _raw_controls(err) == []
+        assert f"belongs to uid {ATTACKER}" in err and "not shown" in err
+        link = shared_dir / "link.json"
+        attacker_run("ln", "-s", str(fake), str(link))
+        assert cli_main(["top", "--file", str(link), "--once"]) == 1
+        assert "is a symbolic link" in capsys.readouterr().err
+
+    def test_top_escapes_control_characters(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Every text of a snapshot is printed with its control characters escaped, never raw."""
+        path = tmp_path / "top.json"
+        path.write_text(_fake_snapshot(os.getpid()))
+        path.chmod(0o600)
+        assert cli_main(["top", "--file", str(path), "--once"]) == 0
+        out = capsys.readouterr().out
+        assert _raw_controls(out) == []
+        assert "Evil\\x1b]0;pwned\\x07" in out  # the name column is cut at 28 characters
+        assert "all fine\\x1b]0;pwned\\x07\\x1b[2J\\x1b[H\\r\\u202e" in out
+        assert "advice: run this\\x1b]0;pwned" in out
+        assert cli_main(["top", "--file", str(path), "--once", "--json"]) == 0
+        out = capsys.readouterr().out
+        assert _raw_controls(out) == []
+        assert json.loads(out)["services"][0]["name"] == f"Evil{_EVIL}"
+
+    def test_top_explains_a_snapshot_of_the_wrong_shape(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A snapshot with a text where a number belongs is an error naming the file, not a traceback."""
+        path = tmp_path / "top.json"
+        snap = json.loads(_fake_snapshot(os.getpid()))
+        snap["process"]["cpu_percent"] = "\x1b[2J"
+        path.write_text(json.dumps(snap))
+        assert cli_main(["top", "--file", str(path), "--once"]) == 1
+        err = capsys.readouterr().err
+        assert f"the snapshot {path} is not one hostkit wrote" in err and _raw_controls(err) == []
+
+
+class Holder(BackgroundService):
+    def execute(self, stopping: CancellationToken) -> None:
+        stopping.wait()
+
+
+class TestTopLockStatus:
+    def test_top_shows_which_host_holds_the_deployment_lock(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`hostkit top` shows the holder of a once-per-deployment service's lock, with the path and pid."""
+        lock = str(tmp_path / "h.lock")
+        host = HostBuilder().add_hosted_service(OncePerDeployment(Holder(), lock_path=lock), name="Holder").build()
+        monitor = ContentionMonitor(host, interval=0.05, probe=False, log_every=None, publish=True)
+        with host, monitor:
+            assert wait_until(lambda: host.status()["Holder"].lock is not None)
+            assert wait_until(lambda: monitor.latest is not None and monitor.latest.services[0]["lock"] is not None)
+            assert wait_until(lambda: Path(snapshot_path(os.getpid())).exists())
+            assert cli_main(["top", str(os.getpid()), "--once"]) == 0
+            out = capsys.readouterr().out
+            assert cli_main(["top", str(os.getpid()), "--once", "--json"]) == 0
+            raw = json.loads(capsys.readouterr().out)
+        row = next(line for line in out.splitlines() if line.startswith("Holder"))
+        assert f"holds the deployment lock {lock} (pid {os.getpid()})" in row
+        assert raw["services"][0]["lock"] == {"role": "holder", "path": lock, "holder_pid": os.getpid()}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from .._status import ServiceRecord, ServiceState
+from .._status import LockStatus, ServiceRecord, ServiceState
 from .._supervisor import Supervisor, format_failure
 from .._token import CancellationToken
 from ..exceptions import HostStateError, SupervisorError
@@ -95,6 +95,10 @@ class Runner(ABC):
     def beat(self) -> None:
         """Record a heartbeat from the service."""
         self.record.update(last_heartbeat_at=time.time())
+
+    def report_lock(self, status: LockStatus | None) -> None:
+        """Record where the service stands with its deployment lock (``None``: it has none now)."""
+        self.record.update(lock=status)
 
     # -- the supervising thread ---------------------------------------------------
 

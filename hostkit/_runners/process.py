@@ -13,6 +13,7 @@ Data flow for one run (one child; a restart makes a new child)::
         parent sentinel (host dies) ------------------>  watcher: stopping.set(), then exit
         RawValue('d') <--- heartbeat() time ----------   service.heartbeat()
         result pipe   <--- ("log", record) -----------   loguru sink (stdlib routed into loguru)
+                      <--- ("lock", fields) ----------   OncePerDeployment: holder or standby
                       <--- ("ok") / ("error", exc, tb)   after execute returns or raises
         wait([result pipe, child sentinel], tick)
           re-emit logs, sample RSS and heartbeat
@@ -45,6 +46,7 @@ from loguru import logger
 
 from .._child import Terminated, child_main, restore_logger
 from .._services import BackgroundService
+from .._status import LockStatus
 from .._util import pid_alive
 from ..exceptions import (
     ChildProcessDiedError,
@@ -332,6 +334,8 @@ class ProcessRunner(Runner):
         finally:
             registration.unregister()
             process.join()  # reaped: never a zombie
+            # However the child ended, the kernel released any lock it held.
+            self.record.update(lock=None)
             with self._control_lock:
                 self._control = None
                 with contextlib.suppress(OSError):
@@ -436,6 +440,8 @@ class ProcessRunner(Runner):
                     self._log.opt(exception=True).error("A log record from child {} could not be re-emitted", pid)
             elif message[0] == "stop_application":
                 self._stop_application(pid)
+            elif message[0] == "lock":
+                self.record.update(lock=None if message[1] is None else LockStatus(*message[1]))
             else:
                 result = message
         return result, False

@@ -11,25 +11,29 @@ Every ``interval`` seconds a sampler thread reads, with psutil:
 
 It keeps the latest :class:`ContentionSnapshot`, logs one line per
 ``log_every`` seconds, writes the snapshot as JSON to a file ``hostkit top``
-reads (the control address: ``$TMPDIR/hostkit-top-<pid>.json``), and logs a
-recommendation when a thread-placed service takes more than its share of the
-GIL while the lag probe or request latency says the others are waiting.
+reads (the control address: ``top-<pid>.json`` in hostkit's private runtime
+directory, mode 0600, so no other local user can plant a link there or a fake
+snapshot), and logs a recommendation when a thread-placed service takes more
+than its share of the GIL while the lag probe or request latency says the
+others are waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import psutil
 from loguru import logger
 
+from .._rundir import runtime_dir
 from .._util import describe, to_seconds
 from ..exceptions import ConfigurationError, HostStateError
 from ._latency import LatencyRecorder
@@ -44,8 +48,16 @@ _log = logger.bind(service="contention")
 
 
 def snapshot_path(pid: int) -> str:
-    """Where the monitor of process ``pid`` publishes its snapshot (``hostkit top`` reads it)."""
-    return os.path.join(tempfile.gettempdir(), f"hostkit-top-{pid}.json")
+    """Where the monitor of process ``pid`` of this user publishes its snapshot (``hostkit top`` reads it).
+
+    ``top-<pid>.json`` in hostkit's private runtime directory (``$XDG_RUNTIME_DIR/hostkit``,
+    else ``<tempdir>/hostkit-<uid>``, mode 0700); the directory is not created here.
+
+    Raises:
+        UnsafePathError: that directory's place is taken by something that is not this
+            user's own private directory.
+    """
+    return os.path.join(runtime_dir(create=False), f"top-{pid}.json")
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,8 @@ class ContentionSnapshot:
         interval: seconds the CPU figures cover.
         process: ``cpu_percent``, ``ctx_voluntary``, ``ctx_involuntary`` (per second), ``rss``, ``threads``.
         services: per service: ``name``, ``placement``, ``state``, ``pid``, ``thread_id``,
-            ``cpu_percent`` (``None`` if not running), and for a child process ``rss`` and context switches.
+            ``cpu_percent`` (``None`` if not running), ``detail`` and ``lock`` (see
+            :class:`~hostkit.ServiceStatus`), and for a child process ``rss`` and context switches.
         lag: the lag probe's lateness summary (ms), or ``None`` without a probe.
         requests: the request-latency summary (ms), or ``None`` without a recorder.
         monitor_cpu_percent: the sampler's and the probe's own CPU over the interval (100 = one core).
@@ -213,7 +226,9 @@ class ContentionMonitor:
         probe: a :class:`LagProbe`, ``True`` for a default one, or ``False``.
         latency: a :class:`LatencyRecorder` fed by :class:`LatencyMiddleware`, or ``None``.
         log_every: seconds between log lines (``None``: never).
-        publish: write the snapshot for ``hostkit top`` (``True``: :func:`snapshot_path`; or a path).
+        publish: write the snapshot for ``hostkit top`` (``True``: :func:`snapshot_path`, in
+            hostkit's private runtime directory; or a path). Written 0600 under a fresh name, then
+            renamed into place.
         share, lag_threshold_ms, request_factor: see :func:`advise`.
 
     .. versionadded:: 0.1
@@ -241,6 +256,7 @@ class ContentionMonitor:
         self.latency = latency
         self.log_every = log_every
         if publish is True:
+            runtime_dir()  # made (0700) and checked now: a problem shows before the monitor starts
             self.publish_path: str | None = snapshot_path(os.getpid())
         elif publish is False:
             self.publish_path = None
@@ -394,6 +410,8 @@ class ContentionMonitor:
             "pid": status.pid,
             "thread_id": status.thread_id,
             "cpu_percent": None,
+            "detail": status.detail,
+            "lock": None if status.lock is None else asdict(status.lock),
         }
         if status.state.value not in ("running", "stopping"):
             return entry
@@ -428,11 +446,23 @@ class ContentionMonitor:
                 self._advised[name] = now
                 _log.warning("Contention advice: {}", line)
         if self.publish_path is not None:
-            tmp = f"{self.publish_path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
+            self._publish(snap, self.publish_path)
+
+    @staticmethod
+    def _publish(snap: ContentionSnapshot, path: str) -> None:
+        # mkstemp: a name nobody can guess, created exclusively (O_EXCL) with mode 0600, so
+        # there is no link to follow even in a directory others may write.
+        fd, tmp = tempfile.mkstemp(prefix=".top-", suffix=".tmp", dir=os.path.dirname(path) or ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(snap.to_json())
-            # rename() is atomic: `hostkit top` never reads half a snapshot.
-            os.replace(tmp, self.publish_path)
+            # rename() is atomic, and replaces a link at `path` instead of following it:
+            # `hostkit top` never reads half a snapshot.
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def __repr__(self) -> str:
         state = "running" if self._thread is not None and not self._stop.is_set() else "stopped"
