@@ -147,7 +147,8 @@ class TestGeneratedProjectInstalls:
         origin = by_name["pyhostkit"]["download_info"]
         assert origin["url"] == installed.wheel.as_uri(), origin
         digest = hashlib.sha256(installed.wheel.read_bytes()).hexdigest()
-        assert origin["archive_info"]["hashes"]["sha256"] == digest, origin
+        # pip < 23.1 reports "hash" only ("sha256=..."); later ones "hashes" too.
+        assert origin["archive_info"]["hash"] == f"sha256={digest}", origin
 
         probe = (
             "import importlib.metadata as md, json, hostkit\n"
