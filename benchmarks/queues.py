@@ -251,7 +251,7 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes] | None, str | N
     try:
         import redis
     except ImportError:
-        return None, "redis-py not installed (pip install 'hostkit[redis]')"
+        return None, "redis-py not installed (pip install 'pyhostkit[redis]')"
     if binary is None:
         return None, "redis-server not on PATH"
     sock = os.path.join(directory, "redis.sock")

@@ -643,7 +643,7 @@ class ProbeListener:
         try:
             body, content_type = _render_metrics(self.checks)
         except ImportError:
-            hint = "/metrics needs prometheus-client: pip install 'hostkit[prometheus]'"
+            hint = "/metrics needs prometheus-client: pip install 'pyhostkit[prometheus]'"
             return _response(404, {"error": hint}, head=head)
         return _raw_response(200, body, content_type, head=head)
 

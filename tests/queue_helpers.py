@@ -99,7 +99,7 @@ def redis_server() -> Iterator[RedisServer]:
     try:
         import redis  # noqa: F401
     except ImportError:
-        pytest.skip(REDIS_SKIP.format(why="redis-py is not installed: pip install 'hostkit[redis]'"))
+        pytest.skip(REDIS_SKIP.format(why="redis-py is not installed: pip install 'pyhostkit[redis]'"))
     server = RedisServer()
     try:
         server.start()

@@ -384,6 +384,7 @@ class TestNewCommand:
         assert main(["new", "worker", "billing-sync", "--directory", str(target)]) == 0
         files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
         assert files == [
+            ".dockerignore",
             "Dockerfile",
             "README.md",
             "billing_sync/__init__.py",
@@ -394,6 +395,7 @@ class TestNewCommand:
             "pyproject.toml",
             "setup.cfg",
             "tests/test_worker.py",
+            "wheels/README.md",
         ]
         assert "class BillingSyncWorker(BackgroundService)" in (target / "billing_sync/worker.py").read_text()
         unit = (target / "deploy/billing-sync.service").read_text()

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT, wait_until
 
-pytest.importorskip("flask", reason="the hybrid example needs Flask: pip install 'hostkit[test]'")
+pytest.importorskip("flask", reason="the hybrid example needs Flask: pip install 'pyhostkit[test]'")
 
 HYBRID = Path(PROJECT_ROOT) / "examples" / "hybrid"
 

@@ -60,7 +60,7 @@ class TestRedisSpecifics:
         )
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
         assert "RedisStreamQueue needs redis-py" in out.stdout
-        assert "pip install 'hostkit[redis]'" in out.stdout
+        assert "pip install 'pyhostkit[redis]'" in out.stdout
 
     def test_bad_url_is_refused(self, redis_server: RedisServer) -> None:
         """A URL without a scheme fails at construction with an example of a good one."""

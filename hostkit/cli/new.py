@@ -23,9 +23,14 @@ def register(subparsers: Any) -> None:
         description=(
             "Generate a worker-service project: setup.cfg, a package with a BackgroundService and\n"
             "health checks, tests that pass out of the box, a systemd unit (Type=notify, WatchdogSec),\n"
-            "a Dockerfile with a HEALTHCHECK, and a Kubernetes Deployment with probes wired."
+            "a Dockerfile (tini, HEALTHCHECK), and a Kubernetes Deployment with probes wired.\n\n"
+            "hostkit is published as pyhostkit. Until your index has it, put a pyhostkit wheel in\n"
+            "the project's wheels/ (see wheels/README.md): pip and the Dockerfile install from there."
         ),
-        epilog="example:\n  hostkit new worker billing-sync && cd billing-sync && pip install -e '.[test]' && pytest",
+        epilog=(
+            "example:\n  hostkit new worker billing-sync && cd billing-sync"
+            " && pip install --find-links wheels/ -e '.[test]' && pytest"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("kind", choices=("worker",), help="what to generate")
@@ -42,7 +47,7 @@ def _command(args: argparse.Namespace) -> int:
     written = render_project(args.kind, args.name, target, probe_port=args.probe_port, force=args.force)
     package = _package(args.name)
     print(f"Created {len(written)} files in {target}/")
-    print(f"  cd {target} && pip install -e '.[test]' && pytest")
+    print(f"  cd {target} && pip install --find-links wheels/ -e '.[test]' && pytest")
     print(f"  hostkit run {package}.app:create_builder --probe-port {args.probe_port}")
     return 0
 
@@ -55,9 +60,11 @@ def render_project(kind: str, name: str, target: Path, *, probe_port: int = 8081
     """Write the ``kind`` template for project ``name`` into ``target``; return the files written.
 
     Placeholders ``{{project}}``, ``{{package}}``, ``{{class_name}}``, ``{{probe_port}}``
-    and ``{{hostkit_version}}`` are replaced in file contents, and ``__package__``
-    in paths; a trailing ``.tmpl`` is dropped (it keeps template ``.py`` files away
-    from linters, type checkers and test collectors of hostkit itself).
+    and ``{{hostkit_version}}`` are replaced in file contents, and ``__package__`` and
+    ``__project__`` in paths; a name starting with ``__dot__`` starts with ``.`` instead
+    (packaging leaves hidden files such as ``.dockerignore`` out of the wheel); a
+    trailing ``.tmpl`` is dropped (it keeps template ``.py`` files away from linters,
+    type checkers and test collectors of hostkit itself).
 
     Raises:
         CliError: a bad name or port, an unknown kind, or a non-empty target without ``force``.
@@ -97,6 +104,7 @@ def render_project(kind: str, name: str, target: Path, *, probe_port: int = 8081
             continue
         relative = str(path.relative_to(source)).replace("__package__", package).replace("__project__", name)
         relative = relative.removesuffix(".tmpl")
+        relative = str(Path(relative).with_name(re.sub(r"\A__dot__", ".", Path(relative).name)))
         text = path.read_text(encoding="utf-8")
         for key, value in values.items():
             text = text.replace("{{" + key + "}}", value)

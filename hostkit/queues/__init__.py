@@ -5,7 +5,7 @@ One API, two backends:
 * :class:`SQLiteQueue`: one SQLite file (WAL), several producer and consumer
   processes on one machine, no server.
 * :class:`RedisStreamQueue`: a Redis stream with a consumer group, any number of
-  consumer replicas on any machines (needs ``pip install 'hostkit[redis]'``;
+  consumer replicas on any machines (needs ``pip install 'pyhostkit[redis]'``;
   redis-py is imported only when a :class:`RedisStreamQueue` is made).
 
 :class:`QueueConsumer` is the background service that consumes either one:

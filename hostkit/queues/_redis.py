@@ -145,7 +145,7 @@ class RedisStreamQueue(Queue):
     the defaults (RDB snapshots only), a server crash loses what changed since the
     last snapshot.
 
-    Needs redis-py: ``pip install 'hostkit[redis]'``.
+    Needs redis-py: ``pip install 'pyhostkit[redis]'``.
 
     .. versionadded:: 0.1
     """
@@ -164,7 +164,7 @@ class RedisStreamQueue(Queue):
         try:
             _redis_module()
         except ImportError:
-            msg = "RedisStreamQueue needs redis-py, which is not installed: pip install 'hostkit[redis]'"
+            msg = "RedisStreamQueue needs redis-py, which is not installed: pip install 'pyhostkit[redis]'"
             raise ImportError(msg) from None
         if not isinstance(url, str) or "://" not in url:
             msg = f"url must be a redis URL such as 'redis://127.0.0.1:6379/0' or 'unix:///path', not: {describe(url)}"
