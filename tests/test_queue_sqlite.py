@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,27 @@ import pytest
 from hostkit.exceptions import ConfigurationError, PayloadError
 from hostkit.queues import SQLiteQueue
 from tests.conftest import wait_until
-from tests.queue_helpers import ConsumerContract, QueueContract, unique_name
+from tests.queue_helpers import (
+    ConsumerContract,
+    QueueContract,
+    assert_outage_logged_quietly,
+    most_backoff_steps,
+    unique_name,
+)
+
+# Another process that holds the database's write lock until told to let go (a long
+# migration, an operator's sqlite3 shell with a transaction open).
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    print("locked", flush=True)
+    sys.stdin.readline()
+    conn.execute("ROLLBACK")
+    conn.close()
+    """
+)
 
 
 @pytest.fixture
@@ -183,3 +204,62 @@ class TestSQLiteSpecifics:
         assert sorted(numbers) == list(range(2000)), "each message exactly once across processes"
         assert sum(1 for out in outputs if out.strip()) >= 2, "the work should have been shared"
         q.close()
+
+
+class TestSQLiteOutage:
+    @pytest.mark.timeout(60)
+    def test_a_write_lock_held_past_busy_timeout_is_ridden_out_like_an_outage(self, tmp_path: Path, logs: Any) -> None:
+        """SQLite's outage: another process holds the write lock from before start-up, past busy_timeout.
+
+        The host starts not ready, saying why, logs one WARNING per back-off step, and
+        consumes every message once the lock is let go.
+        """
+        from hostkit import HostBuilder
+        from hostkit.health import HealthStatus, use_health
+        from hostkit.queues import QueueConsumer
+
+        path = tmp_path / "q.db"
+        queue = SQLiteQueue(path, "jobs", busy_timeout=0.05)
+        queue.enqueue_many([{"n": n} for n in range(5)])
+        holder = subprocess.Popen(
+            [sys.executable, "-c", LOCK_HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout.readline().strip() == "locked"
+            handled: list[int] = []
+            consumer = QueueConsumer(
+                queue, lambda m, s: handled.append(m.payload["n"]), concurrency=2, poll_interval=0.05, name="jobs"
+            )
+            builder = HostBuilder()
+            checks = use_health(builder)
+            builder.services.add_hosted_service(consumer, name="jobs")
+            began = time.monotonic()
+            with builder.build() as host:
+                assert wait_until(
+                    lambda: (host.status()["jobs"].detail or "").startswith(
+                        "broker unavailable: OperationalError, next try in "
+                    )
+                ), host.status()["jobs"]
+                ready = checks.run("ready")
+                assert ready.status is HealthStatus.UNHEALTHY
+                assert ready["jobs.broker"].result.data["error"] == "OperationalError: database is locked"
+                assert wait_until(lambda: checks.run("ready")["jobs.broker"].result.data.get("tries", 0) >= 4)
+                assert handled == []
+                holder.stdin.write("go\n")
+                holder.stdin.flush()
+                assert holder.wait(10) == 0
+                locked_for = time.monotonic() - began
+                assert wait_until(lambda: sorted(handled) == [0, 1, 2, 3, 4], timeout=30), handled
+                assert wait_until(lambda: checks.run("ready").status is HealthStatus.HEALTHY)
+                assert host.status()["jobs"].detail is None
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(10)
+            for stream in (holder.stdin, holder.stdout):
+                if stream is not None:
+                    stream.close()
+        assert_outage_logged_quietly(logs, "jobs", reconnected="connected to", max_steps=most_backoff_steps(locked_for))
+        assert (queue.stats().depth, queue.stats().in_flight) == (0, 0)
+        queue.close()
