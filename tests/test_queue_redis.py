@@ -234,7 +234,9 @@ class TestRedisOutage:
             went_down = time.monotonic()
             go_on.set()
             # Down through six failed tries (back-off 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s, jittered): about 3 s.
-            assert wait_until(lambda: _tries(checks, "jobs.broker") >= 6, timeout=30)
+            assert wait_until(
+                lambda: _tries(checks, "jobs.broker") >= 6 and time.monotonic() - went_down >= 3.0, timeout=30
+            )
             assert checks.run("ready")["jobs.broker"].result.description.startswith(
                 "broker unavailable: ConnectionError"
             )
@@ -249,13 +251,14 @@ class TestRedisOutage:
             logs, "jobs", reconnected="reconnected to", max_steps=most_backoff_steps(down_for) + 1
         )
         assert len(steps) >= 6
-        # Besides the steps: at most an ack and a left-over batch per thread, and nothing else.
+        # Besides the steps, at most one line: the ack that met the outage first. Other
+        # threads' failed calls are the same outage, logged at DEBUG.
         others = [
             r["message"]
             for r in logs.records
             if r["level"] in ("WARNING", "ERROR", "CRITICAL") and r not in steps and r["service"] == "jobs"
         ]
-        assert len(others) <= 2 * consumer.concurrency, others
+        assert len(others) <= 1, others
         print(f"\n[redis outage] down {down_for:.1f} s: {len(steps)} back-off WARNING line(s), other lines: {others}")
         queue.purge()
         queue.close()

@@ -263,3 +263,54 @@ class TestSQLiteOutage:
         assert_outage_logged_quietly(logs, "jobs", reconnected="connected to", max_steps=most_backoff_steps(locked_for))
         assert (queue.stats().depth, queue.stats().in_flight) == (0, 0)
         queue.close()
+
+    def test_reconnect_backoff_is_0_1_s_doubling_to_5_s_with_jitter(self, tmp_path: Path) -> None:
+        """The default wait between tries while the broker is down: 0.1 s doubling to 5 s, each cut by up to a fifth."""
+        import tenacity
+
+        from hostkit.exceptions import ConfigurationError
+        from hostkit.queues import QueueConsumer
+
+        consumer = QueueConsumer(SQLiteQueue(tmp_path / "q.db"), lambda m, s: None)
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        for attempt in range(1, 12):
+            state.attempt_number = attempt
+            full = min(0.1 * 2 ** (attempt - 1), 5.0)
+            waits = {consumer.reconnect_backoff(state) for _ in range(20)}
+            assert all(0.8 * full <= w <= full for w in waits), (attempt, waits)
+            assert len(waits) > 1, "jittered: not every consumer of a fleet waits the same"
+        fixed = QueueConsumer(SQLiteQueue(tmp_path / "q.db"), lambda m, s: None, reconnect_backoff=2)
+        assert fixed.reconnect_backoff(state) == 2
+        with pytest.raises(ConfigurationError, match="reconnect_backoff must be a tenacity wait strategy or seconds"):
+            QueueConsumer(SQLiteQueue(tmp_path / "q.db"), lambda m, s: None, reconnect_backoff="5s")  # type: ignore[arg-type]
+
+    def test_a_failed_lease_that_is_no_outage_keeps_its_traceback(self, tmp_path: Path, logs: Any) -> None:
+        """A lease failing with a bug, not an outage: ERROR with its traceback on try 1, then one line per try."""
+        from hostkit import HostBuilder
+        from hostkit.queues import QueueConsumer
+
+        failures = 3
+
+        class Buggy(SQLiteQueue):
+            def lease(self, consumer: str, **options: Any) -> Any:
+                nonlocal failures
+                if failures:
+                    failures -= 1
+                    raise TypeError("a bug in a custom backend")
+                return super().lease(consumer, **options)
+
+        queue = Buggy(tmp_path / "q.db", "jobs")
+        queue.enqueue({"n": 1})
+        handled: list[int] = []
+        consumer = QueueConsumer(queue, lambda m, s: handled.append(m.payload["n"]), poll_interval=0.05, name="jobs")
+        builder = HostBuilder()
+        builder.services.add_hosted_service(consumer, name="jobs")
+        with builder.build():
+            assert wait_until(lambda: handled == [1], timeout=20)
+        [first] = logs.find("Queue consumer 'jobs': leasing from", level="ERROR")
+        assert first["exception"] is not None
+        assert "failed with TypeError: a bug in a custom backend; next try in 0.1 s" in first["message"]
+        later = logs.find("Queue consumer 'jobs': leasing from", level="WARNING")
+        assert len(later) == 2 and all(r["exception"] is None for r in later)
+        assert len(logs.find("Queue consumer 'jobs': connected to", level="INFO")) == 1
+        queue.close()

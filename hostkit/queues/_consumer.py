@@ -364,11 +364,9 @@ class QueueConsumer(BackgroundService):
         except Exception:
             # Not fatal: if renewals keep failing the leases expire and the messages
             # are delivered again (at least once), which is the queue's promise.
-            link = self._link
-            quiet = link is not None and link.state == "down"  # the link already reports the outage
             self._log_failure(
                 log,
-                "DEBUG" if quiet else "WARNING",
+                "WARNING",
                 "Queue consumer {!r}: renewing {} lease(s) failed",
                 self.name,
                 len(held),
@@ -478,7 +476,7 @@ class QueueConsumer(BackgroundService):
         # messages come back; left as they are, they come back after their lease.
         left = [m.id for m in messages if self._claim(m)]
         if left:
-            log.warning(
+            log.debug(
                 "Queue consumer {!r}: {} leased message(s) left unhandled while the broker is unreachable; "
                 "they will be delivered again after their lease expires: {}",
                 self.name,
@@ -601,9 +599,12 @@ class QueueConsumer(BackgroundService):
         exc = sys.exc_info()[1]
         if exc is not None and self.queue.is_outage(exc):
             # Expected while the broker is down, and the messages come back (at least
-            # once): a warning, not an error.
+            # once): a warning, not an error; and only for the first failure of an
+            # outage, which every thread's calls then hit: the link logs the rest.
+            link = self._link
+            news = link.notice(exc) if link is not None else True
             text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            log.log("WARNING" if level == "ERROR" else level, message + ": {}", *args, text)
+            log.log("WARNING" if news else "DEBUG", message + ": {}", *args, text)
             log.opt(exception=exc).debug("Queue consumer {!r}: the traceback of that failure", self.name)
         else:
             log.opt(exception=exc).log(level, message, *args)

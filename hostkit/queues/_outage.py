@@ -121,6 +121,21 @@ class Link:
                 outage=error is not None and self.queue.is_outage(error),
             )
 
+    def notice(self, error: BaseException) -> bool:
+        """Another call than a lease met an outage (an ack, a renewal); ``True`` if it is news.
+
+        The link goes down, so the next lease goes through the prober, and the
+        outage is logged once, not once per thread and call.
+        """
+        with self._cond:
+            if self._state == "down":
+                return False
+            self._state = "down"
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+            self._error = error
+            return True
+
     def wake(self) -> None:
         """Wake the threads waiting for the link (the consumer is stopping)."""
         with self._cond:
@@ -246,10 +261,10 @@ class Link:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if outage or retry_state.attempt_number > 1:
             log.warning(
-                "Queue consumer {!r}: {}: leasing from {!r} failed with {}; next try in {:.1f} s "
+                "Queue consumer {!r}: {}leasing from {!r} failed with {}; next try in {:.1f} s "
                 "(try {}, failing for {:.1f} s)",
                 self.name,
-                "broker unavailable" if outage else "leasing failed",
+                "broker unavailable: " if outage else "",
                 self.queue,
                 text,
                 delay,
