@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -343,9 +342,14 @@ class QueueConsumer(BackgroundService):
                 continue
             try:
                 self.queue.retire(f"{base}-{n + 1}")
-            except Exception:
+            except Exception as exc:
                 self._log_failure(
-                    log, "WARNING", "Queue consumer {!r}: retiring consumer id {} failed", self.name, f"{base}-{n + 1}"
+                    log,
+                    exc,
+                    "WARNING",
+                    "Queue consumer {!r}: retiring consumer id {} failed",
+                    self.name,
+                    f"{base}-{n + 1}",
                 )
 
     _last_renew = 0.0
@@ -361,11 +365,12 @@ class QueueConsumer(BackgroundService):
             return
         try:
             self.queue.renew(held)
-        except Exception:
+        except Exception as exc:
             # Not fatal: if renewals keep failing the leases expire and the messages
             # are delivered again (at least once), which is the queue's promise.
             self._log_failure(
                 log,
+                exc,
                 "WARNING",
                 "Queue consumer {!r}: renewing {} lease(s) failed",
                 self.name,
@@ -391,27 +396,24 @@ class QueueConsumer(BackgroundService):
             held, self._held = list(self._held.values()), {}
         released = 0
         failed: list[str] = []
+        error: Exception | None = None
         for m in held:
             try:
                 if self.queue.release(m, count_attempt=count_attempt):
                     released += 1
-            except Exception:
-                if not failed:  # one line for all: in an outage every release fails the same way
-                    self._log_failure(
-                        log,
-                        "WARNING",
-                        "Queue consumer {!r}: releasing message {} failed; it returns after its lease expires",
-                        self.name,
-                        m.id,
-                    )
+            except Exception as exc:
+                error = error or exc
                 failed.append(m.id)
-        if len(failed) > 1:
-            log.warning(
-                "Queue consumer {!r}: releasing {} more message(s) failed too ({}); they return after their "
-                "leases expire",
+        if error is not None:
+            # One line for all: in an outage every release fails the same way.
+            self._log_failure(
+                log,
+                error,
+                "WARNING",
+                "Queue consumer {!r}: releasing {} message(s) failed ({}); they return after their leases expire",
                 self.name,
-                len(failed) - 1,
-                ", ".join(failed[1:]),
+                len(failed),
+                ", ".join(failed),
             )
         with self._lock:
             self._counts["released"] += released
@@ -497,6 +499,7 @@ class QueueConsumer(BackgroundService):
         except Exception as exc:
             self._log_failure(
                 log,
+                exc,
                 "ERROR",
                 "Queue {!r}: acking {} message(s) failed; they will be delivered again after their lease expires",
                 self.queue.name,
@@ -568,9 +571,10 @@ class QueueConsumer(BackgroundService):
     def _settle(self, log: Any, message: Message, what: str, action: Callable[[Message], bool]) -> bool:
         try:
             held = action(message)
-        except Exception:
+        except Exception as exc:
             self._log_failure(
                 log,
+                exc,
                 "ERROR",
                 "Queue {!r}: {} of message {} failed; it will be delivered again after its lease expires",
                 self.queue.name,
@@ -590,14 +594,13 @@ class QueueConsumer(BackgroundService):
             )
         return held
 
-    def _log_failure(self, log: Any, level: str, message: str, *args: Any) -> None:
-        """Log the queue call failing now: one line for an outage (its traceback at DEBUG), else with the traceback.
+    def _log_failure(self, log: Any, exc: Exception, level: str, message: str, *args: Any) -> None:
+        """Log a failed queue call: one line for an outage (its traceback at DEBUG), else with the traceback.
 
         An outage fails every call the same way, and its traceback says nothing the
         line does not; other failures (bugs) keep theirs at ``level``.
         """
-        exc = sys.exc_info()[1]
-        if exc is not None and self.queue.is_outage(exc):
+        if self.queue.is_outage(exc):
             # Expected while the broker is down, and the messages come back (at least
             # once): a warning, not an error; and only for the first failure of an
             # outage, which every thread's calls then hit: the link logs the rest.

@@ -2,12 +2,13 @@
 
 One link per :class:`~hostkit.queues.QueueConsumer`, shared by its threads::
 
-    connecting ──first lease ok──► up ──a lease fails──► down
-        │                           ▲                      │ one thread probes: lease again after
-        └──a lease fails──► down ───┴──── a lease ok ◄─────┘ 0.1 s, 0.2 s, ... 5 s (tenacity)
+    connecting ──first lease ok──► up ──a lease, an ack, a renewal fails──► down
+        │                           ▲                                         │ one thread probes: lease again
+        └──a lease fails──► down ───┴────────────── a lease ok ◄──────────────┘ after 0.1 s, 0.2 s, ... 5 s
 
-While the link is up every thread leases on its own. When a lease fails, one
-thread becomes the prober: it leases again after a capped, jittered back-off
+While the link is up every thread leases on its own. When a lease fails (or an
+ack or a renewal meets an outage, see :meth:`Link.notice`), one thread becomes the
+prober: it leases again after a capped, jittered back-off
 (tenacity, sleeping on the consumer's stopping token, so a stop ends the wait at
 once) and logs one WARNING per step; the other threads wait for the link instead
 of each hammering the server and logging its own traceback. The first lease that
