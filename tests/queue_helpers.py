@@ -36,20 +36,26 @@ REDIS_SKIP = (
 
 
 class RedisServer:
-    """A redis-server child on a unix socket; :attr:`url` for redis-py."""
+    """A redis-server child on a unix socket; :attr:`url` for redis-py.
 
-    def __init__(self) -> None:
+    With ``persistent=True`` every write is fsynced to an append-only file, so
+    :meth:`halt` then :meth:`start` is an outage that loses nothing, on the same socket.
+    """
+
+    def __init__(self, *, persistent: bool = False) -> None:
         self.dir = tempfile.mkdtemp(prefix="hostkit-redis-")
         self.socket = os.path.join(self.dir, "redis.sock")
         self.url = f"unix://{self.socket}"
+        self.persistent = persistent
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH")
+        durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         # --port 0: no TCP at all, so parallel test runs never race for a port; the
-        # unix socket lives in this run's own directory. No persistence: a test server.
+        # unix socket lives in this run's own directory. No snapshots: a test server.
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -57,7 +63,7 @@ class RedisServer:
                 "--unixsocket", self.socket,
                 "--unixsocketperm", "700",
                 "--save", "",
-                "--appendonly", "no",
+                *durability,
                 "--dir", self.dir,
             ],
             stdout=subprocess.PIPE,
@@ -79,7 +85,8 @@ class RedisServer:
         self.stop()
         raise RuntimeError("redis-server did not answer PING within 20 s")
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server (SIGTERM, as an operator would), keeping its directory: :meth:`start` brings it back."""
         proc, self.proc = self.proc, None
         if proc is not None:
             proc.terminate()
@@ -90,6 +97,9 @@ class RedisServer:
                 proc.wait(5)
             if proc.stdout:
                 proc.stdout.close()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -112,6 +122,57 @@ def redis_server() -> Iterator[RedisServer]:
 
 def unique_name(prefix: str = "q") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# -- broker outages ----------------------------------------------------------------------
+
+
+def probe(port: int, path: str) -> tuple[int, Any]:
+    """GET ``path`` from a probe listener on 127.0.0.1: (status, decoded JSON)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read().decode())
+    finally:
+        conn.close()
+
+
+def most_backoff_steps(seconds: float) -> int:
+    """The most back-off steps the consumer's default reconnect schedule fits in ``seconds``.
+
+    The schedule is 0.1 s doubling to 5 s, each step cut by up to a fifth: counting
+    every step at its shortest gives an upper bound.
+    """
+    steps, elapsed = 0, 0.0
+    while elapsed < seconds:
+        elapsed += 0.8 * min(0.1 * 2**steps, 5.0)
+        steps += 1
+    return steps
+
+
+def assert_outage_logged_quietly(logs: Any, consumer: str, *, reconnected: str, max_steps: int) -> list[dict]:
+    """One WARNING per back-off step, no traceback above DEBUG, one INFO at the recovery; return the steps."""
+    steps = [
+        r
+        for r in logs.records
+        if r["level"] == "WARNING" and f"Queue consumer {consumer!r}: broker unavailable" in r["message"]
+    ]
+    assert steps, "each back-off step must log one WARNING"
+    assert len(steps) <= max_steps, f"{len(steps)} WARNING lines for at most {max_steps} back-off steps"
+    assert all("next try in" in r["message"] for r in steps), "each step says when the next try is"
+    loud = [r for r in logs.records if r["exception"] is not None and r["level"] not in ("DEBUG", "TRACE")]
+    assert not loud, f"tracebacks belong at DEBUG in an outage, got: {[(r['level'], r['message']) for r in loud]}"
+    back = [
+        r
+        for r in logs.records
+        if r["level"] == "INFO" and f"Queue consumer {consumer!r}: {reconnected}" in r["message"]
+    ]
+    assert len(back) == 1, f"one INFO line when the broker is back, got {[r['message'] for r in back]}"
+    return steps
 
 
 # -- the chaos / hybrid consumer process ------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,27 @@ import pytest
 from hostkit.exceptions import ConfigurationError, PayloadError
 from hostkit.queues import SQLiteQueue
 from tests.conftest import wait_until
-from tests.queue_helpers import ConsumerContract, QueueContract, unique_name
+from tests.queue_helpers import (
+    ConsumerContract,
+    QueueContract,
+    assert_outage_logged_quietly,
+    most_backoff_steps,
+    unique_name,
+)
+
+# Another process that holds the database's write lock until told to let go (a long
+# migration, an operator's sqlite3 shell with a transaction open).
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    print("locked", flush=True)
+    sys.stdin.readline()
+    conn.execute("ROLLBACK")
+    conn.close()
+    """
+)
 
 
 @pytest.fixture
@@ -183,3 +204,113 @@ class TestSQLiteSpecifics:
         assert sorted(numbers) == list(range(2000)), "each message exactly once across processes"
         assert sum(1 for out in outputs if out.strip()) >= 2, "the work should have been shared"
         q.close()
+
+
+class TestSQLiteOutage:
+    @pytest.mark.timeout(60)
+    def test_a_write_lock_held_past_busy_timeout_is_ridden_out_like_an_outage(self, tmp_path: Path, logs: Any) -> None:
+        """SQLite's outage: another process holds the write lock from before start-up, past busy_timeout.
+
+        The host starts not ready, saying why, logs one WARNING per back-off step, and
+        consumes every message once the lock is let go.
+        """
+        from hostkit import HostBuilder
+        from hostkit.health import HealthStatus, use_health
+        from hostkit.queues import QueueConsumer
+
+        path = tmp_path / "q.db"
+        queue = SQLiteQueue(path, "jobs", busy_timeout=0.05)
+        queue.enqueue_many([{"n": n} for n in range(5)])
+        holder = subprocess.Popen(
+            [sys.executable, "-c", LOCK_HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout.readline().strip() == "locked"
+            handled: list[int] = []
+            consumer = QueueConsumer(
+                queue, lambda m, s: handled.append(m.payload["n"]), concurrency=2, poll_interval=0.05, name="jobs"
+            )
+            builder = HostBuilder()
+            checks = use_health(builder)
+            builder.services.add_hosted_service(consumer, name="jobs")
+            began = time.monotonic()
+            with builder.build() as host:
+                assert wait_until(
+                    lambda: (host.status()["jobs"].detail or "").startswith(
+                        "broker unavailable: OperationalError, next try in "
+                    )
+                ), host.status()["jobs"]
+                ready = checks.run("ready")
+                assert ready.status is HealthStatus.UNHEALTHY
+                assert ready["jobs.broker"].result.data["error"] == "OperationalError: database is locked"
+                assert wait_until(lambda: checks.run("ready")["jobs.broker"].result.data.get("tries", 0) >= 4)
+                assert handled == []
+                holder.stdin.write("go\n")
+                holder.stdin.flush()
+                assert holder.wait(10) == 0
+                locked_for = time.monotonic() - began
+                assert wait_until(lambda: sorted(handled) == [0, 1, 2, 3, 4], timeout=30), handled
+                assert wait_until(lambda: checks.run("ready").status is HealthStatus.HEALTHY)
+                assert host.status()["jobs"].detail is None
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(10)
+            for stream in (holder.stdin, holder.stdout):
+                if stream is not None:
+                    stream.close()
+        assert_outage_logged_quietly(logs, "jobs", reconnected="connected to", max_steps=most_backoff_steps(locked_for))
+        assert (queue.stats().depth, queue.stats().in_flight) == (0, 0)
+        queue.close()
+
+    def test_reconnect_backoff_is_0_1_s_doubling_to_5_s_with_jitter(self, tmp_path: Path) -> None:
+        """The default wait between tries while the broker is down: 0.1 s doubling to 5 s, each cut by up to a fifth."""
+        import tenacity
+
+        from hostkit.exceptions import ConfigurationError
+        from hostkit.queues import QueueConsumer
+
+        consumer = QueueConsumer(SQLiteQueue(tmp_path / "q.db"), lambda m, s: None)
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        for attempt in range(1, 12):
+            state.attempt_number = attempt
+            full = min(0.1 * 2 ** (attempt - 1), 5.0)
+            waits = {consumer.reconnect_backoff(state) for _ in range(20)}
+            assert all(0.8 * full <= w <= full for w in waits), (attempt, waits)
+            assert len(waits) > 1, "jittered: not every consumer of a fleet waits the same"
+        fixed = QueueConsumer(SQLiteQueue(tmp_path / "q.db"), lambda m, s: None, reconnect_backoff=2)
+        assert fixed.reconnect_backoff(state) == 2
+        with pytest.raises(ConfigurationError, match="reconnect_backoff must be a tenacity wait strategy or seconds"):
+            QueueConsumer(SQLiteQueue(tmp_path / "q.db"), lambda m, s: None, reconnect_backoff="5s")  # type: ignore[arg-type]
+
+    def test_a_failed_lease_that_is_no_outage_keeps_its_traceback(self, tmp_path: Path, logs: Any) -> None:
+        """A lease failing with a bug, not an outage: ERROR with its traceback on try 1, then one line per try."""
+        from hostkit import HostBuilder
+        from hostkit.queues import QueueConsumer
+
+        failures = 3
+
+        class Buggy(SQLiteQueue):
+            def lease(self, consumer: str, **options: Any) -> Any:
+                nonlocal failures
+                if failures:
+                    failures -= 1
+                    raise TypeError("a bug in a custom backend")
+                return super().lease(consumer, **options)
+
+        queue = Buggy(tmp_path / "q.db", "jobs")
+        queue.enqueue({"n": 1})
+        handled: list[int] = []
+        consumer = QueueConsumer(queue, lambda m, s: handled.append(m.payload["n"]), poll_interval=0.05, name="jobs")
+        builder = HostBuilder()
+        builder.services.add_hosted_service(consumer, name="jobs")
+        with builder.build():
+            assert wait_until(lambda: handled == [1], timeout=20)
+        [first] = logs.find("Queue consumer 'jobs': leasing from", level="ERROR")
+        assert first["exception"] is not None
+        assert "failed with TypeError: a bug in a custom backend; next try in 0.1 s" in first["message"]
+        later = logs.find("Queue consumer 'jobs': leasing from", level="WARNING")
+        assert len(later) == 2 and all(r["exception"] is None for r in later)
+        assert len(logs.find("Queue consumer 'jobs': connected to", level="INFO")) == 1
+        queue.close()

@@ -82,7 +82,11 @@ def _open(args: argparse.Namespace) -> Any:
             return SQLiteQueue(args.sqlite, args.name, codec=args.codec)
         from ..queues import RedisStreamQueue
 
-        return RedisStreamQueue(args.redis, args.name, codec=args.codec, prefix=args.prefix)
+        queue = RedisStreamQueue(args.redis, args.name, codec=args.codec, prefix=args.prefix)
+        # Making the queue does not connect (a worker may start before its Redis does);
+        # this command needs the server now, so ask it here, where the error is caught.
+        queue.client.ping()
+        return queue
     except ConfigurationError as err:
         raise CliError(str(err)) from None
     except ImportError as err:

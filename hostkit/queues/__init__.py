@@ -11,7 +11,9 @@ One API, two backends:
 :class:`QueueConsumer` is the background service that consumes either one:
 lease, run the handler in a DI scope, ack on success, retry with a tenacity
 back-off, dead-letter after ``max_attempts``, re-deliver when a consumer dies
-(lease expiry). Delivery is at least once: make handlers idempotent.
+(lease expiry). Delivery is at least once: make handlers idempotent. When the
+broker cannot be reached, at start-up or later, the consumer waits with a capped
+back-off, one log line per try, and reports itself not ready until it is back.
 
 Example::
 

@@ -204,6 +204,19 @@ class Queue(abc.ABC):
         """Forget a consumer that stopped for good (after it settled everything). Optional."""
         return  # an optional hook: backends without consumer records have nothing to forget
 
+    def is_outage(self, error: BaseException) -> bool:
+        """``True`` if ``error`` means the storage cannot be reached now, not that the call was wrong.
+
+        A server down or restarting, a network cut, a lock held too long. A
+        :class:`~hostkit.queues.QueueConsumer` rides out every failed lease with the
+        same back-off; an outage is logged as one line per try (its traceback at
+        DEBUG), anything else with its traceback. Backends add their own errors to
+        the default, :class:`OSError`.
+
+        .. versionadded:: 0.1
+        """
+        return isinstance(error, OSError)
+
     @abc.abstractmethod
     def purge(self) -> int:
         """Delete every message of this queue, dead letters included; return how many (tests, tooling)."""

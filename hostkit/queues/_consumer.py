@@ -17,6 +17,11 @@ Settling is claimed exactly once per delivery (``_claim``): at a stop, a handler
 still running when ``drain_timeout`` (or the host's budget) runs out has its
 message released back to the queue, and if the handler finishes later it finds the
 claim taken and does not ack. So a message is acked or released, never both.
+
+Leases go through a link to the broker (``_outage.Link``): when the broker cannot
+be reached, at start-up or mid-run, one thread retries with a capped back-off and
+logs one line per try while the others wait; the consumer reports itself not ready
+(``readiness()``, the host's status detail) until a lease succeeds again.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tenacity
 from loguru import logger
@@ -38,7 +43,12 @@ from .._supervisor import format_failure
 from .._token import CancellationToken, CancellationTokenSource
 from .._util import describe, to_seconds
 from ..exceptions import ConfigurationError
+from ..health import HealthCheckResult, HealthChecks
 from ._base import Message, Queue, check_positive_int
+from ._outage import DETAIL_PREFIXES, Link, default_reconnect, describe_failure
+
+if TYPE_CHECKING:
+    from .._host import Host
 
 __all__ = ["Handler", "QueueConsumer"]
 
@@ -53,6 +63,15 @@ Handler = Callable[[Message, Scope], object]
 
 def _default_backoff() -> tenacity.wait.wait_base:
     return tenacity.wait_exponential(multiplier=1, min=1, max=60)
+
+
+def _wait_strategy(value: object, what: str) -> tenacity.wait.wait_base:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return tenacity.wait_fixed(to_seconds(value, what))
+    if not callable(value):
+        msg = f"{what} must be a tenacity wait strategy or seconds, not: {describe(value)}"
+        raise ConfigurationError(msg)
+    return value  # type: ignore[return-value]
 
 
 class QueueConsumer(BackgroundService):
@@ -80,6 +99,11 @@ class QueueConsumer(BackgroundService):
         backoff: the delay before a failed message is delivered again: a tenacity
             wait strategy (called with the attempt number) or seconds. Default:
             exponential, 1 s doubling to 60 s.
+        reconnect_backoff: the wait between tries while the queue's broker cannot
+            be reached (a Redis server down, a SQLite write lock held past
+            ``busy_timeout``): a tenacity wait strategy (called with the try
+            number) or seconds. Default: 0.1 s doubling to 5 s, each step cut by
+            up to a fifth at random. One thread tries; the others wait for it.
         drain_timeout: at stop, how long handlers in progress may run on; what
             has not finished then is released back to the queue (not acked).
         poll_interval: the longest a consumer waits for new messages before
@@ -100,6 +124,7 @@ class QueueConsumer(BackgroundService):
         max_attempts: int = 5,
         max_deliveries: int | None = None,
         backoff: tenacity.wait.wait_base | float | None = None,
+        reconnect_backoff: tenacity.wait.wait_base | float | None = None,
         drain_timeout: float | timedelta = 10.0,
         poll_interval: float | timedelta = 0.5,
         name: str | None = None,
@@ -126,14 +151,10 @@ class QueueConsumer(BackgroundService):
         if self.max_deliveries < self.max_attempts:
             msg = f"max_deliveries ({self.max_deliveries}) must be >= max_attempts ({self.max_attempts})"
             raise ConfigurationError(msg)
-        if backoff is None:
-            backoff = _default_backoff()
-        elif isinstance(backoff, (int, float)) and not isinstance(backoff, bool):
-            backoff = tenacity.wait_fixed(to_seconds(backoff, "backoff"))
-        elif not callable(backoff):
-            msg = f"backoff must be a tenacity wait strategy or seconds, not: {describe(backoff)}"
-            raise ConfigurationError(msg)
-        self.backoff: tenacity.wait.wait_base = backoff
+        self.backoff = _default_backoff() if backoff is None else _wait_strategy(backoff, "backoff")
+        self.reconnect_backoff = (
+            default_reconnect() if reconnect_backoff is None else _wait_strategy(reconnect_backoff, "reconnect_backoff")
+        )
         self.drain_timeout = to_seconds(drain_timeout, "drain_timeout")
         self.poll_interval = to_seconds(poll_interval, "poll_interval")
         self.name = name or f"queue-{queue.name}"
@@ -147,8 +168,10 @@ class QueueConsumer(BackgroundService):
         self._unacked: dict[str, list[Message]] = {}
         self._counts = {"handled": 0, "failed": 0, "retried": 0, "dead_lettered": 0, "released": 0, "lease_lost": 0}
         self._crash: tuple[str, BaseException] | None = None
+        # The link to the broker while execute() runs (a new one per run), else None.
+        self._link: Link | None = None
 
-    _RUNTIME = ("_lock", "_held", "_budget", "_unacked", "_counts", "_crash")
+    _RUNTIME = ("_lock", "_held", "_budget", "_unacked", "_counts", "_crash", "_link")
 
     def __getstate__(self) -> dict[str, Any]:
         # placement="process": the consumer crosses to its child without its locks and
@@ -171,6 +194,54 @@ class QueueConsumer(BackgroundService):
         with self._lock:
             return {**self._counts, "in_hand": len(self._held)}
 
+    def readiness(self) -> HealthCheckResult:
+        """Whether this consumer gets messages now: healthy while it reaches its queue's broker.
+
+        Unhealthy before it runs, while it first connects, and while the broker
+        cannot be reached, with why and when the next try is: ``"broker unavailable:
+        ConnectionError, next try in 0.8 s"``. When the host has health checks
+        (:func:`hostkit.health.use_health`) and the consumer runs in a thread, it is
+        registered as the ``ready`` check ``<service name>.broker``; add it to your
+        own registry otherwise. An outage never fails liveness: restarting the
+        process would not bring the broker back.
+        """
+        link = self._link
+        if link is None:
+            return HealthCheckResult.unhealthy(f"queue consumer {self.name!r} is not running", state="stopped")
+        snap = link.snapshot()
+        data: dict[str, Any] = {"queue": self.queue.name, "state": snap.state}
+        if snap.state == "up":
+            return HealthCheckResult.healthy(f"consuming from queue {self.queue.name!r}", **data)
+        if snap.error is None:
+            return HealthCheckResult.unhealthy(f"connecting to the broker of queue {self.queue.name!r}", **data)
+        data.update(
+            error=f"{type(snap.error).__name__}: {snap.error}",
+            tries=snap.tries,
+            failing_for_s=round(snap.down_for, 3),
+            next_try_in_s=None if snap.next_try_in is None else round(snap.next_try_in, 3),
+        )
+        return HealthCheckResult.unhealthy(describe_failure(snap.error, snap.outage, snap.next_try_in), **data)
+
+    def _hostkit_attach_host(self, host: Host) -> None:
+        # The host hands itself to its services when it is built: register the
+        # readiness check if the host has health checks. Not for a process-placed
+        # consumer: its link lives in the child, and this copy would never connect.
+        record = getattr(self.__dict__.get("_hostkit_runner"), "record", None)
+        if record is None or record.placement != "thread" or HealthChecks not in host.services.collection:
+            return
+        host.services.get(HealthChecks).add(f"{record.name}.broker", self.readiness, tags=("ready",))
+
+    def _set_detail(self, detail: str | None) -> None:
+        """Show the broker's state as the service's status detail (thread placement)."""
+        # In a process-placed consumer's child the runner stand-in has no record: the
+        # detail stays in the log lines, which the child forwards to the host.
+        record = getattr(self.__dict__.get("_hostkit_runner"), "record", None)
+        if record is None:
+            return
+        if detail is None and not (record.detail or "").startswith(DETAIL_PREFIXES):
+            return  # someone else's note (a stale heartbeat): not ours to clear
+        record.update(detail=detail)
+
     def backoff_for(self, attempts: int) -> float:
         """Seconds before a message that failed its ``attempts``-th delivery is delivered again."""
         # tenacity strategies read the attempt number from a call state; build one
@@ -192,11 +263,20 @@ class QueueConsumer(BackgroundService):
         handler: Handler = self._handler if self._handler is not None else self.handle
         provider = self._provider if self._provider is not None else ServiceCollection().build_provider()
         base = f"{socket.gethostname()}-{os.getpid()}-{self.name}"
+        link = self._link = Link(self.queue, self.reconnect_backoff, self.name, self._set_detail)
         # The consumer threads watch `halt`, not `stopping` directly: it is also set when
         # one of them dies, so the others wind down and the service fails visibly
-        # instead of renewing the dead thread's leases forever.
-        with CancellationTokenSource(stopping, name=f"{self.name}-halt") as halt:
-            self._run(halt, base, handler, provider, log)
+        # instead of renewing the dead thread's leases forever. Threads waiting for the
+        # link to the broker wait on the link, so the stop wakes them there too.
+        try:
+            with (
+                CancellationTokenSource(stopping, name=f"{self.name}-halt") as halt,
+                halt.token.register(link.wake),
+            ):
+                self._run(halt, base, handler, provider, log)
+        finally:
+            self._link = None
+            self._set_detail(None)
         if self._crash is not None:
             thread_name, exc = self._crash
             msg = f"queue consumer {self.name!r}: thread {thread_name} died: {type(exc).__name__}: {exc}"
@@ -262,8 +342,15 @@ class QueueConsumer(BackgroundService):
                 continue
             try:
                 self.queue.retire(f"{base}-{n + 1}")
-            except Exception:
-                log.opt(exception=True).warning("Queue consumer {!r}: retiring consumer id failed", self.name)
+            except Exception as exc:
+                self._log_failure(
+                    log,
+                    exc,
+                    "WARNING",
+                    "Queue consumer {!r}: retiring consumer id {} failed",
+                    self.name,
+                    f"{base}-{n + 1}",
+                )
 
     _last_renew = 0.0
 
@@ -278,10 +365,17 @@ class QueueConsumer(BackgroundService):
             return
         try:
             self.queue.renew(held)
-        except Exception:
+        except Exception as exc:
             # Not fatal: if renewals keep failing the leases expire and the messages
             # are delivered again (at least once), which is the queue's promise.
-            log.opt(exception=True).warning("Queue consumer {!r}: renewing {} lease(s) failed", self.name, len(held))
+            self._log_failure(
+                log,
+                exc,
+                "WARNING",
+                "Queue consumer {!r}: renewing {} lease(s) failed",
+                self.name,
+                len(held),
+            )
 
     def _hold(self, messages: list[Message]) -> None:
         with self._lock:
@@ -301,16 +395,26 @@ class QueueConsumer(BackgroundService):
         with self._lock:
             held, self._held = list(self._held.values()), {}
         released = 0
+        failed: list[str] = []
+        error: Exception | None = None
         for m in held:
             try:
                 if self.queue.release(m, count_attempt=count_attempt):
                     released += 1
-            except Exception:
-                log.opt(exception=True).warning(
-                    "Queue consumer {!r}: releasing message {} failed; it returns after its lease expires",
-                    self.name,
-                    m.id,
-                )
+            except Exception as exc:
+                error = error or exc
+                failed.append(m.id)
+        if error is not None:
+            # One line for all: in an outage every release fails the same way.
+            self._log_failure(
+                log,
+                error,
+                "WARNING",
+                "Queue consumer {!r}: releasing {} message(s) failed ({}); they return after their leases expire",
+                self.name,
+                len(failed),
+                ", ".join(failed),
+            )
         with self._lock:
             self._counts["released"] += released
         return released
@@ -332,23 +436,16 @@ class QueueConsumer(BackgroundService):
     def _consume_loop(
         self, consumer: str, handler: Handler, provider: ServiceProvider, stopping: CancellationToken, log: Any
     ) -> None:
-        error_pause = 0.1
         with self._lock:
             self._unacked[consumer] = []
+        link = self._link
+        assert link is not None  # set by execute() before the threads start
+
+        def lease(wait: float) -> list[Message]:
+            return self.queue.lease(consumer, max_messages=self.prefetch, wait=wait, token=stopping)
+
         while not stopping.is_set():
-            try:
-                batch = self.queue.lease(consumer, max_messages=self.prefetch, wait=self.poll_interval, token=stopping)
-            except Exception:
-                log.opt(exception=True).error(
-                    "Queue consumer {!r}: leasing from {!r} failed; retrying in {} s",
-                    self.name,
-                    self.queue,
-                    error_pause,
-                )
-                stopping.wait(error_pause)
-                error_pause = min(error_pause * 2, 5.0)
-                continue
-            error_pause = 0.1
+            batch = link.lease(lease, self.poll_interval, stopping, log)
             if not batch:
                 continue
             self._hold(batch)
@@ -369,27 +466,46 @@ class QueueConsumer(BackgroundService):
                         self._unacked[consumer].append(message)
                     first_unacked = first_unacked or ended
                     if ended - began > _FAST or ended - first_unacked > _ACK_DELAY:
-                        self._flush(consumer, log)
+                        if not self._flush(consumer, log):
+                            self._abandon(batch[index + 1 :], log)
+                            break
                         first_unacked = 0.0
             self._flush(consumer, log)
 
-    def _flush(self, consumer: str, log: Any) -> None:
-        """Ack the claimed successes of one consumer thread in one call."""
+    def _abandon(self, messages: list[Message], log: Any) -> None:
+        """Leave the rest of a batch unhandled: the broker cannot take acks now."""
+        # Handling them would be work whose acks fail too, done again when the
+        # messages come back; left as they are, they come back after their lease.
+        left = [m.id for m in messages if self._claim(m)]
+        if left:
+            log.debug(
+                "Queue consumer {!r}: {} leased message(s) left unhandled while the broker is unreachable; "
+                "they will be delivered again after their lease expires: {}",
+                self.name,
+                len(left),
+                ", ".join(left),
+            )
+
+    def _flush(self, consumer: str, log: Any) -> bool:
+        """Ack the claimed successes of one consumer thread in one call; ``False`` if the broker was unreachable."""
         with self._lock:
             # Swap under the lock: the worker and, at a stuck stop, the service thread
             # may both flush; whoever takes the list acks it, so nothing is acked twice.
             batch, self._unacked[consumer] = self._unacked.get(consumer, []), []
         if not batch:
-            return
+            return True
         try:
             acked = self.queue.ack_many(batch)
-        except Exception:
-            log.opt(exception=True).error(
+        except Exception as exc:
+            self._log_failure(
+                log,
+                exc,
+                "ERROR",
                 "Queue {!r}: acking {} message(s) failed; they will be delivered again after their lease expires",
                 self.queue.name,
                 len(batch),
             )
-            return
+            return not self.queue.is_outage(exc)
         with self._lock:
             self._counts["handled"] += acked
             self._counts["lease_lost"] += len(batch) - acked
@@ -401,6 +517,7 @@ class QueueConsumer(BackgroundService):
                 len(batch) - acked,
                 self.queue.lease_time,
             )
+        return True
 
     def _handle_one(self, message: Message, handler: Handler, provider: ServiceProvider, log: Any) -> bool:
         """Run the handler; settle a failure here. ``True``: it succeeded and the caller must ack it."""
@@ -454,8 +571,11 @@ class QueueConsumer(BackgroundService):
     def _settle(self, log: Any, message: Message, what: str, action: Callable[[Message], bool]) -> bool:
         try:
             held = action(message)
-        except Exception:
-            log.opt(exception=True).error(
+        except Exception as exc:
+            self._log_failure(
+                log,
+                exc,
+                "ERROR",
                 "Queue {!r}: {} of message {} failed; it will be delivered again after its lease expires",
                 self.queue.name,
                 what,
@@ -474,9 +594,29 @@ class QueueConsumer(BackgroundService):
             )
         return held
 
+    def _log_failure(self, log: Any, exc: Exception, level: str, message: str, *args: Any) -> None:
+        """Log a failed queue call: one line for an outage (its traceback at DEBUG), else with the traceback.
+
+        An outage fails every call the same way, and its traceback says nothing the
+        line does not; other failures (bugs) keep theirs at ``level``.
+        """
+        if self.queue.is_outage(exc):
+            # Expected while the broker is down, and the messages come back (at least
+            # once): a warning, not an error; and only for the first failure of an
+            # outage, which every thread's calls then hit: the link logs the rest.
+            link = self._link
+            news = link.notice(exc) if link is not None else True
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.log("WARNING" if news else "DEBUG", message + ": {}", *args, text)
+            log.opt(exception=exc).debug("Queue consumer {!r}: the traceback of that failure", self.name)
+        else:
+            log.opt(exception=exc).log(level, message, *args)
+
     def __repr__(self) -> str:
         s = self.stats()
+        link = self._link
         return (
             f"<QueueConsumer {self.name!r} queue={self.queue.name!r} concurrency={self.concurrency} "
+            f"broker={link.state if link is not None else 'stopped'!r} "
             f"handled={s['handled']} failed={s['failed']} dead_lettered={s['dead_lettered']} in_hand={s['in_hand']}>"
         )

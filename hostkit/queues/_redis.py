@@ -17,6 +17,10 @@ Every settle runs as one Lua script that first checks the entry is still pending
 for *this* consumer with *this* delivery count (the receipt). Without that check a
 consumer whose lease expired would ``XACK`` a message another consumer now holds;
 Redis itself accepts an ``XACK`` from anyone.
+
+Making a queue object never talks to the server: the consumer group is created by
+the first call that needs it. A worker host can then be built and started while
+Redis is down, and its consumer waits for the server (see ``_outage``).
 """
 
 from __future__ import annotations
@@ -177,19 +181,25 @@ class RedisStreamQueue(Queue):
         self.dead_stream = f"{prefix}:{name}:dead"
         self._hash_prefix = f"{prefix}:{name}:d:"
         self._init_local()
-        self._ensure_group()  # fail here, not at the first enqueue, if the server is unreachable
+        try:
+            # Parses the URL and options now (a bad scheme fails here); connects on first use.
+            _ = self.client
+        except ValueError as err:
+            msg = f"url {url!r} is not a redis URL redis-py accepts: {err}"
+            raise ConfigurationError(msg) from None
 
     def _init_local(self) -> None:
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._scripts: dict[str, Any] = {}
         self._next_maintenance = 0.0
+        self._group_made = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {
             k: v
             for k, v in self.__dict__.items()
-            if k not in ("_client", "_client_lock", "_scripts", "_next_maintenance")
+            if k not in ("_client", "_client_lock", "_scripts", "_next_maintenance", "_group_made")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -222,12 +232,28 @@ class RedisStreamQueue(Queue):
         except _redis_module().ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
+        self._group_made = True
+
+    def _ready(self) -> Any:
+        """The client, once the stream and its consumer group exist (made on first use)."""
+        if not self._group_made:
+            # Not in __init__: a queue must be constructible while the server is down.
+            # A failure here leaves the flag unset, so the next call tries again.
+            self._ensure_group()
+        return self.client
+
+    def is_outage(self, error: BaseException) -> bool:
+        redis = _redis_module()
+        # ConnectionError covers a refused or dropped connection, BusyLoadingError (a
+        # restarted server loading its data) and failed authentication (a rotated
+        # password heals without a restart); ReadOnlyError is a replica during a failover.
+        return isinstance(error, (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OSError))
 
     # -- producers -------------------------------------------------------------------
 
     def _put(self, encoded: list[bytes], delay: float) -> list[str]:
         now = time.time()
-        client = self.client
+        client = self._ready()
         if delay > 0:
             ids = [f"t{now:.6f}-{os.urandom(6).hex()}" for _ in encoded]
             pipe = client.pipeline(transaction=True)
@@ -275,7 +301,7 @@ class RedisStreamQueue(Queue):
         block = int(wait * 1000) if wait > 0 else None
         if block == 0:
             block = 1
-        reply = self.client.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=max_messages, block=block)
+        reply = self._ready().xreadgroup(GROUP, consumer, {self.stream: ">"}, count=max_messages, block=block)
         if not reply:
             return []
         entries = reply[0][1]
@@ -283,7 +309,7 @@ class RedisStreamQueue(Queue):
 
     def _reclaim(self, consumer: str, max_messages: int) -> list[Message]:
         lease_ms = int(self.lease_time * 1000)
-        reply = self.client.xautoclaim(self.stream, GROUP, consumer, lease_ms, start_id="0-0", count=max_messages)
+        reply = self._ready().xautoclaim(self.stream, GROUP, consumer, lease_ms, start_id="0-0", count=max_messages)
         entries = [(eid, fields) for eid, fields in reply[1] if fields]
         if not entries:
             return []
@@ -373,17 +399,17 @@ class RedisStreamQueue(Queue):
     def retire(self, consumer: str) -> None:
         # DELCONSUMER drops the consumer's pending entries from the group, and they
         # would never be delivered again: delete only a consumer with nothing pending.
-        if not self.client.xpending_range(self.stream, GROUP, min="-", max="+", count=1, consumername=consumer):
+        if not self._ready().xpending_range(self.stream, GROUP, min="-", max="+", count=1, consumername=consumer):
             self.client.xgroup_delconsumer(self.stream, GROUP, consumer)
 
     def _scripts_ready(self) -> dict[str, Any]:
-        _ = self.client
+        _ = self._ready()
         return self._scripts
 
     # -- operations ------------------------------------------------------------------
 
     def stats(self) -> QueueStats:
-        pipe = self.client.pipeline(transaction=True)
+        pipe = self._ready().pipeline(transaction=True)
         pipe.xlen(self.stream)
         pipe.xpending(self.stream, GROUP)
         pipe.zcard(self.delayed)

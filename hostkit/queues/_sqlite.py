@@ -143,9 +143,15 @@ class SQLiteQueue(Queue):
             conn = sqlite3.connect(
                 str(self.path), timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.durability]}")
-            conn.executescript(_SCHEMA)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.durability]}")
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                # Locked past busy_timeout, say: the next call opens a fresh connection,
+                # so this one must not stay open behind it.
+                conn.close()
+                raise
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
@@ -153,6 +159,11 @@ class SQLiteQueue(Queue):
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_conns", "_conns_lock", "_pid")}
+
+    def is_outage(self, error: BaseException) -> bool:
+        # OperationalError: the database is locked past busy_timeout, the disk is full or
+        # failing, the file cannot be opened (its volume went away).
+        return isinstance(error, (sqlite3.OperationalError, OSError))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
