@@ -44,6 +44,7 @@ import psutil
 from loguru import logger
 
 from .._child import Terminated, child_main, restore_logger
+from .._mainguard import main_reimport_hint
 from .._services import BackgroundService
 from .._util import pid_alive
 from ..exceptions import (
@@ -312,9 +313,11 @@ class ProcessRunner(Runner):
         )
         try:
             process.start()
-        except BaseException:
+        except BaseException as err:
             for conn in (results_r, results_w, control_r, control_w):
                 conn.close()
+            if hint := main_reimport_hint(err):
+                self._log.error(hint)  # just before the failure, which carries multiprocessing's message
             raise
         # Our copies of the child's ends: closed so only the child holds them.
         results_w.close()
