@@ -210,7 +210,11 @@ def unguarded_host_calls(source: str) -> list[str]:
         if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or _is_main_guard(statement):
             continue
         for node in ast.walk(statement):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("build", "run"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("build", "run")
+            ):
                 found.append(f"line {node.lineno}: {ast.unparse(node)}")
     return found
 
