@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,7 @@ class OnlyHostkitOwn(BackgroundService):
         stopping.wait()
 
 
-def singleton_warnings(logs: LogCapture) -> list[dict]:
+def singleton_warnings(logs: LogCapture) -> list[dict[str, Any]]:
     return logs.find("runs in a child process (placement='process') and depends on", level="WARNING")
 
 
