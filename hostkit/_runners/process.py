@@ -44,7 +44,7 @@ import psutil
 from loguru import logger
 
 from .._child import Terminated, child_main, restore_logger
-from .._mainguard import main_reimport_hint
+from .._mainguard import explain_main_reimport
 from .._services import BackgroundService
 from .._util import pid_alive
 from ..exceptions import (
@@ -316,9 +316,11 @@ class ProcessRunner(Runner):
         except BaseException as err:
             for conn in (results_r, results_w, control_r, control_w):
                 conn.close()
-            if hint := main_reimport_hint(err):
-                self._log.error(hint)  # just before the failure, which carries multiprocessing's message
-            raise
+            message = explain_main_reimport(err)
+            if message is None:
+                raise
+            # The hint leads the message, multiprocessing's own text follows: one record, in order.
+            raise RuntimeError(message).with_traceback(err.__traceback__) from None
         # Our copies of the child's ends: closed so only the child holds them.
         results_w.close()
         control_r.close()
