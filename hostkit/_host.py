@@ -81,19 +81,19 @@ def _warn_own_singletons(registration: HostedServiceRegistration, services: Serv
     if not chains:
         return
     names = [chain[-1] for chain in chains]
-    fix = (
-        f"register it with add_singleton({names[0]}, per_process=True)"
-        if len(names) == 1
-        else f"register each with add_singleton(..., per_process=True): {', '.join(names)}"
-    )
+    if len(names) == 1:
+        what, built, inside = "a singleton", "of it, not the one", "in it"
+        fix = f"register it with add_singleton({names[0]}, per_process=True)"
+    else:
+        what, built, inside = "singletons", "of each, not the ones", "in them"
+        fix = f"register each with add_singleton(..., per_process=True): {', '.join(names)}"
     message = (
-        f"{registration.name} runs in a child process (placement='process') and depends on "
-        f"{'a singleton' if len(chains) == 1 else 'singletons'}: {', '.join(' -> '.join(c) for c in chains)}. "
-        f"The child builds its own instance of {'it' if len(chains) == 1 else 'each'}, not the one this process "
-        f"uses: what this process puts in it (a warm-up, a cache) is not there, and what the child changes does "
-        f"not come back. Pass what the child needs as constructor arguments of a registered instance (pickled "
-        f"at start), or share it through a queue or a store both processes open; if one instance per process "
-        f"is what you want, {fix}"
+        f"{registration.name} runs in a child process (placement='process') and depends on {what}: "
+        f"{', '.join(' -> '.join(c) for c in chains)}. The child builds its own instance {built} this process "
+        f"uses: what this process puts {inside} (a warm-up, a cache) is not there, and what the child changes "
+        f"does not come back. Pass what the child needs as constructor arguments of a registered instance "
+        f"(pickled at start), or share it through a queue or a store both processes open; if one instance per "
+        f"process is what you want, {fix}"
     )
     # Attributed to the code that called build() (as warnings.warn(stacklevel=...) would):
     # the mistake is in its registrations, and a record from outside the "hostkit"

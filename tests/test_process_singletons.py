@@ -109,6 +109,10 @@ class TestWarningAtBuild:
             "depends on singletons: Auditor -> Repository, Auditor -> Formatter -> Settings, "
             "Auditor -> Repository -> PriceCache." in auditor
         )
+        assert (
+            "The child builds its own instance of each, not the ones this process uses: what this process puts in them"
+            in auditor
+        )
         assert "ApplicationLifetime" not in auditor
         assert "register each with add_singleton(..., per_process=True): Repository, Settings, PriceCache" in auditor
 
