@@ -99,8 +99,10 @@ class HostBuilder:
         lifetime = ApplicationLifetime()
         # A copy: the user's collection stays as they wrote it (and picklable for a child process).
         services = self.services.copy()
-        services.add_singleton(ApplicationLifetime, instance=lifetime)
-        services.add_singleton(HostOptions, instance=self.options)
+        # Both per process: a process-placed service's child has its own lifetime (its
+        # stop_application() is passed on to this host) and a copy of the options.
+        services.add_singleton(ApplicationLifetime, instance=lifetime, per_process=True)
+        services.add_singleton(HostOptions, instance=self.options, per_process=True)
         for registration in services.hosted:
             if isinstance(registration.service, type):
                 services.add_singleton(

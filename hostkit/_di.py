@@ -22,6 +22,7 @@ Data flow::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import threading
@@ -98,6 +99,9 @@ class ServiceDescriptor:
     instance: Any = _MISSING
     #: The injection plan, filled in by the provider (empty in a collection).
     params: tuple[_Param, ...] = ()
+    #: A singleton meant to exist once per process: a process-placed service that
+    #: depends on it gets its own in its child, and ``build()`` does not warn about it.
+    per_process: bool = False
 
     @property
     def display(self) -> str:
@@ -276,6 +280,7 @@ class ServiceCollection:
         *,
         factory: Callable[..., Any] | None = None,
         instance: Any = _MISSING,
+        per_process: bool = False,
     ) -> ServiceCollection:
         """Register one instance for the whole provider (one per process).
 
@@ -283,10 +288,26 @@ class ServiceCollection:
         it; closed (if it has ``close()`` or is a context manager) when the host
         stops, newest first. An ``instance=`` is never closed by hostkit.
 
+        A ``placement="process"`` service registered as a class is built in its
+        child by the child's own container, so it gets its own instance of every
+        singleton it depends on (an ``instance=`` crosses as a pickled copy), not
+        the one this process built and filled. ``build()`` logs a WARNING naming
+        the chain for each such service.
+
+        Args:
+            per_process: this singleton is meant to exist once per process (it
+                loads what it holds itself, or holds nothing another process
+                needs: settings, a client, a connection pool). Process-placed
+                services that depend on it get their own without a warning.
+
         Raises:
-            InvalidServiceError: not exactly one way to make it, or a wrong kind of one.
+            InvalidServiceError: not exactly one way to make it, or a wrong kind of one, or
+                ``per_process`` is not a bool.
         """
-        return self._add("singleton", key, implementation, factory, instance)
+        if not isinstance(typing.cast("object", per_process), bool):
+            msg = f"add_singleton({_name(key)}, per_process=...) must be True or False, not: {describe(per_process)}"
+            raise InvalidServiceError(msg)
+        return self._add("singleton", key, implementation, factory, instance, per_process=per_process)
 
     def add_scoped(
         self, key: Any, implementation: type | None = None, *, factory: Callable[..., Any] | None = None
@@ -340,6 +361,8 @@ class ServiceCollection:
         implementation: type | None,
         factory: Callable[..., Any] | None,
         instance: Any,
+        *,
+        per_process: bool = False,
     ) -> ServiceCollection:
         given = sum(x is not None for x in (implementation, factory)) + (instance is not _MISSING)
         if given > 1:
@@ -377,7 +400,9 @@ class ServiceCollection:
         if instance is not _MISSING and isinstance(key, type) and not _is_instance(instance, key):
             msg = f"add_singleton({_name(key)}, instance=...): the instance is not a {_name(key)}: {describe(instance)}"
             raise InvalidServiceError(msg)
-        self._descriptors[key] = ServiceDescriptor(key, lifetime, implementation, factory, instance)
+        self._descriptors[key] = ServiceDescriptor(
+            key, lifetime, implementation, factory, instance, per_process=per_process
+        )
         return self
 
     def add_hosted_service(
@@ -876,6 +901,33 @@ class ServiceProvider(_Owner):
         subset._descriptors = needed
         subset._scope_hooks = list(self.collection._scope_hooks)
         return subset
+
+    def singleton_chains(self, key: Any) -> list[tuple[str, ...]]:
+        """The singletons ``key`` depends on, directly or through its graph, each with the chain to it.
+
+        Each chain is the names from ``key`` to the singleton, shortest first:
+        ``("Reporter", "Repository", "PriceCache")``. Singletons registered with
+        ``per_process=True`` are left out (what they depend on is not). A
+        process-placed service's child builds every one of these again; ``build()``
+        warns with them.
+        """
+        chains: list[tuple[str, ...]] = []
+        seen = {key}
+        todo: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque([(key, (key,))])
+        while todo:  # breadth first, so each singleton is named by its shortest chain
+            current, path = todo.popleft()
+            entry = self._entries.get(current)
+            if entry is None:
+                continue
+            for _, dep in entry.deps:
+                if dep in seen or dep in _BUILTIN_KEYS or dep not in self._entries:
+                    continue
+                seen.add(dep)
+                dep_path = (*path, dep)
+                if self._entries[dep].lifetime == "singleton" and not self._descriptors[dep].per_process:
+                    chains.append(tuple(_name(k) for k in dep_path))
+                todo.append((dep, dep_path))
+        return chains
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -372,14 +372,23 @@ class TestResources:
     def test_stale_heartbeat_is_a_hang_and_is_restarted(self, logs) -> None:
         """A child that stops beating is stopped as hung and restarted; status keeps the last beat."""
         policy = RestartPolicy(max_restarts=5, backoff=0.05, jitter=0.0)
-        host = host_with(BeatsThenHangs(), heartbeat_timeout=0.5, restart=policy)
+        # 2 s: the clock starts with the child process, and on a loaded machine a child can
+        # take more than half a second to reach its first beat (it is then, rightly, a hang).
+        host = host_with(BeatsThenHangs(), heartbeat_timeout=2.0, restart=policy)
         with host:
-            assert wait_until(lambda: host.status()["BeatsThenHangs"].restarts >= 1, timeout=40), logs.text()
+            # Wait for a restart after a run that beat.
+            assert wait_until(
+                lambda: (
+                    host.status()["BeatsThenHangs"].restarts >= 1
+                    and host.status()["BeatsThenHangs"].last_heartbeat_at is not None
+                ),
+                timeout=40,
+            ), logs.text()
             status = host.status()["BeatsThenHangs"]
         assert status.last_heartbeat_at is not None
         assert "ServiceHungError" in (status.error or "")
         assert logs.find("sent no heartbeat for", level="ERROR")
-        assert "(heartbeat_timeout 0.5 s); treated as a hang" in logs.find("sent no heartbeat for")[0]["message"]
+        assert "(heartbeat_timeout 2 s); treated as a hang" in logs.find("sent no heartbeat for")[0]["message"]
 
     def test_stale_heartbeat_of_a_thread_is_reported_unhealthy(self, logs) -> None:
         """A thread cannot be killed: a stale heartbeat marks it unhealthy in status and logs it."""

@@ -45,6 +45,7 @@ import psutil
 from loguru import logger
 
 from .._child import Terminated, child_main, restore_logger
+from .._mainguard import explain_main_reimport
 from .._services import BackgroundService
 from .._status import LockStatus
 from .._util import pid_alive
@@ -314,10 +315,14 @@ class ProcessRunner(Runner):
         )
         try:
             process.start()
-        except BaseException:
+        except BaseException as err:
             for conn in (results_r, results_w, control_r, control_w):
                 conn.close()
-            raise
+            message = explain_main_reimport(err)
+            if message is None:
+                raise
+            # The hint leads the message, multiprocessing's own text follows: one record, in order.
+            raise RuntimeError(message).with_traceback(err.__traceback__) from None
         # Our copies of the child's ends: closed so only the child holds them.
         results_w.close()
         control_r.close()
