@@ -243,6 +243,7 @@ class TestSharedDirectories:
             assert wait_until(lambda: runs == ["host"] or host.status()["Marker"].error, timeout=10)
         assert victim.read_text() == "precious"
         assert not os.path.islink(service.lock_path)
+        assert runs == ["host"]  # and the service ran, on a lock of its own
 
     def test_link_at_a_given_lock_path_is_refused(self, shared_dir: Path) -> None:
         """A link another user planted at a chosen lock path is refused, at registration and at the lock."""
