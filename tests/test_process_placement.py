@@ -150,6 +150,18 @@ class BeatsThenHangs(BackgroundService):
         stopping.wait(30)
 
 
+class SlowToBuild(BackgroundService):
+    """Takes 1.5 s to be built (as a service that connects to something in __init__), then beats steadily."""
+
+    def __init__(self) -> None:
+        time.sleep(1.5)
+
+    def execute(self, stopping: CancellationToken) -> None:
+        self.heartbeat()
+        while not stopping.wait(0.05):
+            self.heartbeat()
+
+
 class ReportsResources(BackgroundService):
     def execute(self, stopping: CancellationToken) -> None:
         me = psutil.Process()
@@ -228,6 +240,18 @@ class TestEscalation:
         assert status.state is ServiceState.TIMED_OUT
         assert "killed (SIGKILL)" in (status.detail or "")
         assert logs.find("did not stop within the shutdown budget", level="ERROR")
+
+    @pytest.mark.timeout(60)
+    def test_a_deaf_child_is_one_error_line(self, logs) -> None:
+        """A child escalated at the deadline is logged once at ERROR, saying what was done and where it was."""
+        host = host_with(IgnoresEverything(), budget=1.5)
+        host.start()
+        assert wait_until(lambda: logs.find("ignoring pid"), timeout=30)
+        host.stop()
+        errors = [r["message"] for r in logs.records if r["level"] in ("ERROR", "CRITICAL")]
+        assert len(errors) == 1, errors
+        assert "Background service 'IgnoresEverything' did not stop within the shutdown budget (1.5 s)" in errors[0]
+        assert "was killed (SIGKILL)" in errors[0]
 
 
 class TestLogs:
@@ -346,6 +370,18 @@ class TestDependencyInjectionInChild:
         assert logs.find("stopped by the host: True")
         assert host.status()["StopsTheHost"].state is ServiceState.STOPPED
         assert host.exit_code == 0
+        assert len(logs.find("asked the host to stop", level="INFO")) == 1, logs.text()
+
+    def test_a_normal_stop_is_not_reported_as_the_child_asking_for_it(self, logs) -> None:
+        """Stopping the host stops a class-registered child; the log does not claim the child asked for it."""
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_hosted_service(Sleeper, placement="process")
+        host = builder.build()
+        with host:
+            assert wait_until(lambda: logs.find("sleeper pid"), timeout=30), logs.text()
+        assert host.status()["Sleeper"].state is ServiceState.STOPPED
+        assert logs.find("Background service 'Sleeper' stopped"), logs.text()
+        assert not logs.find("asked the host to stop"), logs.text()
 
 
 class TestResources:
@@ -374,12 +410,33 @@ class TestResources:
         policy = RestartPolicy(max_restarts=5, backoff=0.05, jitter=0.0)
         host = host_with(BeatsThenHangs(), heartbeat_timeout=0.5, restart=policy)
         with host:
+            # First the beats, then the hang they stop for: each waited for, not timed.
+            assert wait_until(lambda: host.status()["BeatsThenHangs"].last_heartbeat_at is not None, timeout=40), (
+                logs.text()
+            )
+            assert wait_until(lambda: logs.find("now hanging"), timeout=40), logs.text()
             assert wait_until(lambda: host.status()["BeatsThenHangs"].restarts >= 1, timeout=40), logs.text()
             status = host.status()["BeatsThenHangs"]
         assert status.last_heartbeat_at is not None
         assert "ServiceHungError" in (status.error or "")
         assert logs.find("sent no heartbeat for", level="ERROR")
         assert "(heartbeat_timeout 0.5 s); treated as a hang" in logs.find("sent no heartbeat for")[0]["message"]
+
+    @pytest.mark.timeout(90)
+    def test_slow_start_up_of_a_child_is_no_hang(self, logs) -> None:
+        """The hang clock starts when execute() begins: a child that takes longer than heartbeat_timeout to be
+        built, and then beats, is not stopped as hung."""
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10, on_background_error="ignore"))
+        builder.services.add_hosted_service(SlowToBuild, placement="process", heartbeat_timeout=0.5)
+        host = builder.build()
+        with host:
+            assert wait_until(lambda: host.status()["SlowToBuild"].last_heartbeat_at is not None, timeout=30), (
+                logs.text()
+            )
+            status = host.status()["SlowToBuild"]
+            assert status.state is ServiceState.RUNNING, status
+        assert not logs.find("sent no heartbeat"), logs.text()
+        assert host.status()["SlowToBuild"].state is ServiceState.STOPPED
 
     def test_stale_heartbeat_of_a_thread_is_reported_unhealthy(self, logs) -> None:
         """A thread cannot be killed: a stale heartbeat marks it unhealthy in status and logs it."""
