@@ -60,6 +60,8 @@ ORPHAN_EXIT_CODE = 70
 #: Blocked in the host's thread that starts a child, unblocked by the child once its handlers
 #: are in place: the mask is inherited through fork and exec, the handlers are not.
 LAUNCH_BLOCKED = frozenset({signal.SIGINT, signal.SIGTERM})
+#: Bytes the signal handlers write to the watcher's wake-up pipe.
+_SIGTERM, _PARENT_DIED = b"T", b"P"
 
 ChildSettings = dict[str, Any]
 
@@ -369,25 +371,39 @@ def _set_proctitle(name: str) -> None:
     setproctitle.setproctitle(f"hostkit: {name}")
 
 
-def _pdeathsig(settings: ChildSettings, stop: Callable[[], None]) -> None:
-    """Backstop: ask the kernel for SIGTERM when the parent dies (fork and spawn, Linux only).
+def _pdeathsig(settings: ChildSettings, wake_w: int) -> None:
+    """Backstop: ask the kernel for a signal when the parent dies (fork and spawn, Linux only).
+
+    The signal is one of its own (a real-time one), whose handler tells the watcher
+    the host is gone. Not SIGTERM: the kernel sends it when the host's *thread* that
+    started this child exits, and while a SIGKILLed host's other threads still
+    exit, its end of the sentinel pipe is still open; a SIGTERM would stop
+    ``execute`` as a mere stop request, and the child could end before it saw the
+    sentinel, leaving what its service started behind.
 
     Under forkserver the child's parent is the fork server, which outlives the host,
-    so this would never fire there (see shared/facts.md); the sentinel watcher covers it.
+    so this would never fire there; the sentinel watcher covers it.
     """
     if settings["start_method"] == "forkserver" or not sys.platform.startswith("linux"):
         return
+    signum = signal.SIGRTMIN + 1
+
+    def on_parent_death(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            os.write(wake_w, _PARENT_DIED)
+
     try:
         import ctypes
 
+        signal.signal(signum, on_parent_death)
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
+        libc.prctl(pr_set_pdeathsig, int(signum), 0, 0, 0)
+    except (OSError, AttributeError, ValueError):
         return
     # The parent may have died before prctl: then nothing would ever send the signal.
     if os.getppid() != settings["parent_pid"]:
-        stop()
+        on_parent_death(signum, None)
 
 
 class _Ending:
@@ -412,8 +428,14 @@ def _watch(control: Any, token: CancellationToken, wake_r: int, settings: ChildS
     while not orphaned:
         ready = mpc.wait(waitables)
         if wake_r in ready:
-            with contextlib.suppress(OSError):
-                os.read(wake_r, 64)
+            try:
+                woken = os.read(wake_r, 64)
+            except OSError:
+                woken = b""
+            if _PARENT_DIED in woken:
+                orphaned = True
+                # Before the token: execute() may return, and child_main end, at once.
+                ending.orphaned.set()
             token.set()
         if control in ready:
             try:
@@ -430,6 +452,15 @@ def _watch(control: Any, token: CancellationToken, wake_r: int, settings: ChildS
     ending.orphaned.set()
     token.set()
     _end_orphan(settings, ending)
+
+
+def _parent_gone() -> bool:
+    """``True`` if the host process has died (its sentinel is readable), under every start method."""
+    import multiprocess.connection as mpc
+    from multiprocess import parent_process
+
+    parent = parent_process()
+    return parent is not None and bool(mpc.wait([parent.sentinel], timeout=0))
 
 
 def _leads_own_group() -> bool:
@@ -508,7 +539,7 @@ def _install_signals(shared: SharedState, wake_w: int) -> None:
         if not shared.outside_sigterm:
             shared.outside_sigterm = time.time()
         with contextlib.suppress(OSError):
-            os.write(wake_w, b"T")
+            os.write(wake_w, _SIGTERM)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -602,11 +633,7 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
         daemon=True,
     )
     watcher.start()
-
-    def wake_watcher() -> None:
-        os.write(wake_w, b"P")
-
-    _pdeathsig(settings, wake_watcher)
+    _pdeathsig(settings, wake_w)
     result: tuple[Any, ...] = ("ok",)
     close: Callable[[], None] = lambda: None  # noqa: E731
     try:
@@ -632,7 +659,10 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
     channel.send(result)
     channel.close()
     ending.main_done.set()
-    if ending.orphaned.is_set():
+    if ending.orphaned.is_set() or _parent_gone():
         # The host is gone: returning would end this process before the watcher has
-        # ended what the service started. The watcher ends this process itself.
+        # ended what the service started. The watcher (which sees the same sentinel,
+        # if it has not yet) ends this process itself. The parent's death can stop
+        # execute() before the watcher notices it: PR_SET_PDEATHSIG's SIGTERM sets
+        # the token through the wake-up pipe, which the watcher may read first.
         watcher.join()

@@ -280,6 +280,18 @@ def still_running(processes: list[tuple[int, float]]) -> list[int]:
     return [pid for pid, created in processes if running(pid, created)]
 
 
+def describe(pids: list[int]) -> list[str]:
+    """Each pid with its parent, group, state and command line, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            out.append(f"{pid} (ppid {proc.ppid()}, pgid {os.getpgid(pid)}, {proc.status()}): {proc.cmdline()}")
+        except (psutil.Error, OSError):
+            out.append(f"{pid} (gone)")
+    return out
+
+
 GRANDCHILDREN_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -368,7 +380,10 @@ class TestWhatAServiceStarted:
             proc.kill()
             proc.wait(10)
             gone = wait_until(lambda: not still_running(everything), timeout=2.0, interval=0.02)
-            assert gone, f"still running 2 s after the host was killed: {still_running(everything)}"
+            assert gone, (
+                f"still running 2 s after the host was killed: {describe(still_running(everything))}\n"
+                f"{(tmp_path / 'output.txt').read_text()}"
+            )
         finally:
             for pid in still_running(everything):
                 with contextlib.suppress(ProcessLookupError):

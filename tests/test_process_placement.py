@@ -26,6 +26,7 @@ from hostkit import (
     CancellationToken,
     HostBuilder,
     HostOptions,
+    HostState,
     RestartPolicy,
     ServiceState,
 )
@@ -72,6 +73,15 @@ class Sleeper(BackgroundService):
     """Logs its pid and waits for the stop."""
 
     def execute(self, stopping: CancellationToken) -> None:
+        logger.info("sleeper pid {}", os.getpid())
+        stopping.wait()
+
+
+class DefaultSigterm(BackgroundService):
+    """Gives SIGTERM its default action back (as some libraries do): a SIGTERM kills it outright."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         logger.info("sleeper pid {}", os.getpid())
         stopping.wait()
 
@@ -221,6 +231,31 @@ class TestFailuresCrossBack:
         assert status.error.startswith("ChildProcessDiedError: child process ")
         assert expected in status.error
         assert logs.find(f"about to die by {how}")
+
+
+class TestSigtermFromOutside:
+    @pytest.mark.parametrize("service", [Sleeper, DefaultSigterm])
+    def test_sigterm_to_one_child_stops_its_service_and_the_host_runs_on(self, service, logs) -> None:
+        """A SIGTERM the host did not send stops that service (stopped, not failed, not restarted), whether the
+        child handles it or dies of it; the host runs on and later exits 0."""
+        policy = RestartPolicy(max_restarts=5, backoff=0.05, jitter=0.0)
+        host = host_with(service(), restart=policy)
+        name = service.__name__
+        with host:
+            assert wait_until(lambda: logs.find("sleeper pid"), timeout=30), logs.text()
+            pid = int(logs.find("sleeper pid")[0]["message"].split()[-1])
+            os.kill(pid, signal.SIGTERM)
+            assert wait_until(lambda: host.status()[name].state is ServiceState.STOPPED, timeout=30), logs.text()
+            status = host.status()[name]
+            assert (status.restarts, status.error) == (0, None)
+            assert host.state is HostState.RUNNING and not host.lifetime.stopping.is_set()
+            assert logs.find(
+                f"its child process {pid} was stopped by a SIGTERM that the host did not send; the service is "
+                f"stopped and the host runs on without it",
+                level="WARNING",
+            ), logs.text()
+        assert host.exit_code == 0
+        assert not [r for r in logs.records if r["level"] in ("ERROR", "CRITICAL")], logs.text()
 
 
 class TestEscalation:

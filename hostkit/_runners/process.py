@@ -35,10 +35,9 @@ what is left in the group, SIGKILL after ``KILL_GRACE``. A process that leaves t
 group (``setsid``, as daemons do) is beyond reach.
 
 A SIGTERM the host did not send (systemd signals every process of a unit at once)
-asks the child to stop gracefully. When the host itself stops within
-``OUTSIDE_STOP_GRACE`` of the child's end (it got the same signal), the child
-counts as stopped; otherwise somebody stopped this one child, and that is a
-failure the restart policy handles.
+asks the child to stop gracefully, and the service then counts as stopped, never
+as failed: also when it ended by SIGTERM's default action, and whether the host
+got the same signal (the usual case) or not.
 """
 
 from __future__ import annotations
@@ -89,8 +88,8 @@ DRAIN_BATCH = 500
 #: Grace between SIGTERM and SIGKILL when the runner stops a hung or oversized child, and
 #: for what a child left in its process group after it ended.
 KILL_GRACE = 1.0
-#: How long after a child stopped on a SIGTERM the host did not send the host may take to
-#: begin its own stop (the same signal reached it) for the child to count as stopped.
+#: How long the runner waits, after a child stopped on a SIGTERM the host did not send, for the
+#: host's own stop (the same signal usually reached it) before it logs that the host runs on.
 OUTSIDE_STOP_GRACE = 2.0
 #: Seconds between checks that a swept process group is empty.
 _SWEEP_POLL = 0.02
@@ -606,21 +605,11 @@ class ProcessRunner(Runner):
             raise self._kill_reason
         if result is not None and result[0] == "error":
             raise self._rebuild(result)
-        outside = bool(shared.outside_sigterm) or code == -signal.SIGTERM
-        if outside and self._host_stops(OUTSIDE_STOP_GRACE):
-            # A SIGTERM sent to every process at once (systemd, `timeout`, kill -TERM -PGID)
-            # reaches the child and the host together; whichever ran first, this is the
-            # host's stop, during start-up as well as later.
+        if result is not None and result[0] == "ok" and not shared.outside_sigterm:
             return
-        if result is not None and result[0] == "ok":
-            if not outside:
-                return
-            msg = (
-                f"child process {process.pid} of {self.record.name!r} was stopped by a SIGTERM that the host did not "
-                f"send, and the host did not stop within {OUTSIDE_STOP_GRACE:g} s (a SIGTERM to the host stops "
-                f"the host and its children)"
-            )
-            raise ChildProcessDiedError(msg, exitcode=code)
+        if shared.outside_sigterm or code == -signal.SIGTERM:
+            self._stopped_from_outside(process.pid)
+            return
         if result is not None and result[0] == "terminated":
             msg = f"child process {process.pid} of {self.record.name!r} was terminated by SIGTERM"
             raise ChildProcessDiedError(msg, exitcode=code)
@@ -636,6 +625,26 @@ class ProcessRunner(Runner):
                 f"a result (os._exit() or a crash in native code)"
             )
         raise ChildProcessDiedError(msg, exitcode=code)
+
+    def _stopped_from_outside(self, pid: int) -> None:
+        """The child ended on a SIGTERM the host did not send: the service stopped, it did not fail.
+
+        SIGTERM is how systemd, ``timeout`` and ``kill`` ask for a stop, and systemd
+        counts an end by SIGTERM as clean; so does the host, whoever else it reached.
+        Usually it reached every process of the unit, the host too, whose own stop may
+        begin a moment after the child has ended: the log waits a little for it, so that
+        it does not say the host runs on when it is about to stop.
+        """
+        if self._host_stops(OUTSIDE_STOP_GRACE):
+            self._log.debug("Child process {} of {!r} ended on a SIGTERM as the host stops", pid, self.record.name)
+            return
+        self._log.warning(
+            "Background service {!r}: its child process {} was stopped by a SIGTERM that the host did not send; "
+            "the service is stopped and the host runs on without it",
+            self.record.name,
+            pid,
+        )
+        self.request_stop()
 
     def _host_stops(self, grace: float) -> bool:
         """``True`` if this service or the whole host is asked to stop within ``grace`` seconds."""
