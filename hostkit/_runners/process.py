@@ -292,10 +292,8 @@ def _signal_group(pid: int, signum: int) -> None:
     try:
         os.killpg(pid, signum)
         return
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        pass  # not a group of ours (cannot happen for a child's own group): signal the child alone
+    except (ProcessLookupError, PermissionError):
+        pass  # no such group (yet): the child alone
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signum)
 
