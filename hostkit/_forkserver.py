@@ -1,12 +1,22 @@
-"""Preloaded into multiprocess's fork server only: make it survive a group SIGTERM.
+"""Preloaded into multiprocess's fork server only: make it survive a group SIGTERM or SIGINT.
 
 systemd (``KillMode=control-group``), container runtimes and ``kill -TERM -<pgid>``
 send SIGTERM to every process of the host's group, the fork server included. The
 fork server ignores SIGINT but not SIGTERM, and once it is dead the parent reads
 every child's exit status as 255 (``popen_forkserver`` reports EOF on its status
-pipe that way), so a child that stopped cleanly looks crashed and gets restarted.
-The host coordinates the stop; the fork server needs no signal to end: it exits
-when the host's end of its "alive" pipe closes.
+pipe that way), so a child that stopped cleanly looks crashed and gets restarted,
+and no further child can be started. The host coordinates the stop; the fork
+server needs no signal to end: it exits when the host's end of its "alive" pipe
+closes.
+
+The host starts the fork server with SIGINT and SIGTERM blocked (the mask is
+inherited through exec), so a signal sent while the server's interpreter starts
+waits. Here, before the server's loop begins, both are ignored and then unblocked:
+a signal that was waiting is discarded. Every process the server forks inherits
+"ignored" until it installs its own handlers (hostkit's children do at once).
+SIGINT is ignored here, not only by the server's own loop: that loop gives its
+children the handler it found, and a child must not die of Ctrl+C before it has
+its own handlers.
 
 The guard makes importing this module anywhere else a no-op.
 """
@@ -30,3 +40,5 @@ def _in_fork_server() -> bool:
 
 if _in_fork_server():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -1,11 +1,15 @@
-"""No orphans, no zombies: a killed host leaves nothing, Ctrl+C stops once, killed children are restarted.
+"""No orphans, no zombies: a killed host leaves nothing, Ctrl+C stops once, killed children are restarted,
+and what a service started (its own subprocesses, forks of itself) is stopped with it.
 
-The first two run a real host in its own session (``sys.executable``), as a user
-would; the third kills children of a host in this process 50 times.
+Hosts run in their own session (``sys.executable``), as a user would run them, or in
+this process; processes are checked by pid and start time, so a reused pid is not
+mistaken for a survivor.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import signal
@@ -13,12 +17,22 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from hostkit import BackgroundService, CancellationToken, HostBuilder, HostOptions, HostState, RestartPolicy
+from hostkit import (
+    BackgroundService,
+    CancellationToken,
+    HostBuilder,
+    HostOptions,
+    HostState,
+    RestartPolicy,
+    ServiceState,
+)
 from tests.conftest import PROJECT_ROOT, wait_until
 
 HOST_SCRIPT = textwrap.dedent(
@@ -210,3 +224,170 @@ class TestKillNine:
         assert sorted(
             pid for pid in killed if any(f"child process {pid} " in r["message"] for r in restarts)
         ) == sorted(killed)
+
+
+# -- what a service starts is stopped with it ----------------------------------------------
+
+
+class StartsProcesses(BackgroundService):
+    """Starts `sleep 300` and a fork of itself that ignores SIGTERM, records both, then runs until stopped.
+
+    The fork never sees the token (no watcher thread lives in it): only the host's sweep of
+    the child's process group can end it, and only with SIGKILL.
+    """
+
+    def __init__(self, folder: str, hoard_mb: int = 0) -> None:
+        self.folder = folder
+        self.hoard_mb = hoard_mb
+
+    def execute(self, stopping: CancellationToken) -> None:
+        sleeper = subprocess.Popen(["sleep", "300"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "this process is multi-threaded": known, and the fork only sleeps
+            copy = os.fork()
+        if copy == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(300)
+            os._exit(0)
+        started = [(pid, psutil.Process(pid).create_time()) for pid in (sleeper.pid, copy)]
+        record = Path(self.folder, f"{os.getpid()}.json")
+        record.with_suffix(".tmp").write_text(json.dumps(started))
+        record.with_suffix(".tmp").rename(record)
+        hoard = bytearray(self.hoard_mb * 1024 * 1024)
+        for i in range(0, len(hoard), 4096):
+            hoard[i] = 1
+        stopping.wait()
+
+
+def recorded(folder: Path) -> list[tuple[int, float]]:
+    """(pid, start time) of every process the services recorded in ``folder``."""
+    found: list[tuple[int, float]] = []
+    for path in folder.glob("*.json"):
+        found.extend((pid, created) for pid, created in json.loads(path.read_text()))
+    return found
+
+
+def running(pid: int, created: float) -> bool:
+    """``True`` if the process that had ``pid`` and started at ``created`` still runs (a zombie does not)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def still_running(processes: list[tuple[int, float]]) -> list[int]:
+    return [pid for pid, created in processes if running(pid, created)]
+
+
+def describe(pids: list[int]) -> list[str]:
+    """Each pid with its parent, group, state and command line, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            out.append(f"{pid} (ppid {proc.ppid()}, pgid {os.getpgid(pid)}, {proc.status()}): {proc.cmdline()}")
+        except (psutil.Error, OSError):
+            out.append(f"{pid} (gone)")
+    return out
+
+
+GRANDCHILDREN_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from hostkit import HostBuilder, HostOptions
+    from tests.test_orphans import StartsProcesses
+
+    if __name__ == "__main__":
+        folder, method = sys.argv[1], sys.argv[2]
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10, start_method=method))
+        builder.services.add_hosted_service(StartsProcesses(folder), placement="process", name="starter")
+        raise SystemExit(builder.build().run())
+    """
+)
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Iterator[Path]:
+    """The folder services record their processes in; whatever of them still runs is killed at the end."""
+    folder = tmp_path / "records"
+    folder.mkdir()
+    yield folder
+    for pid in still_running(recorded(folder)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class TestWhatAServiceStarted:
+    def test_graceful_stop_ends_the_processes_the_service_started(self, records, logs) -> None:
+        """After a graceful stop, the service's `sleep 300` and its SIGTERM-deaf fork are gone, and the log says so."""
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_hosted_service(StartsProcesses(str(records)), placement="process", name="starter")
+        host = builder.build()
+        with host:
+            assert wait_until(lambda: recorded(records), timeout=30), logs.text()
+            started = recorded(records)
+            assert len(still_running(started)) == 2
+        assert wait_until(lambda: not still_running(started), timeout=2.0), f"still running: {still_running(started)}"
+        assert host.status()["starter"].state is ServiceState.STOPPED
+        assert logs.find("left processes running in its process group", level="WARNING"), logs.text()
+        assert logs.find("sent them SIGKILL", level="WARNING"), logs.text()
+
+    @pytest.mark.timeout(90)
+    def test_memory_limit_kill_ends_the_processes_the_service_started(self, records, logs) -> None:
+        """A child stopped over its memory_limit takes what it started with it."""
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10, on_background_error="ignore"))
+        builder.services.add_hosted_service(
+            StartsProcesses(str(records), hoard_mb=150), placement="process", name="starter", memory_limit="100MB"
+        )
+        host = builder.build()
+        with host:
+            assert wait_until(lambda: host.status()["starter"].state is ServiceState.FAULTED, timeout=40), logs.text()
+            started = recorded(records)
+            assert len(started) == 2
+            assert wait_until(lambda: not still_running(started), timeout=2.0), (
+                f"still running: {still_running(started)}"
+            )
+        assert "MemoryLimitError" in (host.status()["starter"].error or "")
+
+    @pytest.mark.timeout(120)
+    @pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+    def test_sigkill_of_the_host_ends_the_processes_the_service_started(self, method, tmp_path) -> None:
+        """SIGKILL the host: within 2 s its child, what the child started, the fork server and the
+        resource tracker are all gone."""
+        script = tmp_path / "host.py"
+        script.write_text(GRANDCHILDREN_SCRIPT)
+        folder = tmp_path / "records"
+        folder.mkdir()
+        with open(tmp_path / "output.txt", "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(script), str(folder), method],
+                cwd=PROJECT_ROOT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=PROJECT_ROOT),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        everything: list[tuple[int, float]] = []
+        try:
+            ready = wait_until(lambda: recorded(folder) or proc.poll() is not None, timeout=60)
+            assert ready and proc.poll() is None, (tmp_path / "output.txt").read_text()
+            grandchildren = recorded(folder)
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+            everything = [(p.pid, p.create_time()) for p in descendants]
+            assert {pid for pid, _ in grandchildren} <= {pid for pid, _ in everything}
+            proc.kill()
+            proc.wait(10)
+            gone = wait_until(lambda: not still_running(everything), timeout=2.0, interval=0.02)
+            assert gone, (
+                f"still running 2 s after the host was killed: {describe(still_running(everything))}\n"
+                f"{(tmp_path / 'output.txt').read_text()}"
+            )
+        finally:
+            for pid in still_running(everything):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)

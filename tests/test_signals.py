@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hostkit import BackgroundService, CancellationToken, HostBuilder, HostOptions
-from tests.conftest import wait_until
+from tests.conftest import PROJECT_ROOT, wait_until
 
 HEADER = """
 import sys, threading, time
@@ -338,3 +343,109 @@ class TestOffMainThread:
         assert host.run() == 0
         assert seen and seen[0] is not before[signal.SIGTERM]  # hostkit's handler was in place while running
         assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
+
+
+# Three process-placed services that keep a CPU busy, as real workers do: a busy child's
+# main thread is the slowest to run its SIGTERM handler, which is where the races were.
+BUSY_GROUP = """
+import sys
+from hostkit import BackgroundService, HostBuilder, HostOptions
+
+class Busy(BackgroundService):
+    def execute(self, stopping):
+        n = 0
+        while not stopping.is_set():
+            for i in range(2000):
+                n ^= i
+
+if __name__ == "__main__":
+    builder = HostBuilder(options=HostOptions(shutdown_timeout=20))
+    for i in range(3):
+        builder.services.add_hosted_service(Busy(), placement="process", name=f"busy{i}")
+    sys.exit(builder.build().run())
+"""
+
+
+def session_members(sid: int) -> list[int]:
+    """Every live (non-zombie) process of session ``sid``: the host, its children, the fork server..."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return members
+
+
+class GroupSigtermTrial:
+    """One host in its own session, its whole process group SIGTERMed ``delay`` s after it starts."""
+
+    def __init__(self, script: Path, folder: Path, delay: float) -> None:
+        self.delay = delay
+        self.err_path = folder / "err.txt"
+        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(script)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                cwd=PROJECT_ROOT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def run(self) -> tuple[int | None, list[int], str]:
+        """(exit code, processes of its session still running afterwards, stderr)."""
+        try:
+            # "Started" = the host logged that it is starting its services: run() has its
+            # signal handlers in place (before that, Python's default action ends it).
+            started = wait_until(
+                lambda: "Host starting" in self.err_path.read_text(errors="replace") or self.proc.poll() is not None,
+                timeout=60,
+            )
+            assert started and self.proc.poll() is None, self.err_path.read_text(errors="replace")
+            time.sleep(self.delay)  # the moment under test, not a synchronisation
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            code = self.proc.wait(60)
+            wait_until(lambda: not session_members(self.proc.pid), timeout=5)
+            return code, session_members(self.proc.pid), self.err_path.read_text(errors="replace")
+        finally:
+            for pid in session_members(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(10)
+
+
+class TestGroupSigterm:
+    @pytest.mark.timeout(300)
+    def test_group_sigterm_at_any_moment_is_a_graceful_stop(self, tmp_path) -> None:
+        """SIGTERM to the whole process group (systemd's KillMode=control-group, `timeout`, `kill -TERM -PGID`)
+        0 to 2 s after the host starts, 30 times: each run exits 0, and nothing of it is left running."""
+        script = tmp_path / "busy_group.py"
+        script.write_text(textwrap.dedent(BUSY_GROUP), encoding="utf-8")
+        rng = random.Random(11)
+        # One moment in each 1/30 of the two seconds, in a random order: start-up, running, and
+        # the children's own start-up are all hit.
+        delays = [2.0 * (i + rng.random()) / 30 for i in range(30)]
+        rng.shuffle(delays)
+
+        def trial(index: int) -> tuple[float, int | None, list[int], str]:
+            folder = tmp_path / f"trial-{index}"
+            folder.mkdir()
+            code, left, err = GroupSigtermTrial(script, folder, delays[index]).run()
+            return delays[index], code, left, err
+
+        # Three hosts at a time keep the wall time down (and the machine busy, which is the point).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="trial") as pool:
+            results = list(pool.map(trial, range(len(delays))))
+        failed = [
+            f"SIGTERM at {delay:.2f} s: exit code {code}, still running {left}\n{err[-3000:]}"
+            for delay, code, left, err in results
+            if code != 0 or left
+        ]
+        assert not failed, f"{len(results) - len(failed)}/{len(results)} runs exited 0 with nothing left:\n" + (
+            "\n".join(failed)
+        )

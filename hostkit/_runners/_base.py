@@ -149,7 +149,9 @@ class Runner(ABC):
         else:
             if self.timed_out_detail is not None:
                 self.record.mark(ServiceState.TIMED_OUT, detail=self.timed_out_detail)
-                self._log.error("Background service {!r} {}", self.record.name, self.timed_out_detail)
+                # The host logs this event once, at ERROR, with where the service was stuck and
+                # what was done to it (Host._escalate); here it is only the run's end.
+                self._log.debug("Background service {!r} {}", self.record.name, self.timed_out_detail)
             elif self.stopping.is_set() or (self.host_stopping is not None and self.host_stopping.is_set()):
                 self.record.mark(ServiceState.STOPPED, detail=None)
                 self._log.info("Background service {!r} stopped", self.record.name)

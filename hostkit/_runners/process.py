@@ -8,21 +8,37 @@ Data flow for one run (one child; a restart makes a new child)::
       payload = dill.dumps(service)  --- pickling error here: ServicePicklingError
     supervising thread hostkit-<svc>
       Supervisor -> _run_once()
-        ctx.Process(child_main) ---------------------->  signals, log forwarding, watcher thread
+        ctx.Process(child_main)   (SIGINT, SIGTERM      own process group, signals, log
+          blocked while it starts) ------------------>  forwarding, watcher thread; unblock
         control pipe  ---- b"stop" / EOF ------------->  watcher: stopping.set()
-        parent sentinel (host dies) ------------------>  watcher: stopping.set(), then exit
-        RawValue('d') <--- heartbeat() time ----------   service.heartbeat()
+        parent sentinel (host dies) ------------------>  watcher: stopping.set(), SIGTERM to the
+                                                           group, then SIGKILL to it (itself too)
+        SharedState   <--- heartbeat() time ----------   service.heartbeat()
+                      <--- execute() began -----------   the hang clock starts here
+                      <--- a SIGTERM not the host's --   its handler: stopping.set()
+                      ---- escalating --------------->   its handler: SIGTERM raises Terminated
         result pipe   <--- ("log", record) -----------   loguru sink (stdlib routed into loguru)
                       <--- ("lock", fields) ----------   OncePerDeployment: holder or standby
                       <--- ("ok") / ("error", exc, tb)   after execute returns or raises
         wait([result pipe, child sentinel], tick)
           re-emit logs, sample RSS and heartbeat
-        child exits -> drain pipe, join (reaped), raise or return
-    Host._escalate -> escalate(grace): SIGTERM, wait, SIGKILL, join
+        child exits -> drain pipe, join (reaped), sweep its group, raise or return
+    Host._escalate -> escalate(grace): flag, SIGTERM to the group, wait, SIGKILL to it, join
 
 Only the supervising thread reads the result pipe, so a child's records are
 re-emitted in the order it wrote them, and the result is read after every one of
 them: none is lost at a clean stop.
+
+Each child leads its own process group, so what its service starts (a
+``subprocess``, a fork of itself) is signalled with it: SIGTERM then SIGKILL at an
+escalation, and, once the child has ended for any reason, a sweep: SIGTERM to
+what is left in the group, SIGKILL after ``KILL_GRACE``. A process that leaves the
+group (``setsid``, as daemons do) is beyond reach.
+
+A SIGTERM the host did not send (systemd signals every process of a unit at once)
+asks the child to stop gracefully, and the service then counts as stopped, never
+as failed: also when it ended by SIGTERM's default action, and whether the host
+got the same signal (the usual case) or not.
 """
 
 from __future__ import annotations
@@ -44,7 +60,7 @@ import multiprocess.connection as mpc
 import psutil
 from loguru import logger
 
-from .._child import Terminated, child_main, restore_logger
+from .._child import LAUNCH_BLOCKED, SharedState, Terminated, child_main, restore_logger
 from .._mainguard import explain_main_reimport
 from .._services import BackgroundService
 from .._status import LockStatus
@@ -72,8 +88,14 @@ _ = Terminated  # the child's escalation exception; named here for readers of th
 SAMPLE_INTERVAL = 0.2
 #: Messages read from a child's pipe before the wait loop checks RSS and heartbeat again.
 DRAIN_BATCH = 500
-#: Grace between SIGTERM and SIGKILL when the runner stops a hung or oversized child.
+#: Grace between SIGTERM and SIGKILL when the runner stops a hung or oversized child, and
+#: for what a child left in its process group after it ended.
 KILL_GRACE = 1.0
+#: How long the runner waits, after a child stopped on a SIGTERM the host did not send, for the
+#: host's own stop (the same signal usually reached it) before it logs that the host runs on.
+OUTSIDE_STOP_GRACE = 2.0
+#: Seconds between checks that a swept process group is empty.
+_SWEEP_POLL = 0.02
 
 
 class _RemoteTraceback(Exception):
@@ -241,6 +263,56 @@ def _preload_in_forkserver(ctx: Any) -> None:
             ctx.set_forkserver_preload([*current, *wanted])
 
 
+def _start_shielded(process: Any, start_method: str) -> None:
+    """``process.start()`` with SIGINT and SIGTERM blocked in this thread; the child inherits the mask.
+
+    Until the child has installed its own handlers, a SIGINT or SIGTERM sent to it
+    (to the whole group, as systemd does) would kill it (spawn: Python's defaults),
+    or run the host's handler in it (fork). Blocked, the signal waits, and the child
+    handles it once it is ready (``child_main`` unblocks). The fork server, if this
+    call starts it, inherits the mask too and ignores both before it unblocks them.
+
+    multiprocess's resource tracker unblocks both signals in the calling thread after
+    it starts, so it is started first, outside the shielded part.
+    """
+    if start_method in ("spawn", "forkserver"):
+        from multiprocess import resource_tracker
+
+        resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, LAUNCH_BLOCKED)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """Send ``signum`` to the process group a child leads (it and what it started), else to the child alone.
+
+    A child that has not made its group yet (it is still starting) has none: then
+    the signal goes to its pid.
+    """
+    try:
+        os.killpg(pid, signum)
+        return
+    except (ProcessLookupError, PermissionError):
+        pass  # no such group (yet): the child alone
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live pids of process group ``pgid``, for the log."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except OSError:
+            continue
+    return found
+
+
 class ProcessRunner(Runner):
     """``execute(stopping)`` in a child process named ``hostkit-<service>-<n>``."""
 
@@ -253,6 +325,7 @@ class ProcessRunner(Runner):
         self.memory_limit: int | None = options.get("memory_limit")
         self._payload: bytes | None = None
         self._process: Any = None
+        self._shared: SharedState | None = None
         self._control: Any = None
         self._control_lock = threading.Lock()
         self._kill_reason: BaseException | None = None
@@ -302,19 +375,19 @@ class ProcessRunner(Runner):
             _preload_in_forkserver(ctx)
         results_r, results_w = ctx.Pipe(duplex=False)
         control_r, control_w = ctx.Pipe(duplex=False)
-        # Shared memory for heartbeats: a child may beat on every loop turn, far too
-        # often for the pipe. Kept referenced here until the child is joined (facts.md:
-        # a collected Value breaks the child's unpickling under forkserver).
-        beat = ctx.RawValue("d", 0.0)
+        # Kept referenced here until the child is joined: a collected RawArray breaks the
+        # child's unpickling under forkserver.
+        shared_array = ctx.RawArray("d", SharedState.SLOTS)
+        shared = SharedState(shared_array)
         name = f"hostkit-{self.record.name}-{next(self._counter)}"
         process = ctx.Process(
             target=child_main,
-            args=(self._payload, self._settings(name), results_w, control_r, beat),
+            args=(self._payload, self._settings(name), results_w, control_r, shared_array),
             name=name,
             daemon=False,
         )
         try:
-            process.start()
+            _start_shielded(process, self.start_method)
         except BaseException as err:
             for conn in (results_r, results_w, control_r, control_w):
                 conn.close()
@@ -328,14 +401,14 @@ class ProcessRunner(Runner):
         control_r.close()
         with self._control_lock:
             self._process = process
+            self._shared = shared
             self._control = control_w
-        began = time.time()
         self.record.update(pid=process.pid, detail=None)
         self._log.debug("Started child process {} ({}, {})", process.pid, name, self.start_method)
         registration = self.stopping.register(self._send_stop)
         result: tuple[Any, ...] | None = None
         try:
-            result = self._supervise(process, results_r, beat, began)
+            result = self._supervise(process, results_r, shared)
         finally:
             registration.unregister()
             process.join()  # reaped: never a zombie
@@ -346,7 +419,8 @@ class ProcessRunner(Runner):
                 with contextlib.suppress(OSError):
                     control_w.close()
             results_r.close()
-        self._outcome(process, result)
+            self._sweep(process.pid)
+        self._outcome(process, result, shared)
 
     def _send_stop(self) -> None:
         with self._control_lock:
@@ -358,7 +432,7 @@ class ProcessRunner(Runner):
             except OSError:
                 pass  # the child already ended; its sentinel tells the supervising thread
 
-    def _supervise(self, process: Any, results: Any, beat: Any, began: float) -> tuple[Any, ...] | None:
+    def _supervise(self, process: Any, results: Any, shared: SharedState) -> tuple[Any, ...] | None:
         """Wait for the child to end, re-emitting its logs and watching RSS and heartbeat."""
         watch = self.memory_limit is not None or self.record.heartbeat_timeout is not None
         tick = SAMPLE_INTERVAL if watch else None
@@ -395,12 +469,14 @@ class ProcessRunner(Runner):
                     continue
             timeout = self.record.heartbeat_timeout
             if timeout is not None:
-                value = float(beat.value)
+                value = shared.beat
                 if value and value != last_beat:
                     last_beat = value
                     self.record.update(last_heartbeat_at=value)
-                since = last_beat or began
-                if time.time() - since > timeout:
+                # Counted from the last beat, or from when execute() began: the child's own
+                # start-up (imports, unpickling, building the service) is no hang of its loop.
+                since = last_beat or shared.executing
+                if since and time.time() - since > timeout:
                     self._stop_child(
                         process,
                         ServiceHungError(
@@ -468,7 +544,7 @@ class ProcessRunner(Runner):
         self._terminate(process, KILL_GRACE)
 
     def _terminate(self, process: Any, grace: float, note: Callable[[str], None] | None = None) -> str:
-        """SIGTERM, wait up to ``grace``, then SIGKILL. Returns what was done.
+        """SIGTERM to the child's group, wait up to ``grace``, then SIGKILL to it. Returns what was done.
 
         ``note`` hears each step *before* it is taken, so whoever reads it after the
         child ended (the supervising thread) sees the step that ended it.
@@ -476,29 +552,73 @@ class ProcessRunner(Runner):
         action = f"child process {process.pid} was terminated (SIGTERM)"
         if note is not None:
             note(action)
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            process.terminate()
+        shared = self._shared
+        if shared is not None:
+            # Before the signal: the child's handler reads it to tell this SIGTERM (end
+            # now, with finally blocks) from any other (a request to stop).
+            shared.escalating = True
+        _signal_group(process.pid, signal.SIGTERM)
         if mpc.wait([process.sentinel], timeout=max(grace, 0.0)):
             return action
         action = f"child process {process.pid} was killed (SIGKILL) after {grace:.2f} s"
         if note is not None:
             note(action)
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            process.kill()
+        _signal_group(process.pid, signal.SIGKILL)
         mpc.wait([process.sentinel], timeout=1.0)
         return action
 
-    def _outcome(self, process: Any, result: tuple[Any, ...] | None) -> None:
+    def _sweep(self, pgid: int) -> None:
+        """End what the child left in its process group: SIGTERM, then SIGKILL after ``KILL_GRACE``.
+
+        Called once the child has been reaped. Its pid stays allocated while its group
+        has members, so the group cannot be confused with a newer process's; when the
+        group is empty (the usual case) this is one system call.
+        """
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            return
+        left = _group_members(pgid)
+        self._log.warning(
+            "Background service {!r}: its child process {} left processes running in its process group {}; "
+            "sent them SIGTERM",
+            self.record.name,
+            pgid,
+            left,
+        )
+        deadline = time.monotonic() + KILL_GRACE
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(_SWEEP_POLL)
+        left = _group_members(pgid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        self._log.warning(
+            "Background service {!r}: processes {} of child process {}'s group were still running {:.1f} s after "
+            "SIGTERM; sent them SIGKILL",
+            self.record.name,
+            left,
+            pgid,
+            KILL_GRACE,
+        )
+
+    def _outcome(self, process: Any, result: tuple[Any, ...] | None, shared: SharedState) -> None:
         """Return if the run ended well, else raise what the host should know."""
         code = process.exitcode
         if self.timed_out_detail is not None:
             return  # escalated at the deadline; the base marks it timed out
         if self._kill_reason is not None:
             raise self._kill_reason
-        if result is not None and result[0] == "ok":
-            return
         if result is not None and result[0] == "error":
             raise self._rebuild(result)
+        if result is not None and result[0] == "ok" and not shared.outside_sigterm:
+            return
+        if shared.outside_sigterm or code == -signal.SIGTERM:
+            self._stopped_from_outside(process.pid)
+            return
         if result is not None and result[0] == "terminated":
             msg = f"child process {process.pid} of {self.record.name!r} was terminated by SIGTERM"
             raise ChildProcessDiedError(msg, exitcode=code)
@@ -514,6 +634,36 @@ class ProcessRunner(Runner):
                 f"a result (os._exit() or a crash in native code)"
             )
         raise ChildProcessDiedError(msg, exitcode=code)
+
+    def _stopped_from_outside(self, pid: int) -> None:
+        """The child ended on a SIGTERM the host did not send: the service stopped, it did not fail.
+
+        SIGTERM is how systemd, ``timeout`` and ``kill`` ask for a stop, and systemd
+        counts an end by SIGTERM as clean; so does the host, whoever else it reached.
+        Usually it reached every process of the unit, the host too, whose own stop may
+        begin a moment after the child has ended: the log waits a little for it, so that
+        it does not say the host runs on when it is about to stop.
+        """
+        if self._host_stops(OUTSIDE_STOP_GRACE):
+            self._log.debug("Child process {} of {!r} ended on a SIGTERM as the host stops", pid, self.record.name)
+            return
+        self._log.warning(
+            "Background service {!r}: its child process {} was stopped by a SIGTERM that the host did not send; "
+            "the service is stopped and the host runs on without it",
+            self.record.name,
+            pid,
+        )
+        self.request_stop()
+
+    def _host_stops(self, grace: float) -> bool:
+        """``True`` if this service or the whole host is asked to stop within ``grace`` seconds."""
+        gate = threading.Event()
+        tokens = [self.stopping] if self.host_stopping is None else [self.stopping, self.host_stopping]
+        with contextlib.ExitStack() as stack:
+            for token in tokens:
+                stack.enter_context(token.register(gate.set))
+            gate.wait(grace)
+        return any(token.is_set() for token in tokens)
 
     def _rebuild(self, result: tuple[Any, ...]) -> BaseException:
         _, blob, type_name, summary, text = result
