@@ -29,8 +29,9 @@ from loguru import logger
 
 from ._builder import HostBuilder
 from ._host import Host
+from ._options import seconds_option
 from ._status import HostState
-from ._util import describe
+from ._util import close_match, describe
 from .exceptions import ConfigurationError
 
 __all__ = ["EmbeddedHost", "HostFactory", "load_factory", "start_all", "stop_all"]
@@ -92,6 +93,9 @@ class EmbeddedHost:
             raise ConfigurationError(msg)
         if contention is not None:
             _check_monitor_options(contention)
+        if shutdown_timeout is not None:
+            # A wrong budget fails here, when the integration is set up, not when the host stops.
+            shutdown_timeout = seconds_option(shutdown_timeout, f"{name}: shutdown_timeout")
         self._factory = factory
         self.name = name
         self.contention = contention
@@ -245,11 +249,17 @@ def load_factory(spec: object, what: str) -> Any:
         raise ConfigurationError(msg)
     try:
         obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
+    except ImportError as err:
         msg = f"{what}={spec!r} could not be loaded: {err}"
         raise ConfigurationError(msg) from err
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as err:
+            guess = close_match(part, (n for n in dir(obj) if part.startswith("_") or not n.startswith("_")))
+            hint = f"; did you mean {guess!r}?" if guess is not None else ""
+            msg = f"{what}={spec!r} could not be loaded: {err}{hint}"
+            raise ConfigurationError(msg) from err
     return obj
 
 

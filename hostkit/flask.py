@@ -43,6 +43,7 @@ from flask import Flask, current_app
 from ._builder import HostBuilder
 from ._embed import EmbeddedHost, load_factory
 from ._host import Host
+from ._options import seconds_option
 from ._util import describe
 from .exceptions import ConfigurationError
 
@@ -119,6 +120,9 @@ class HostKit:
                 f"not: {describe(contention)}"
             )
             raise ConfigurationError(msg)
+        shutdown_timeout = config.get("HOSTKIT_SHUTDOWN_TIMEOUT")
+        if shutdown_timeout is not None:
+            shutdown_timeout = seconds_option(shutdown_timeout, "HOSTKIT_SHUTDOWN_TIMEOUT")
         latency = None
         if config.get("HOSTKIT_LATENCY", False):
             from .contention import LatencyRecorder
@@ -129,7 +133,7 @@ class HostKit:
             name=f"flask:{app.name}",
             contention=contention if isinstance(contention, dict) else None,
             latency=latency,
-            shutdown_timeout=config.get("HOSTKIT_SHUTDOWN_TIMEOUT"),
+            shutdown_timeout=shutdown_timeout,
             enabled=bool(config.get("HOSTKIT_ENABLED", True)),
         )
         # Every check passed: only now change the app.

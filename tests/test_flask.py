@@ -127,6 +127,10 @@ class TestExtension:
             HostKit(make_app(HOSTKIT_BUILDER="nope"))
         with pytest.raises(ConfigurationError, match=r"'tests.test_flask:missing' could not be loaded"):
             HostKit(make_app(HOSTKIT_BUILDER="tests.test_flask:missing"))
+        with pytest.raises(ConfigurationError, match=r"could not be loaded: .*; did you mean '_factory'\?"):
+            HostKit(make_app(HOSTKIT_BUILDER="tests.test_flask:_factroy"))
+        with pytest.raises(ConfigurationError, match=r"HOSTKIT_SHUTDOWN_TIMEOUT must be >= 0 seconds, not: -1 \(int\)"):
+            HostKit(make_app(HOSTKIT_SHUTDOWN_TIMEOUT=-1), builder=_factory)
         with pytest.raises(ConfigurationError, match=r"unknown contention monitor option\(s\) \['intervall'\]"):
             HostKit(make_app(HOSTKIT_CONTENTION={"intervall": 1}), builder=_factory)
         app = make_app()

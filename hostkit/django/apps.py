@@ -36,6 +36,7 @@ from django.conf import settings  # type: ignore[import-untyped,import-not-found
 from django.core.signals import request_started  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from .._embed import EmbeddedHost, load_factory
+from .._options import seconds_option
 from .._util import describe
 from ..exceptions import ConfigurationError
 
@@ -70,6 +71,9 @@ def host_settings() -> dict[str, Any]:
             f"settings.HOSTKIT['START'] must be one of {', '.join(map(repr, _STARTS))}, not: {describe(conf['START'])}"
         )
         raise ConfigurationError(msg)
+    if conf["SHUTDOWN_TIMEOUT"] is not None:
+        # Checked here, at ready(), not at the first stop; `manage.py hostkit_run` uses it too.
+        conf["SHUTDOWN_TIMEOUT"] = seconds_option(conf["SHUTDOWN_TIMEOUT"], "settings.HOSTKIT['SHUTDOWN_TIMEOUT']")
     contention = conf["CONTENTION"]
     if contention is True:
         conf["CONTENTION"] = {}
