@@ -60,6 +60,14 @@ class HostOptions:
         configure_logging: let ``Host.run()`` call :func:`hostkit.configure_logging`
             when nothing configured hostkit's logging yet (default ``True``). Set
             ``False`` when your application manages loguru's sinks itself.
+        embedded_logging: while a host started without ``run()`` (``with host:``,
+            ``host.start()``, Flask, Django, gunicorn) is running, send hostkit's own
+            records (start, stop, failures with their tracebacks) to the stdlib
+            logger ``"hostkit"``, so the application's ``logging`` configuration
+            applies; with no stdlib handler at all they go to stderr, INFO and up
+            (default ``True``). Nothing is added when :func:`hostkit.configure_logging`
+            was called or the application configured loguru. ``False``: hostkit's
+            lines stay off.
 
     Raises:
         ConfigurationError: a value has the wrong type or range (also a ``ValueError``).
@@ -74,6 +82,7 @@ class HostOptions:
     on_background_error: BackgroundErrorBehavior = "stop_host"
     start_method: str = "forkserver"
     configure_logging: bool = True
+    embedded_logging: bool = True
 
     def __post_init__(self) -> None:
         self.shutdown_timeout = _seconds(self.shutdown_timeout, "HostOptions.shutdown_timeout") or 0.0
@@ -85,7 +94,7 @@ class HostOptions:
             )
             raise ConfigurationError(msg)
         check_start_method(self.start_method, "HostOptions.start_method")
-        for name in ("start_concurrently", "stop_concurrently", "configure_logging"):
+        for name in ("start_concurrently", "stop_concurrently", "configure_logging", "embedded_logging"):
             if not isinstance(getattr(self, name), bool):
                 msg = f"HostOptions.{name} must be True or False, not: {describe(getattr(self, name))}"
                 raise ConfigurationTypeError(msg)

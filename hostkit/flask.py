@@ -28,6 +28,10 @@ Config keys (all optional):
   :class:`~hostkit.contention.ContentionMonitor` options, to measure contention.
 - ``HOSTKIT_LATENCY`` (``False``): record request latency for the monitor
   (wraps ``app.wsgi_app`` in :class:`~hostkit.contention.LatencyMiddleware`).
+- ``HOSTKIT_EMBEDDED_LOGGING`` (the host's ``HostOptions.embedded_logging``, ``True``
+  by default): hostkit's own lines (start, stop, failures with tracebacks) go to the
+  stdlib logger ``"hostkit"``, so the app's logging configuration applies (to stderr
+  when stdlib logging has no handler). ``False`` turns them off.
 
 .. versionadded:: 0.1
 """
@@ -123,6 +127,10 @@ class HostKit:
         shutdown_timeout = config.get("HOSTKIT_SHUTDOWN_TIMEOUT")
         if shutdown_timeout is not None:
             shutdown_timeout = seconds_option(shutdown_timeout, "HOSTKIT_SHUTDOWN_TIMEOUT")
+        embedded_logging = config.get("HOSTKIT_EMBEDDED_LOGGING")
+        if embedded_logging is not None and not isinstance(embedded_logging, bool):
+            msg = f"HOSTKIT_EMBEDDED_LOGGING must be True or False, not: {describe(embedded_logging)}"
+            raise ConfigurationError(msg)
         latency = None
         if config.get("HOSTKIT_LATENCY", False):
             from .contention import LatencyRecorder
@@ -135,6 +143,7 @@ class HostKit:
             latency=latency,
             shutdown_timeout=shutdown_timeout,
             enabled=bool(config.get("HOSTKIT_ENABLED", True)),
+            embedded_logging=embedded_logging,
         )
         # Every check passed: only now change the app.
         if latency is not None:

@@ -254,7 +254,9 @@ class TestRunBadInput:
         result = hostkit("run", "apps:StopSoon.exceute", cwd=app_dir)
         assert result.returncode == 2
         line = one_error_line(result)
-        assert line.startswith("hostkit run: error: 'apps:StopSoon' has no attribute 'exceute'; did you mean 'execute'?")
+        assert line.startswith(
+            "hostkit run: error: 'apps:StopSoon' has no attribute 'exceute'; did you mean 'execute'?"
+        )
 
     def test_attribute_not_a_host(self, app_dir: Path) -> None:
         """An attribute that is not a host says what it is and what it must be."""

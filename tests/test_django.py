@@ -149,6 +149,33 @@ class TestRunserver:
                 break
         assert f"TickRecorder running in pid {proc.pid}" in line
 
+    def test_embedded_host_logs_through_django_logging(self, project: Project) -> None:
+        """The serving process's host logs its start to stderr (Django's LOGGING has no root handler);
+        with HOSTKIT['EMBEDDED_LOGGING'] False it does not."""
+        port = free_port()
+        proc = project.spawn(
+            sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}", HOSTKIT_EXAMPLE_START="ready"
+        )
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("TickRecorder running" in x for x in lines) and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+        text = "".join(lines)
+        assert f"| INFO     | hostkit | host | {proc.pid} | Host starting 1 service(s)" in text, text
+        assert f"| INFO     | hostkit | host | {proc.pid} | django: host started in process {proc.pid}" in text, text
+
+        settings = project.dir / "project" / "settings.py"
+        settings.write_text(settings.read_text() + '\nHOSTKIT["EMBEDDED_LOGGING"] = False\n')
+        start = "from hostkit.django.apps import embedded_host; print(embedded_host().start().state.value)"
+        out = project.manage("shell", "-c", start)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[-1] == "running"  # the host ran (and stopped at exit), silently
+        assert "hostkit" not in out.stderr
+
 
 @pytest.mark.timeout(120)
 class TestWorkerCommand:
@@ -259,6 +286,10 @@ class TestSettings:
             (
                 {"BUILDER": "a:b", "START": "now"},
                 r"\['START'\] must be one of 'request', 'ready', 'manual', not: 'now'",
+            ),
+            (
+                {"BUILDER": "a:b", "EMBEDDED_LOGGING": "no"},
+                r"settings.HOSTKIT\['EMBEDDED_LOGGING'\] must be True or False, not: 'no' \(str\)",
             ),
             (
                 {"BUILDER": "a:b", "SHUTDOWN_TIMEOUT": "10"},

@@ -316,5 +316,5 @@ class TestBuilderIsNotAHost:
     def test_other_missing_attributes_stay_plain(self) -> None:
         """A typo that is not a Host name is an ordinary AttributeError, naming the attribute."""
         with pytest.raises(AttributeError, match="'HostBuilder' object has no attribute 'sevices'") as info:
-            HostBuilder().sevices  # noqa: B018
+            HostBuilder().sevices
         assert not isinstance(info.value, NotBuiltError)

@@ -317,8 +317,7 @@ class TestPickling:
         assert "cannot pickle '_thread.lock' object (a copy in the child would not be shared" in errors["HoldsLock"]
         for text in errors.values():
             assert text.endswith(
-                "Create it inside execute() (it then lives in the child), or register the class so "
-                "the child builds it"
+                "Create it inside execute() (it then lives in the child), or register the class so the child builds it"
             )
 
     def test_lock_inside_a_singleton_instance_is_refused(self) -> None:
