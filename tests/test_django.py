@@ -159,7 +159,7 @@ class TestRunserver:
         assert proc.stdout is not None
         lines: list[str] = []
         deadline = time.monotonic() + 60
-        while not any("TickRecorder running" in x for x in lines) and time.monotonic() < deadline:
+        while not any("django: host started" in x for x in lines) and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line and proc.poll() is not None:
                 break
