@@ -101,7 +101,9 @@ class EmbeddedHost:
             # A wrong budget fails here, when the integration is set up, not when the host stops.
             shutdown_timeout = seconds_option(shutdown_timeout, f"{name}: shutdown_timeout")
         if embedded_logging is not None and not isinstance(embedded_logging, bool):
-            msg = f"{name}: embedded_logging must be True, False or None, not: {describe(embedded_logging)}"  # type: ignore[unreachable]
+            msg = (  # type: ignore[unreachable]
+                f"{name}: embedded_logging must be True, False or None, not: {describe(embedded_logging)}"
+            )
             raise ConfigurationError(msg)
         self._factory = factory
         self.embedded_logging = embedded_logging
