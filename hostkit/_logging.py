@@ -346,7 +346,9 @@ def attach_embedded_logging() -> bool:
             # variables), with the filter above. It stays after the route closes, and is
             # recognised as loguru's default the next time.
             _route.default_id = logger.add(sys.stderr, filter=_default_sink_filter)
-        _route.sink_id = logger.add(_to_stdlib, level=0, format="{message}", filter=_route_filter, catch=True)
+        # DEBUG, as loguru's default sink: a lower level would make loguru build every TRACE
+        # record of the whole process (its cheap early exit is the lowest sink level).
+        _route.sink_id = logger.add(_to_stdlib, level="DEBUG", format="{message}", filter=_route_filter, catch=True)
         logger.enable("hostkit")
         _route.enabled_hostkit = True
         _route.users = 1
