@@ -5,16 +5,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from ._di import ServiceCollection
 from ._host import Host
 from ._lifetime import ApplicationLifetime
 from ._options import HostOptions
 from ._util import describe
-from .exceptions import ConfigurationError, ConfigurationTypeError, HostStateError
+from .exceptions import ConfigurationError, ConfigurationTypeError, HostStateError, NotBuiltError
 
 __all__ = ["HostBuilder"]
+
+# What a Host has and a HostBuilder does not: asked of a builder, they get "call build() first".
+_HOST_ONLY = frozenset({"run", "start", "stop", "status", "state", "exit_code", "lifetime"})
 
 
 class HostBuilder:
@@ -111,6 +114,32 @@ class HostBuilder:
                 )
         provider = services.build_provider(validate=True)
         return Host(provider, list(services.hosted), options=self.options, lifetime=lifetime)
+
+    # Hidden from type checkers, so that they still flag `builder.run()` and `with builder:`;
+    # at run time these turn the bare AttributeError/TypeError into the fix.
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> NoReturn:
+            if name in _HOST_ONLY:
+                call = f"{name}()" if name in ("run", "start", "stop", "status") else name
+                msg = (
+                    f"HostBuilder has no {call}; call builder.build() first to get a Host, "
+                    f"then host.{call} (the builder only collects services and options)"
+                )
+                raise NotBuiltError(msg)
+            msg = f"{type(self).__name__!r} object has no attribute {name!r}"
+            # name/obj: Python's own "Did you mean ...?" hint still works for a typo.
+            raise AttributeError(msg, name=name, obj=self)
+
+        def __enter__(self) -> NoReturn:
+            msg = (
+                "a HostBuilder is not a context manager; call builder.build() first to get a Host, "
+                "then `with host:` (or host.run())"
+            )
+            raise NotBuiltError(msg)
+
+        def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ always raises
+            return None
 
     def _refuse_host_owned_registrations(self) -> None:
         """The lifetime and the options belong to the host: a registration of either would be ignored.

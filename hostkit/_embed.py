@@ -29,8 +29,10 @@ from loguru import logger
 
 from ._builder import HostBuilder
 from ._host import Host
+from ._logging import attach_embedded_logging, detach_embedded_logging
+from ._options import seconds_option
 from ._status import HostState
-from ._util import describe
+from ._util import close_match, describe
 from .exceptions import ConfigurationError
 
 __all__ = ["EmbeddedHost", "HostFactory", "load_factory", "start_all", "stop_all"]
@@ -70,6 +72,8 @@ class EmbeddedHost:
         shutdown_timeout: the stop budget; ``None`` uses the host's ``HostOptions.shutdown_timeout``.
             Keep it under the server's own (gunicorn's ``graceful_timeout``, 30 s by default).
         enabled: ``False``: :func:`start_all` (the gunicorn hook) skips it and :meth:`start` refuses.
+        embedded_logging: ``True``/``False`` overrides the host's ``HostOptions.embedded_logging``
+            (hostkit's lines into the application's stdlib logging); ``None`` keeps it.
 
     .. versionadded:: 0.1
     """
@@ -83,6 +87,7 @@ class EmbeddedHost:
         latency: Any = None,
         shutdown_timeout: float | timedelta | None = None,
         enabled: bool = True,
+        embedded_logging: bool | None = None,
     ) -> None:
         if not (isinstance(factory, HostBuilder) or callable(factory)):
             msg = (  # type: ignore[unreachable]
@@ -92,7 +97,16 @@ class EmbeddedHost:
             raise ConfigurationError(msg)
         if contention is not None:
             _check_monitor_options(contention)
+        if shutdown_timeout is not None:
+            # A wrong budget fails here, when the integration is set up, not when the host stops.
+            shutdown_timeout = seconds_option(shutdown_timeout, f"{name}: shutdown_timeout")
+        if embedded_logging is not None and not isinstance(embedded_logging, bool):
+            msg = (  # type: ignore[unreachable]
+                f"{name}: embedded_logging must be True, False or None, not: {describe(embedded_logging)}"
+            )
+            raise ConfigurationError(msg)
         self._factory = factory
+        self.embedded_logging = embedded_logging
         self.name = name
         self.contention = contention
         self.latency = latency
@@ -103,6 +117,8 @@ class EmbeddedHost:
         self._monitor: Any = None
         self._pid: int | None = None
         self._atexit_pid: int | None = None
+        # The process whose embedded logging route this object holds open, if any.
+        self._route_pid: int | None = None
         with _registry_lock:
             _registry.append(self)
 
@@ -150,6 +166,8 @@ class EmbeddedHost:
                     pid,
                 )
             host = self._build()
+            if self.embedded_logging is not None:
+                host.options.embedded_logging = self.embedded_logging
             self._host, self._pid, self._monitor = host, pid, None
             if self._atexit_pid != pid:
                 self._atexit_pid = pid
@@ -163,12 +181,25 @@ class EmbeddedHost:
                 options.setdefault("latency", self.latency)
                 # Made before the host starts: a wrong option fails here, with nothing running yet.
                 monitor = ContentionMonitor(host, **options)
-            host.start()
+            # Held from before the start until after the stop, so that this object's own
+            # lines around them (started, stopped with an exit code) reach the logs too.
+            if host.options.embedded_logging and attach_embedded_logging():
+                self._route_pid = pid
+            try:
+                host.start()
+            except BaseException:
+                self._release_route()
+                raise
             if monitor is not None:
                 monitor.start()
                 self._monitor = monitor
             _log.info("{}: host started in process {}", self.name, pid)
             return host
+
+    def _release_route(self) -> None:
+        if self._route_pid == os.getpid():
+            self._route_pid = None
+            detach_embedded_logging()
 
     def _build(self) -> Host:
         made: object = self._factory
@@ -188,10 +219,13 @@ class EmbeddedHost:
             return
         if monitor is not None:
             monitor.stop()
-        if host.state is not HostState.STOPPED:
-            host.stop(timeout if timeout is not None else self.shutdown_timeout)
-        if host.exit_code:
-            _log.warning("{}: host stopped with exit code {}", self.name, host.exit_code)
+        try:
+            if host.state is not HostState.STOPPED:
+                host.stop(timeout if timeout is not None else self.shutdown_timeout)
+            if host.exit_code:
+                _log.warning("{}: host stopped with exit code {}", self.name, host.exit_code)
+        finally:
+            self._release_route()
 
     def _stop_at_exit(self) -> None:
         try:
@@ -245,11 +279,17 @@ def load_factory(spec: object, what: str) -> Any:
         raise ConfigurationError(msg)
     try:
         obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
+    except ImportError as err:
         msg = f"{what}={spec!r} could not be loaded: {err}"
         raise ConfigurationError(msg) from err
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as err:
+            guess = close_match(part, (n for n in dir(obj) if part.startswith("_") or not n.startswith("_")))
+            hint = f"; did you mean {guess!r}?" if guess is not None else ""
+            msg = f"{what}={spec!r} could not be loaded: {err}{hint}"
+            raise ConfigurationError(msg) from err
     return obj
 
 

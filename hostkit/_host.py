@@ -33,7 +33,7 @@ from loguru import logger
 
 from ._di import ServiceProvider
 from ._lifetime import ApplicationLifetime
-from ._logging import configure_logging, logging_configured
+from ._logging import attach_embedded_logging, configure_logging, detach_embedded_logging, logging_configured
 from ._options import HostOptions, seconds_option
 from ._registration import HostedServiceRegistration
 from ._runners import Runner, create_runner
@@ -176,6 +176,8 @@ class Host:
         self._local = threading.local()
         self._started: list[ServiceRecord] = []
         self._records: list[ServiceRecord] = []
+        # Whether this host holds the embedded logging route open (see start()).
+        self._logging_route = False
         for reg in registrations:
             service: HostedService
             if isinstance(reg.service, HostedService):
@@ -348,6 +350,11 @@ class Host:
                 )
                 raise HostStateError(msg)
             self._state = HostState.STARTING
+            embedded = not self._ran
+        if embedded and self.options.embedded_logging:
+            # Started without run(): the process's logging is the application's. Until the
+            # stop ends, hostkit's lines go to its stdlib logging (or stderr), not nowhere.
+            self._logging_route = attach_embedded_logging()
         began = time.monotonic()
         _log.info("Host starting {} service(s) (pid {})", len(self._records), os.getpid())
         timeout = self.options.startup_seconds
@@ -682,6 +689,9 @@ class Host:
         with self._lock:
             self._state = HostState.STOPPED
         _log.info("Host stopped in {:.3f} s (exit code {})", time.monotonic() - began, self.exit_code)
+        if self._logging_route:
+            self._logging_route = False
+            detach_embedded_logging()
         self.lifetime.stopped.set()
 
     def _await_stopping_callbacks(self, began: float, until: float) -> None:

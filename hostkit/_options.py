@@ -60,6 +60,14 @@ class HostOptions:
         configure_logging: let ``Host.run()`` call :func:`hostkit.configure_logging`
             when nothing configured hostkit's logging yet (default ``True``). Set
             ``False`` when your application manages loguru's sinks itself.
+        embedded_logging: while a host started without ``run()`` (``with host:``,
+            ``host.start()``, Flask, Django, gunicorn) is running, send hostkit's own
+            records (start, stop, failures with their tracebacks) to the stdlib
+            logger ``"hostkit"``, so the application's ``logging`` configuration
+            applies; with no stdlib handler at all they go to stderr, INFO and up
+            (default ``True``). Nothing is added when :func:`hostkit.configure_logging`
+            was called or the application configured loguru. ``False``: hostkit's
+            lines stay off.
 
     Raises:
         ConfigurationError: a value has the wrong type or range (also a ``ValueError``),
@@ -76,6 +84,7 @@ class HostOptions:
     on_background_error: BackgroundErrorBehavior = "stop_host"
     start_method: str = "forkserver"
     configure_logging: bool = True
+    embedded_logging: bool = True
 
     def __setattr__(self, name: str, value: object) -> None:
         # Checked on every assignment, not only when made: `hostkit run --shutdown-timeout`
@@ -94,6 +103,9 @@ class HostOptions:
         return None if self.startup_timeout is None else float(self.startup_timeout)  # type: ignore[arg-type]
 
 
+_FLAGS = ("start_concurrently", "stop_concurrently", "configure_logging", "embedded_logging")
+
+
 def _check_host_option(name: str, value: object) -> object:
     """``value`` for ``HostOptions.<name>``, converted (durations to seconds), or a clear error."""
     what = f"HostOptions.{name}"
@@ -106,7 +118,7 @@ def _check_host_option(name: str, value: object) -> object:
         raise ConfigurationError(msg)
     if name == "start_method":
         check_start_method(value, what)
-    if name in ("start_concurrently", "stop_concurrently", "configure_logging") and not isinstance(value, bool):
+    if name in _FLAGS and not isinstance(value, bool):
         msg = f"{what} must be True or False, not: {describe(value)}"
         raise ConfigurationTypeError(msg)
     return value

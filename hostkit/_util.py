@@ -6,9 +6,10 @@ import math
 import sys
 import threading
 import traceback
+from collections.abc import Iterable
 from datetime import timedelta
 
-__all__ = ["MAX_SECONDS", "describe", "thread_stack", "to_seconds"]
+__all__ = ["MAX_SECONDS", "close_match", "describe", "thread_stack", "to_seconds"]
 
 #: The longest duration any option accepts: 365 days. A wait longer than that is a
 #: mistake, not a timeout, and past about 292 years (``threading.TIMEOUT_MAX``) every
@@ -69,3 +70,27 @@ def pid_alive(pid: int) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def close_match(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate that stands out as the likely intended spelling of ``name`` (for "did you mean"), or ``None``.
+
+    A candidate that differs only in case wins; otherwise the closest one by
+    ``difflib``'s ratio, if it is close (>= 0.75) and clearly closer than the next
+    (by 0.1): two equally likely names suggest neither.
+    """
+    import difflib
+
+    names = sorted(set(candidates) - {name})
+    folded = [c for c in names if c.casefold() == name.casefold()]
+    if len(folded) == 1:
+        return folded[0]
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in names),
+        reverse=True,
+    )
+    if not scored or scored[0][0] < 0.75:
+        return None
+    if len(scored) > 1 and scored[0][0] - scored[1][0] < 0.1:
+        return None
+    return scored[0][1]

@@ -9,6 +9,7 @@ exception it resembles, so code that already catches ``TypeError`` or
     ├── ConfigurationError         (ValueError)    an option with a wrong value
     │   └── ConfigurationTypeError (TypeError)     an option of the wrong type
     ├── HostStateError             (RuntimeError)  a call in the wrong host state
+    ├── NotBuiltError              (AttributeError, TypeError)  a Host call on a HostBuilder
     ├── HostStartupError           (RuntimeError)  a service's start failed; names it
     │   └── StartupTimeoutError    (TimeoutError)  start-up passed ``startup_timeout``
     ├── OperationCancelledError    (concurrent.futures.CancelledError)
@@ -49,6 +50,7 @@ __all__ = [
     "HostkitError",
     "InvalidServiceError",
     "MemoryLimitError",
+    "NotBuiltError",
     "OperationCancelledError",
     "PayloadError",
     "ProbeListenerError",
@@ -87,6 +89,18 @@ class ConfigurationTypeError(ConfigurationError, TypeError):
 
 class HostStateError(HostkitError, RuntimeError):
     """A host method was called in a state that does not allow it."""
+
+
+class NotBuiltError(HostkitError, AttributeError, TypeError):
+    """A :class:`~hostkit.Host` method (``run``, ``start``, ``with``...) was called on a :class:`~hostkit.HostBuilder`.
+
+    The builder only collects registrations; ``builder.build()`` makes the host.
+    An ``AttributeError`` (``builder.run()``, ``hasattr(builder, "run")`` is
+    ``False``) and a ``TypeError`` (``with builder:``), as Python's own errors for
+    those mistakes are.
+
+    .. versionadded:: 0.1
+    """
 
 
 class HostStartupError(HostkitError, RuntimeError):

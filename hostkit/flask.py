@@ -28,6 +28,10 @@ Config keys (all optional):
   :class:`~hostkit.contention.ContentionMonitor` options, to measure contention.
 - ``HOSTKIT_LATENCY`` (``False``): record request latency for the monitor
   (wraps ``app.wsgi_app`` in :class:`~hostkit.contention.LatencyMiddleware`).
+- ``HOSTKIT_EMBEDDED_LOGGING`` (the host's ``HostOptions.embedded_logging``, ``True``
+  by default): hostkit's own lines (start, stop, failures with tracebacks) go to the
+  stdlib logger ``"hostkit"``, so the app's logging configuration applies (to stderr
+  when stdlib logging has no handler). ``False`` turns them off.
 
 .. versionadded:: 0.1
 """
@@ -43,6 +47,7 @@ from flask import Flask, current_app
 from ._builder import HostBuilder
 from ._embed import EmbeddedHost, load_factory
 from ._host import Host
+from ._options import seconds_option
 from ._util import describe
 from .exceptions import ConfigurationError
 
@@ -119,6 +124,13 @@ class HostKit:
                 f"not: {describe(contention)}"
             )
             raise ConfigurationError(msg)
+        shutdown_timeout = config.get("HOSTKIT_SHUTDOWN_TIMEOUT")
+        if shutdown_timeout is not None:
+            shutdown_timeout = seconds_option(shutdown_timeout, "HOSTKIT_SHUTDOWN_TIMEOUT")
+        embedded_logging = config.get("HOSTKIT_EMBEDDED_LOGGING")
+        if embedded_logging is not None and not isinstance(embedded_logging, bool):
+            msg = f"HOSTKIT_EMBEDDED_LOGGING must be True or False, not: {describe(embedded_logging)}"
+            raise ConfigurationError(msg)
         latency = None
         if config.get("HOSTKIT_LATENCY", False):
             from .contention import LatencyRecorder
@@ -129,8 +141,9 @@ class HostKit:
             name=f"flask:{app.name}",
             contention=contention if isinstance(contention, dict) else None,
             latency=latency,
-            shutdown_timeout=config.get("HOSTKIT_SHUTDOWN_TIMEOUT"),
+            shutdown_timeout=shutdown_timeout,
             enabled=bool(config.get("HOSTKIT_ENABLED", True)),
+            embedded_logging=embedded_logging,
         )
         # Every check passed: only now change the app.
         if latency is not None:

@@ -15,6 +15,10 @@ signals belong to gunicorn. Keep the host's ``shutdown_timeout`` below gunicorn'
 Services run once per worker; wrap one in :class:`hostkit.OncePerDeployment` to run
 it in one worker of the machine, with takeover when that worker dies.
 
+A worker's host logs through the stdlib logger ``"hostkit"`` (to the worker's stderr,
+gunicorn's, unless ``logconfig_dict`` gives that logger a handler);
+``embed(factory, embedded_logging=False)`` or the Flask/Django setting turns it off.
+
 .. versionadded:: 0.1
 """
 

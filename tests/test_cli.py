@@ -238,6 +238,26 @@ class TestRunBadInput:
         assert line.startswith("hostkit run: error: module 'apps' has no attribute 'nope'; it has: ")
         assert "create_builder" in line
 
+    def test_misspelt_attribute_gets_a_did_you_mean(self, app_dir: Path) -> None:
+        """A typo of a name the module has: the one line suggests it (and still lists the rest)."""
+        result = hostkit("run", "apps:create_buildr", cwd=app_dir)
+        assert result.returncode == 2
+        line = one_error_line(result)
+        assert line.startswith(
+            "hostkit run: error: module 'apps' has no attribute 'create_buildr'; did you mean 'create_builder'? "
+            "It has: "
+        )
+        assert "create_host" in line
+
+    def test_misspelt_nested_attribute_names_its_owner(self, app_dir: Path) -> None:
+        """In MODULE:A.B, a typo of B is looked up among A's attributes and named with A."""
+        result = hostkit("run", "apps:StopSoon.exceute", cwd=app_dir)
+        assert result.returncode == 2
+        line = one_error_line(result)
+        assert line.startswith(
+            "hostkit run: error: 'apps:StopSoon' has no attribute 'exceute'; did you mean 'execute'?"
+        )
+
     def test_attribute_not_a_host(self, app_dir: Path) -> None:
         """An attribute that is not a host says what it is and what it must be."""
         result = hostkit("run", "apps:not_a_host", cwd=app_dir)

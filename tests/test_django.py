@@ -149,6 +149,33 @@ class TestRunserver:
                 break
         assert f"TickRecorder running in pid {proc.pid}" in line
 
+    def test_embedded_host_logs_through_django_logging(self, project: Project) -> None:
+        """The serving process's host logs its start to stderr (Django's LOGGING has no root handler);
+        with HOSTKIT['EMBEDDED_LOGGING'] False it does not."""
+        port = free_port()
+        proc = project.spawn(
+            sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}", HOSTKIT_EXAMPLE_START="ready"
+        )
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("django: host started" in x for x in lines) and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+        text = "".join(lines)
+        assert f"| INFO     | hostkit | host | {proc.pid} | Host starting 1 service(s)" in text, text
+        assert f"| INFO     | hostkit | host | {proc.pid} | django: host started in process {proc.pid}" in text, text
+
+        settings = project.dir / "project" / "settings.py"
+        settings.write_text(settings.read_text() + '\nHOSTKIT["EMBEDDED_LOGGING"] = False\n')
+        start = "from hostkit.django.apps import embedded_host; print('state=' + embedded_host().start().state.value)"
+        out = project.manage("shell", "-c", start)
+        assert out.returncode == 0, out.stderr
+        assert "state=running" in out.stdout  # the host ran (and stopped at exit), silently
+        assert "hostkit" not in out.stderr
+
 
 @pytest.mark.timeout(120)
 class TestWorkerCommand:
@@ -175,6 +202,39 @@ class TestWorkerCommand:
         assert "Background service 'TickRecorder' stopped" in rest
         assert "Host stopped in" in rest and "(exit code 0)" in rest
         assert "Traceback" not in rest
+
+    def test_hostkit_run_honours_the_shutdown_timeout_setting(self, project: Project) -> None:
+        """settings.HOSTKIT['SHUTDOWN_TIMEOUT'] is the worker's stop budget too (the builder says 10 s)."""
+        settings = project.dir / "project" / "settings.py"
+        settings.write_text(settings.read_text() + '\nHOSTKIT["SHUTDOWN_TIMEOUT"] = 2.5\n')
+        proc = project.spawn(sys.executable, "manage.py", "hostkit_run")
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("TickRecorder running" in x for x in lines) and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+        assert any("TickRecorder running" in x for x in lines), lines
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, rest
+        assert "Received SIGTERM; stopping the host (budget 2.5 s)" in rest
+        assert "budget 10.0 s" not in rest
+
+    def test_hostkit_run_refuses_a_bad_shutdown_timeout(self, project: Project) -> None:
+        """A negative setting, or a negative --shutdown-timeout, is refused before any host runs, naming it."""
+        out = project.manage("hostkit_run", "--shutdown-timeout", "-1")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "CommandError: --shutdown-timeout must be >= 0 seconds, not: -1.0 (float)" in out.stderr
+        assert "TickRecorder running" not in out.stdout
+        settings = project.dir / "project" / "settings.py"
+        settings.write_text(settings.read_text() + '\nHOSTKIT["SHUTDOWN_TIMEOUT"] = -3\n')
+        out = project.manage("hostkit_run")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "settings.HOSTKIT['SHUTDOWN_TIMEOUT'] must be >= 0 seconds, not: -3 (int)" in out.stderr
+        assert "TickRecorder running" not in out.stdout
 
     def test_gunicorn_workers_each_run_the_host(self, project: Project) -> None:
         """Under gunicorn with the example's conf, each of 2 workers runs its host and writes ticks."""
@@ -226,6 +286,18 @@ class TestSettings:
             (
                 {"BUILDER": "a:b", "START": "now"},
                 r"\['START'\] must be one of 'request', 'ready', 'manual', not: 'now'",
+            ),
+            (
+                {"BUILDER": "a:b", "EMBEDDED_LOGGING": "no"},
+                r"settings.HOSTKIT\['EMBEDDED_LOGGING'\] must be True or False, not: 'no' \(str\)",
+            ),
+            (
+                {"BUILDER": "a:b", "SHUTDOWN_TIMEOUT": "10"},
+                r"settings.HOSTKIT\['SHUTDOWN_TIMEOUT'\] must be a number of seconds or a timedelta, not: '10' \(str\)",
+            ),
+            (
+                {"BUILDER": "a:b", "SHUTDOWN_TIMEOUT": float("nan")},
+                r"settings.HOSTKIT\['SHUTDOWN_TIMEOUT'\] must be >= 0 seconds, not: nan \(float\)",
             ),
         ],
     )

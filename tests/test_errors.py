@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from hostkit import (
     BackgroundService,
     CancellationToken,
@@ -15,6 +17,7 @@ from hostkit import (
     RestartPolicy,
     ServiceState,
 )
+from hostkit.exceptions import NotBuiltError
 from tests.conftest import wait_until
 
 
@@ -279,3 +282,39 @@ class TestTracebackInSnapshot:
         assert "ValueError: bad config in /a" in text
         assert "The above exception was the direct cause" in text
         assert host.status()["s0"].error == "RuntimeError: could not load settings"
+
+
+class TestBuilderIsNotAHost:
+    """The first mistake of many: using the builder where the host belongs."""
+
+    @pytest.mark.parametrize("method", ["run", "start", "stop", "status"])
+    def test_host_method_on_the_builder_says_call_build_first(self, method: str) -> None:
+        """builder.run() (and start/stop/status) names the fix, and is still an AttributeError."""
+        builder = HostBuilder()
+        with pytest.raises(AttributeError) as info:
+            getattr(builder, method)()
+        assert isinstance(info.value, NotBuiltError)
+        assert str(info.value) == (
+            f"HostBuilder has no {method}(); call builder.build() first to get a Host, then host.{method}() "
+            f"(the builder only collects services and options)"
+        )
+        assert not hasattr(builder, method)
+
+    def test_with_builder_says_call_build_first(self) -> None:
+        """`with builder:` is a TypeError, as Python's own, with the fix in it; nothing starts."""
+        builder = HostBuilder()
+        builder.services.add_hosted_service(Waiter())
+        with pytest.raises(TypeError, match=r"call builder.build\(\) first to get a Host, then `with host:`") as info:
+            with builder:  # type: ignore[attr-defined]
+                pytest.fail("the body must not run")
+        assert isinstance(info.value, NotBuiltError)
+        # The builder is unharmed: building and running it afterwards works.
+        host = builder.build()
+        with host:
+            assert host.state is HostState.RUNNING
+
+    def test_other_missing_attributes_stay_plain(self) -> None:
+        """A typo that is not a Host name is an ordinary AttributeError, naming the attribute."""
+        with pytest.raises(AttributeError, match="'HostBuilder' object has no attribute 'sevices'") as info:
+            HostBuilder().sevices
+        assert not isinstance(info.value, NotBuiltError)

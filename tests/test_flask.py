@@ -127,6 +127,10 @@ class TestExtension:
             HostKit(make_app(HOSTKIT_BUILDER="nope"))
         with pytest.raises(ConfigurationError, match=r"'tests.test_flask:missing' could not be loaded"):
             HostKit(make_app(HOSTKIT_BUILDER="tests.test_flask:missing"))
+        with pytest.raises(ConfigurationError, match=r"could not be loaded: .*; did you mean '_factory'\?"):
+            HostKit(make_app(HOSTKIT_BUILDER="tests.test_flask:_factroy"))
+        with pytest.raises(ConfigurationError, match=r"HOSTKIT_SHUTDOWN_TIMEOUT must be >= 0 seconds, not: -1 \(int\)"):
+            HostKit(make_app(HOSTKIT_SHUTDOWN_TIMEOUT=-1), builder=_factory)
         with pytest.raises(ConfigurationError, match=r"unknown contention monitor option\(s\) \['intervall'\]"):
             HostKit(make_app(HOSTKIT_CONTENTION={"intervall": 1}), builder=_factory)
         app = make_app()
@@ -177,6 +181,166 @@ class TestExtension:
         assert {sig: signal.getsignal(sig) for sig in watched} == before
         ext.stop(app)
         assert {sig: signal.getsignal(sig) for sig in watched} == before
+
+
+EMBEDDED_APP = textwrap.dedent(
+    """
+    import json, logging, os, sys, time
+    from loguru import logger
+    from flask import Flask
+    from hostkit import BackgroundService, HostBuilder, HostOptions
+    from hostkit.flask import HostKit
+
+    READY = os.environ["READY_FILE"]
+    MODE = os.environ["MODE"]
+
+
+    class Resource:
+        \"\"\"A singleton of the child process that fails to close.\"\"\"
+
+        def close(self):
+            raise OSError("the resource would not close")
+
+
+    class ChildWorker(BackgroundService):
+        def __init__(self, resource: Resource):
+            self.resource = resource
+
+        def execute(self, stopping):
+            open(READY, "w").close()
+            stopping.wait()
+
+
+    class Failing(BackgroundService):
+        def execute(self, stopping):
+            while not os.path.exists(READY):  # the child is up: its own logs are on their way
+                if stopping.wait(0.02):
+                    return
+            raise RuntimeError("boom in a background service")
+
+
+    def make_builder():
+        b = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        b.services.add_singleton(Resource)
+        b.add_hosted_service(ChildWorker, placement="process")
+        b.add_hosted_service(Failing)
+        return b
+
+
+    if __name__ == "__main__":
+        records = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append({
+                    "logger": record.name,
+                    "level": record.levelname,
+                    "message": record.getMessage(),
+                    "exc_text": self.format(record) if record.exc_info else "",
+                    "pid": record.process,
+                    "service": getattr(record, "hostkit_service", None),
+                })
+
+        # The application's logging: stdlib, one handler on the root (as dictConfig would make).
+        logging.basicConfig(level=logging.INFO, handlers=[Keep()])
+        app_sink = []
+        if MODE == "loguru":  # an application that configured loguru itself
+            logger.remove()
+            logger.add(lambda m: app_sink.append(m.record["name"]), level="DEBUG")
+        app = Flask("shop")
+        app.config.update(json.loads(os.environ["CONFIG"]))
+
+        @app.get("/")
+        def index():
+            return "ok"
+
+        kit = HostKit(app, builder=make_builder)
+        before = repr(logger)
+        assert app.test_client().get("/").status_code == 200
+        during = repr(logger)
+        host = kit.host(app)
+        assert host.lifetime.stopped.wait(30), "the failure did not stop the host"
+        kit.stop(app)
+        print(json.dumps({
+            "records": records, "pid": os.getpid(), "exit_code": host.exit_code,
+            "loguru": [before, during, repr(logger)], "app_sink": app_sink,
+        }))
+    """
+)
+
+
+def run_embedded_app(tmp_path: Path, mode: str, **config: object) -> tuple[dict, str]:
+    import json
+
+    (tmp_path / "shop.py").write_text(EMBEDDED_APP)
+    env = dict(
+        os.environ,
+        MODE=mode,
+        CONFIG=json.dumps(config),
+        READY_FILE=str(tmp_path / "ready"),
+        PYTHONPATH=os.pathsep.join([str(tmp_path), PROJECT_ROOT]),
+    )
+    out = subprocess.run([sys.executable, "shop.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+class TestEmbeddedLogging:
+    """hostkit's own lines reach a Flask app's stdlib logging, from the host and from its children."""
+
+    def test_failure_with_traceback_and_lifecycle_reach_stdlib_logging(self, tmp_path: Path) -> None:
+        """The app's stdlib handler gets the start, the failure with its traceback, a child's line and the stop;
+        nothing goes to stderr twice, and the route is gone once the host stopped."""
+        result, stderr = run_embedded_app(tmp_path, "stdlib")
+        records = [r for r in result["records"] if r["logger"] == "hostkit"]
+        text = "\n".join(r["message"] for r in records)
+        assert result["exit_code"] == 1
+
+        def one(needle: str) -> dict:
+            found = [r for r in records if needle in r["message"]]
+            assert len(found) == 1, (needle, text)
+            return found[0]
+
+        assert one("Host starting 2 service(s)")["level"] == "INFO"
+        assert one("Host started in")["level"] == "INFO"
+        assert one(f"flask:shop: host started in process {result['pid']}")["level"] == "INFO"
+        failure = one("Background service 'Failing' failed: RuntimeError: boom in a background service")
+        assert failure["level"] == "CRITICAL" and failure["service"] == "Failing"
+        assert "Traceback (most recent call last)" in failure["message"]
+        assert 'raise RuntimeError("boom in a background service")' in failure["message"]
+        assert one("Host stopped in")["message"].endswith("(exit code 1)")
+        assert one("flask:shop: host stopped with exit code 1")["level"] == "WARNING"
+        # A record hostkit wrote in the process-placed child, with the child's pid and its traceback.
+        child = one("Closing the singleton service Resource failed")
+        assert child["pid"] != result["pid"] and child["service"] == "Resource"
+        assert "OSError: the resource would not close" in child["message"]
+        # stderr (loguru's default sink) did not print them as well.
+        assert "Host started" not in stderr and "boom" not in stderr
+        before, during, after = result["loguru"]
+        assert before == "<loguru.logger handlers=[(id=0, level=10, sink=<stderr>)]>"
+        assert during.count("(id=") == 2  # loguru's default stand-in, and the route
+        assert after.count("(id=") == 1 and "id=0" not in after  # the route is gone, the stand-in stays
+
+    def test_embedded_logging_can_be_turned_off(self, tmp_path: Path) -> None:
+        """HOSTKIT_EMBEDDED_LOGGING=False: no hostkit record anywhere, loguru untouched."""
+        result, stderr = run_embedded_app(tmp_path, "stdlib", HOSTKIT_EMBEDDED_LOGGING=False)
+        assert [r for r in result["records"] if r["logger"] == "hostkit"] == []
+        assert "Host started" not in stderr and "boom" not in stderr
+        assert set(result["loguru"]) == {"<loguru.logger handlers=[(id=0, level=10, sink=<stderr>)]>"}
+
+    def test_no_sink_is_added_when_the_app_configured_loguru(self, tmp_path: Path) -> None:
+        """An app with its own loguru sinks keeps exactly those: nothing added, hostkit's logger stays off."""
+        result, stderr = run_embedded_app(tmp_path, "loguru")
+        assert [r for r in result["records"] if r["logger"] == "hostkit"] == []
+        before, during, after = result["loguru"]
+        assert before == during == after
+        assert before.count("(id=") == 1 and "id=0" not in before
+        assert not any(name.startswith("hostkit") for name in result["app_sink"])
+        assert "Host st" not in stderr and "boom" not in stderr
+
+    def test_bad_setting_is_refused(self) -> None:
+        with pytest.raises(ConfigurationError, match=r"HOSTKIT_EMBEDDED_LOGGING must be True or False, not: 'no'"):
+            HostKit(make_app(HOSTKIT_EMBEDDED_LOGGING="no"), builder=_factory)
 
 
 class TestFlaskExample:

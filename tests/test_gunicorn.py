@@ -29,7 +29,9 @@ APP = textwrap.dedent(
     from hostkit.flask import HostKit
 
     EVENTS = os.environ["EVENTS_FILE"]
-    hostkit.configure_logging("INFO", stdlib=False)
+    LOGS = os.environ.get("LOGS", "configured")
+    if LOGS == "configured":
+        hostkit.configure_logging("INFO", stdlib=False)
 
     def note(text):
         # O_APPEND writes of one short line are atomic across processes.
@@ -74,6 +76,7 @@ APP = textwrap.dedent(
         return b
 
     app = Flask(__name__)
+    app.config["HOSTKIT_EMBEDDED_LOGGING"] = LOGS != "off"
     HostKit(app, builder=make_builder)
     note(f"imported {os.getpid()}")
     """
@@ -270,3 +273,38 @@ class TestMisbehavingServices:
         assert "time.sleep(60)" in stderr
         assert took < 15, f"the worker took {took:.1f} s to exit"
         assert "Traceback" not in stderr
+
+
+@pytest.mark.timeout(120)
+class TestEmbeddedLogging:
+    """Without configure_logging(), as a Flask app under gunicorn usually is: hostkit's lines on gunicorn's stderr."""
+
+    def test_lifecycle_and_failure_reach_the_servers_stderr(self, make_gunicorn) -> None:
+        """The worker's host logs its start, the failure with its traceback and its stop to the server's stderr
+        (stdlib logging has no handler there), once each, tagged with the worker's pid."""
+        g = make_gunicorn(workers=1, FAIL="1", LOGS="embedded")
+        assert wait_until(lambda: len(g.lines("per-worker-stopped")) == 1, timeout=60), g.stderr()
+        (worker,) = g.lines("per-worker")
+        assert wait_until(lambda: "Host stopped in" in g.stderr(), timeout=30), g.stderr()
+        assert g.stop() == 0
+        stderr = g.stderr()
+        head = f"| hostkit | host | {worker} | "
+        assert stderr.count(f"| INFO     {head}Host starting 3 service(s)") == 1, stderr
+        assert stderr.count(f"| INFO     {head}flask:gapp: host started in process {worker}") == 1, stderr
+        assert stderr.count(f"| INFO     {head}gunicorn worker {worker} started 1 host(s)") == 1, stderr
+        failure = f"| CRITICAL | hostkit | Failing | {worker} | Background service 'Failing' failed: RuntimeError: boom"
+        assert stderr.count(failure) == 1, stderr
+        assert stderr.count("Traceback (most recent call last)") == 1
+        assert stderr.count(f"| INFO     {head}Host stopped in") == 1, stderr
+        assert stderr.count(f"| WARNING  {head}flask:gapp: host stopped with exit code 1") == 1, stderr
+        assert f"[{worker}] [INFO] Worker exiting" in stderr  # gunicorn's own lines are untouched
+
+    def test_embedded_logging_off(self, make_gunicorn) -> None:
+        """HOSTKIT_EMBEDDED_LOGGING=False: the same failing host prints none of hostkit's lines."""
+        g = make_gunicorn(workers=1, FAIL="1", LOGS="off")
+        assert wait_until(lambda: len(g.lines("per-worker-stopped")) == 1, timeout=60), g.stderr()
+        (worker,) = g.lines("per-worker")
+        assert g.stop() == 0
+        stderr = g.stderr()
+        assert f"[{worker}] [INFO] Worker exiting" in stderr
+        assert "hostkit" not in stderr and "Traceback" not in stderr and "boom" not in stderr

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from loguru import logger
 import hostkit._logging
 from hostkit import BackgroundService, CancellationToken, HostBuilder, HostedService, HostOptions, configure_logging
 from hostkit.exceptions import ConfigurationError, ConfigurationTypeError
+from tests.conftest import PROJECT_ROOT
 
 
 @pytest.fixture
@@ -106,15 +108,18 @@ class TestSink:
         assert second.getvalue().count("once") == 1
 
     def test_logging_is_off_until_configured(self) -> None:
-        """Importing hostkit adds no sink: a fresh interpreter running a host prints nothing."""
+        """Importing hostkit adds no sink: a fresh interpreter running a host with embedded logging off
+        prints nothing."""
         code = (
             "import hostkit\n"
+            "from loguru import logger\n"
             "class S(hostkit.HostedService):\n"
             "    pass\n"
-            "b = hostkit.HostBuilder()\n"
+            "b = hostkit.HostBuilder(options=hostkit.HostOptions(embedded_logging=False))\n"
             "b.services.add_hosted_service(S)\n"
             "with b.build():\n"
             "    pass\n"
+            "assert repr(logger) == '<loguru.logger handlers=[(id=0, level=10, sink=<stderr>)]>', repr(logger)\n"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
         assert out.stdout == "" and out.stderr == ""
@@ -283,3 +288,171 @@ class TestJournald:
         configure_logging(sink=stream, journald=True)
         logger.bind(service="j").warning("forced")
         assert lines(stream) == [f"<4>WARNING  | j | {os.getpid()} | forced"]
+
+
+def fresh(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter: loguru and stdlib logging as a new process has them."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": PROJECT_ROOT, **env},
+    )
+
+
+EMBEDDED_HOST = """
+import logging, sys, threading
+from loguru import logger
+from hostkit import ApplicationLifetime, BackgroundService, HostBuilder, HostOptions
+
+class Failing(BackgroundService):
+    def __init__(self, lifetime: ApplicationLifetime):
+        self.lifetime = lifetime
+
+    def execute(self, stopping):
+        self.lifetime.started.wait(10)  # fail once the start is over (and logged)
+        logger.info("the service's own loguru line")
+        raise RuntimeError("boom in a background service")
+
+class Waiting(BackgroundService):
+    def execute(self, stopping):
+        stopping.wait()
+
+def make_host(service=Failing, **options):
+    builder = HostBuilder(options=HostOptions(shutdown_timeout=5, **options))
+    builder.add_hosted_service(service)
+    return builder.build()
+
+def hostkit_line(text):
+    # A line logged from inside the hostkit package, as hostkit's own modules log.
+    exec("logger.warning(text)", {"__name__": "hostkit.somewhere", "logger": logger, "text": text})
+"""
+
+STDERR_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| (?P<level>\w+) *\| hostkit \| (?P<service>\S+) \| (?P<pid>\d+) \| "
+    r"(?P<msg>.*)$"
+)
+
+
+class TestEmbeddedHost:
+    """A host started without run() logs into the application's logging, or to stderr."""
+
+    def test_with_host_and_no_logging_configured_prints_to_stderr(self) -> None:
+        """No stdlib handler, loguru untouched: `with host:` prints its start, the failure with its traceback
+        and its stop on stderr, once each, INFO and up; after the host, hostkit is quiet again."""
+        out = fresh(
+            EMBEDDED_HOST
+            + """
+with make_host() as host:
+    assert host.lifetime.stopping.wait(10)
+hostkit_line("after the host: not shown")
+print(repr(logger))
+"""
+        )
+        assert out.returncode == 0, out.stderr
+        parsed = [m for m in map(STDERR_LINE.match, out.stderr.splitlines()) if m]
+        messages = [m["msg"] for m in parsed]
+        assert messages[0].startswith("Host starting 1 service(s)")
+        assert sum(m.startswith("Host started in") for m in messages) == 1
+        (failure,) = [m for m in parsed if "failed: RuntimeError: boom in a background service" in m["msg"]]
+        assert failure["level"] == "CRITICAL" and failure["service"] == "Failing"
+        assert out.stderr.count("Traceback (most recent call last)") == 1
+        assert messages[-1].startswith("Host stopped in") and messages[-1].endswith("(exit code 1)")
+        assert {m["pid"] for m in parsed} == {str(parsed[0]["pid"])}
+        assert all(m["level"] != "DEBUG" for m in parsed)
+        # The service's own loguru line still goes to loguru's default sink, as before.
+        assert out.stderr.count("the service's own loguru line") == 1
+        assert "after the host" not in out.stderr
+        assert out.stdout.count("(id=") == 1  # loguru's default sink (a stand-in): the route is gone
+
+    def test_the_applications_stdlib_configuration_applies(self) -> None:
+        """With the "hostkit" logger at WARNING in the app's config, the start and stop lines are dropped,
+        the failure is kept: stdlib decides, and nothing goes to stderr besides."""
+        out = fresh(
+            EMBEDDED_HOST
+            + """
+seen = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        seen.append((record.name, record.levelname, record.getMessage().splitlines()[0]))
+logging.getLogger().addHandler(Keep())
+logging.getLogger("hostkit").setLevel(logging.WARNING)
+with make_host() as host:
+    assert host.lifetime.stopping.wait(10)
+for item in seen:
+    print(*item, sep="|")
+"""
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == [
+            "hostkit|CRITICAL|Background service 'Failing' failed: RuntimeError: boom in a background service",
+            "hostkit|ERROR|Stopping the host because background service 'Failing' failed "
+            "(on_background_error='stop_host'); exit code 1",
+        ]
+        assert "hostkit" not in out.stderr and "Host st" not in out.stderr
+
+    def test_an_app_routing_stdlib_into_loguru_sees_each_line_once(self) -> None:
+        """An app that sends stdlib records into loguru (InterceptHandler) and keeps loguru's default sink:
+        hostkit's lines come back from stdlib and are printed once, with no loop."""
+        out = fresh(
+            EMBEDDED_HOST
+            + """
+class Intercept(logging.Handler):  # loguru's recipe for sending stdlib records into loguru
+    def emit(self, record):
+        frame, depth = sys._getframe(), 0
+        while frame and (depth == 0 or frame.f_code.co_filename == logging.__file__):
+            frame, depth = frame.f_back, depth + 1
+        logger.opt(depth=depth, exception=record.exc_info).log(record.levelname, record.getMessage())
+logging.basicConfig(handlers=[Intercept()], level=0, force=True)
+with make_host() as host:
+    assert host.lifetime.stopping.wait(10)
+"""
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stderr.count("Host started in") == 1
+        assert out.stderr.count("failed: RuntimeError: boom in a background service") == 1
+        assert out.stderr.count("Host stopped in") == 1
+
+    def test_hosts_one_after_another_and_overlapping_share_one_route(self) -> None:
+        """Two hosts at once log through one route, which closes when the last stops; a later host opens it
+        again. loguru ends with one sink, as it began."""
+        out = fresh(
+            EMBEDDED_HOST
+            + """
+first, second = make_host(Waiting), make_host(Waiting)
+first.start()
+second.start()
+first.stop()
+hostkit_line("while the second runs: shown")
+second.stop()
+hostkit_line("between the hosts: not shown")
+with make_host(Waiting):
+    hostkit_line("in the third: shown")
+print(repr(logger))
+"""
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stderr.count("Host started in") == 3
+        assert out.stderr.count("Host stopped in") == 3
+        assert out.stderr.count("while the second runs: shown") == 1
+        assert out.stderr.count("in the third: shown") == 1
+        assert "between the hosts" not in out.stderr
+        assert out.stdout.count("(id=") == 1
+
+    def test_host_run_is_not_embedded(self) -> None:
+        """run() with configure_logging=False leaves logging to the application: no route is opened."""
+        out = fresh(
+            EMBEDDED_HOST
+            + """
+make_host(configure_logging=False).run()
+print(repr(logger))
+"""
+        )
+        assert out.returncode == 0, out.stderr
+        assert "Host st" not in out.stderr
+        assert out.stdout.strip() == "<loguru.logger handlers=[(id=0, level=10, sink=<stderr>)]>"
+
+    def test_option_must_be_a_bool(self) -> None:
+        with pytest.raises(ConfigurationTypeError, match=r"HostOptions.embedded_logging must be True or False"):
+            HostOptions(embedded_logging="yes")  # type: ignore[arg-type]

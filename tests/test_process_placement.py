@@ -10,8 +10,10 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,41 @@ class Chatty(BackgroundService):
         stopping.wait()
         for i in range(1200):  # more than the host reads per batch, all after the stop
             logger.info("closing line {}", i)
+
+
+class HoldsLock(BackgroundService):
+    """Guards a shared counter with a thread lock: in a child that lock would guard nothing."""
+
+    def __init__(self) -> None:
+        self.guard = threading.Lock()
+
+    def execute(self, stopping: CancellationToken) -> None:  # pragma: no cover - never runs
+        with self.guard:
+            stopping.wait()
+
+
+class HoldsSocket(BackgroundService):
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def execute(self, stopping: CancellationToken) -> None:  # pragma: no cover - never runs
+        stopping.wait()
+
+
+class Registry:
+    """A singleton with a lock inside (as many caches have)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.items: dict[str, int] = {}
+
+
+class NeedsRegistry(BackgroundService):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def execute(self, stopping: CancellationToken) -> None:  # pragma: no cover - never runs
+        stopping.wait()
 
 
 class HoldsGenerator(BackgroundService):
@@ -319,6 +356,43 @@ class TestPickling:
         assert isinstance(cause, ServicePicklingError)
         assert "its attribute 'cursor' (generator) cannot be pickled, even with dill" in str(cause)
         assert "Create it inside execute()" in str(cause)
+
+    def test_lock_attribute_is_refused_like_a_socket(self) -> None:
+        """A threading.Lock attribute fails start() as a socket does: dill would send an unshared copy."""
+        errors = {}
+        with socket.socket() as sock:
+            for service in (HoldsLock(), HoldsSocket(sock)):
+                host = host_with(service)
+                try:
+                    with pytest.raises(HostStartupError) as info:
+                        host.start()
+                finally:
+                    host.stop()
+                assert isinstance(info.value.__cause__, ServicePicklingError)
+                errors[type(service).__name__] = str(info.value.__cause__)
+        head = "process-placed service {!r} cannot be sent to its child process: its attribute {!r} ({}) "
+        assert errors["HoldsSocket"].startswith(head.format("HoldsSocket", "sock", "socket"))
+        assert errors["HoldsLock"].startswith(head.format("HoldsLock", "guard", "lock"))
+        assert "cannot pickle '_thread.lock' object (a copy in the child would not be shared" in errors["HoldsLock"]
+        for text in errors.values():
+            assert text.endswith(
+                "Create it inside execute() (it then lives in the child), or register the class so the child builds it"
+            )
+
+    def test_lock_inside_a_singleton_instance_is_refused(self) -> None:
+        """A lock deeper down, in a singleton instance the service depends on, is named by its dependency."""
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_singleton(Registry, instance=Registry())
+        builder.services.add_hosted_service(NeedsRegistry, placement="process")
+        host = builder.build()
+        try:
+            with pytest.raises(HostStartupError) as info:
+                host.start()
+        finally:
+            host.stop()
+        cause = str(info.value.__cause__)
+        assert "its dependency Registry (a singleton registration) cannot be pickled" in cause
+        assert "cannot pickle '_thread.RLock' object" in cause
 
     def test_locally_defined_class_and_closure_work(self, logs) -> None:
         """A class defined in a function, holding a closure, runs in a spawn child."""

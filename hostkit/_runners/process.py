@@ -147,16 +147,31 @@ def _save_logger(pickler: Any, obj: Any) -> None:
     pickler.save_reduce(restore_logger, (obj._options,), obj=obj)
 
 
+def _refuse_lock(pickler: Any, obj: Any) -> None:
+    # dill would send a fresh, unlocked lock: the child's copy guards nothing the parent
+    # (or another child) holds, so code that relies on it is silently unsynchronised.
+    kind = type(obj)
+    msg = (
+        f"cannot pickle '{kind.__module__}.{kind.__qualname__}' object "
+        f"(a copy in the child would not be shared with this process)"
+    )
+    raise TypeError(msg)
+
+
 class _Pickler(dill.Pickler):  # type: ignore[misc]
-    """dill, plus one rule: a loguru logger crosses as the child's own logger.
+    """dill, plus two rules: a loguru logger crosses as the child's own logger; a thread lock does not cross.
 
     A service (or a function it closes over) usually refers to loguru's ``logger``;
     pickled by value it would drag the host's sinks (open files, pytest's capture)
-    along, and fail. Our own dispatch table, so dill's global one is left alone.
+    along, and fail. A ``threading.Lock``/``RLock`` (also inside an ``Event``, a
+    ``Condition``, a ``queue.Queue``) is refused like a socket: dill would send an
+    unshared copy. Our own dispatch table, so dill's global one is left alone.
     """
 
     dispatch = dill.Pickler.dispatch.copy()
     dispatch[type(logger)] = _save_logger
+    dispatch[type(threading.Lock())] = _refuse_lock
+    dispatch[type(threading.RLock())] = _refuse_lock
 
 
 def dumps(obj: object) -> bytes:

@@ -12,7 +12,7 @@ from .._builder import HostBuilder
 from .._host import Host
 from .._logging import configure_logging
 from .._token import CancellationToken
-from .._util import describe, to_seconds
+from .._util import close_match, describe, to_seconds
 from ..exceptions import HostkitError, ProbeListenerError, SystemdNotifyError
 from ..health import HealthChecks, HealthService, ProbeListener
 from ..systemd import Notifier, SystemdService
@@ -197,12 +197,16 @@ def load_host(target: str, *, shutdown_timeout: float | None = None) -> Host:
         msg = f"importing {module_name!r} failed: {type(err).__name__}: {err}"
         raise CliError(msg) from err
     value: Any = module
-    for part in attr.split("."):
+    parts = attr.split(".")
+    for i, part in enumerate(parts):
         try:
             value = getattr(value, part)
         except AttributeError:
-            public = sorted(n for n in vars(module) if not n.startswith("_"))
-            msg = f"module {module_name!r} has no attribute {attr!r}; it has: {', '.join(public) or 'nothing public'}"
+            owner = f"module {module_name!r}" if i == 0 else repr(f"{module_name}:{'.'.join(parts[:i])}")
+            public = sorted(n for n in dir(value) if not n.startswith("_"))
+            guess = close_match(part, dir(value) if part.startswith("_") else public)
+            hint = f"; did you mean {guess!r}? It has: " if guess is not None else "; it has: "
+            msg = f"{owner} has no attribute {part!r}{hint}{', '.join(public) or 'nothing public'}"
             raise CliError(msg) from None
     return _to_host(value, target, shutdown_timeout)
 

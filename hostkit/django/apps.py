@@ -10,6 +10,7 @@
         "CONTENTION": False,           # True, or a dict of ContentionMonitor options
         "LATENCY": False,              # True: request latency for the monitor (add the middleware)
         "ENABLED": True,
+        "EMBEDDED_LOGGING": True,      # hostkit's lines into LOGGING's "hostkit" logger (False: off)
     }
 
 :meth:`HostkitConfig.ready` makes one :class:`~hostkit._embed.EmbeddedHost` and
@@ -21,6 +22,11 @@ server), never in another management command; under gunicorn ``--preload`` that 
 the master, before the fork: there use ``"request"`` or ``"manual"`` with
 :mod:`hostkit.gunicorn`. ``manage.py hostkit_run`` runs the same host as a standalone
 worker service.
+
+While the embedded host runs, hostkit's own lines (start, stop, a failure with its
+traceback) go to the stdlib logger ``"hostkit"``, so ``LOGGING`` decides where they
+go (stderr, INFO and up, when no handler is configured anywhere);
+``"EMBEDDED_LOGGING": False`` turns that off. ``hostkit_run`` logs as ``hostkit run`` does.
 
 .. versionadded:: 0.1
 """
@@ -36,13 +42,14 @@ from django.conf import settings  # type: ignore[import-untyped,import-not-found
 from django.core.signals import request_started  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from .._embed import EmbeddedHost, load_factory
+from .._options import seconds_option
 from .._util import describe
 from ..exceptions import ConfigurationError
 
 __all__ = ["HostkitConfig", "embedded_host", "host_settings"]
 
 _STARTS = ("request", "ready", "manual")
-_KEYS = {"BUILDER", "START", "SHUTDOWN_TIMEOUT", "CONTENTION", "LATENCY", "ENABLED"}
+_KEYS = {"BUILDER", "START", "SHUTDOWN_TIMEOUT", "CONTENTION", "LATENCY", "ENABLED", "EMBEDDED_LOGGING"}
 
 
 def host_settings() -> dict[str, Any]:
@@ -61,7 +68,15 @@ def host_settings() -> dict[str, Any]:
     if unknown:
         msg = f"settings.HOSTKIT has unknown key(s) {unknown}; known keys: {sorted(_KEYS)}"
         raise ConfigurationError(msg)
-    conf = {"START": "request", "SHUTDOWN_TIMEOUT": None, "CONTENTION": False, "LATENCY": False, "ENABLED": True, **raw}
+    conf = {
+        "START": "request",
+        "SHUTDOWN_TIMEOUT": None,
+        "CONTENTION": False,
+        "LATENCY": False,
+        "ENABLED": True,
+        "EMBEDDED_LOGGING": None,  # None: the builder's HostOptions.embedded_logging (True by default)
+        **raw,
+    }
     if "BUILDER" not in conf:
         msg = "settings.HOSTKIT['BUILDER'] is missing: set it to 'package.module:make_builder'"
         raise ConfigurationError(msg)
@@ -69,6 +84,12 @@ def host_settings() -> dict[str, Any]:
         msg = (
             f"settings.HOSTKIT['START'] must be one of {', '.join(map(repr, _STARTS))}, not: {describe(conf['START'])}"
         )
+        raise ConfigurationError(msg)
+    if conf["SHUTDOWN_TIMEOUT"] is not None:
+        # Checked here, at ready(), not at the first stop; `manage.py hostkit_run` uses it too.
+        conf["SHUTDOWN_TIMEOUT"] = seconds_option(conf["SHUTDOWN_TIMEOUT"], "settings.HOSTKIT['SHUTDOWN_TIMEOUT']")
+    if conf["EMBEDDED_LOGGING"] is not None and not isinstance(conf["EMBEDDED_LOGGING"], bool):
+        msg = f"settings.HOSTKIT['EMBEDDED_LOGGING'] must be True or False, not: {describe(conf['EMBEDDED_LOGGING'])}"
         raise ConfigurationError(msg)
     contention = conf["CONTENTION"]
     if contention is True:
@@ -127,6 +148,7 @@ class HostkitConfig(AppConfig):  # type: ignore[misc,unused-ignore]
             contention=conf["CONTENTION"] if isinstance(conf["CONTENTION"], dict) else None,
             latency=latency,
             shutdown_timeout=conf["SHUTDOWN_TIMEOUT"],
+            embedded_logging=conf["EMBEDDED_LOGGING"],
         )
         type(self).embedded = embedded
         if conf["START"] == "request":

@@ -3,7 +3,9 @@
 The same ``settings.HOSTKIT['BUILDER']`` the web processes embed, run on its own:
 ``Host.run()`` owns the main thread, so SIGTERM and SIGINT stop it gracefully, and
 the exit code is the host's (non-zero when a background service failed), which is
-what systemd's ``Restart=on-failure`` and container restart policies need.
+what systemd's ``Restart=on-failure`` and container restart policies need. The stop
+budget is ``--shutdown-timeout``, else ``settings.HOSTKIT['SHUTDOWN_TIMEOUT']`` (as for
+the embedded host), else the builder's ``HostOptions.shutdown_timeout``.
 
 .. versionadded:: 0.1
 """
@@ -14,12 +16,14 @@ from typing import Any
 
 from django.core.management.base import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     BaseCommand,
+    CommandError,
     CommandParser,
 )
 
 from ...._builder import HostBuilder
 from ...._embed import load_factory
 from ...._host import Host
+from ...._options import seconds_option
 from ...._util import describe
 from ....exceptions import ConfigurationError
 from ...apps import host_settings
@@ -39,20 +43,34 @@ class Command(BaseCommand):  # type: ignore[misc,unused-ignore]
             type=float,
             default=None,
             metavar="SECONDS",
-            help="the stop budget (default: the builder's HostOptions.shutdown_timeout)",
+            help=(
+                "the stop budget (default: settings.HOSTKIT['SHUTDOWN_TIMEOUT'], else the builder's "
+                "HostOptions.shutdown_timeout)"
+            ),
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        timeout: float | None = options["shutdown_timeout"]
+        if timeout is not None:
+            # The same check as `hostkit run --shutdown-timeout` and HostOptions, before anything is built.
+            try:
+                timeout = seconds_option(timeout, "--shutdown-timeout")
+            except ConfigurationError as err:
+                raise CommandError(str(err)) from None
         conf = host_settings()
+        if timeout is None:
+            timeout = conf["SHUTDOWN_TIMEOUT"]  # checked by host_settings(); None: the builder's own
         factory = load_factory(conf["BUILDER"], "settings.HOSTKIT['BUILDER']")
         made: object = factory() if callable(factory) and not isinstance(factory, HostBuilder) else factory
         if isinstance(made, HostBuilder):
-            if options["shutdown_timeout"] is not None:
-                made.options.shutdown_timeout = options["shutdown_timeout"]
+            if timeout is not None:
+                made.configure_options(shutdown_timeout=timeout)
             made = made.build()
         if not isinstance(made, Host):
             msg = f"settings.HOSTKIT['BUILDER'] gave {describe(made)}; it must give a HostBuilder or a Host"
             raise ConfigurationError(msg)
+        if timeout is not None:
+            made.options.shutdown_timeout = timeout
         code = made.run()
         if code:
             raise SystemExit(code)
