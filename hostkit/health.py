@@ -21,12 +21,15 @@ mode it is a plain port that is open while the host is live and closed while it
 is not, for ``tcpSocket`` probes.
 
 Why not ``http.server``: under a CPU-bound thread-placed service the GIL is the
-probe's enemy. Every blocking call (``select``, ``accept``, ``recv``, ``send``,
+probe's enemy. Every socket call (``select``, ``accept``, ``recv``, ``send``,
 starting a handler thread) gives the GIL away, and getting it back can take a
 whole switch interval (5 ms) while the busy thread holds it. The stdlib server
-makes a dozen such calls per request; this listener makes four (accept, recv,
-send, close) on one thread, and lowers the switch interval while it runs (see
-``switch_interval``). ``benchmarks/probe.py`` measures both.
+makes a dozen such calls per request; this listener makes five (poll, accept,
+recv, send, close) on one thread, and lowers the switch interval while it runs
+(see ``switch_interval``). ``benchmarks/probe.py`` measures both. That one thread
+serves every connection through a selector, so a slow or silent client delays
+no one: each has a deadline for its whole request (see :class:`ProbeListener`).
+Exception messages in the reports are shown on a loopback address only.
 
 .. versionadded:: 0.1
 """
@@ -115,7 +118,6 @@ class HealthCheckResult:
             description holds none. The factories fill it in when given ``exception``.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 0.2 ``redacted_description``, and ``exception=`` on the factories.
     """
 
     status: HealthStatus
@@ -458,6 +460,10 @@ _MAX_REQUEST = 8192
 # Every socket call gives the GIL away and may wait a switch interval to get it back, so
 # read all that is there in one recv().
 _RECV_SIZE = 65536
+# For the same reason a connection is not made non-blocking (setblocking() is one more call
+# that gives the GIL away): each recv() and send() is, with MSG_DONTWAIT (Linux, macOS,
+# BSD). Where that flag is missing (Windows), the connection is made non-blocking instead.
+_NOWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 def _is_loopback(address: str) -> bool:
@@ -555,9 +561,6 @@ class ProbeListener:
     trickles its bytes. A context manager; :meth:`close` is idempotent.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 0.2
-        One selector loop (was: one client at a time); ``request_timeout``,
-        ``max_connections``, ``show_error_messages``; the switch interval is shared.
     """
 
     def __init__(
@@ -826,7 +829,8 @@ class ProbeListener:
                 self._drop(next(iter(open_)), selector, open_, answer=False)
             self._closing.wait(0.1)
             return
-        sock.setblocking(False)
+        if not _NOWAIT:
+            sock.setblocking(False)
         conn = _Connection(sock, time.monotonic() + self.request_timeout)
         # Read at once: the request is usually there already, and answered in this pass.
         if not self._read(conn):
@@ -856,7 +860,7 @@ class ProbeListener:
         Returns whether the connection is still needed (reading, or writing its answer).
         """
         try:
-            chunk = conn.sock.recv(_RECV_SIZE)
+            chunk = conn.sock.recv(_RECV_SIZE, _NOWAIT)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -883,7 +887,7 @@ class ProbeListener:
         """Send what is left of the answer; returns whether some is still left."""
         assert conn.outbox is not None
         try:
-            sent = conn.sock.send(conn.outbox)
+            sent = conn.sock.send(conn.outbox, _NOWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -918,7 +922,7 @@ class ProbeListener:
             # One try, never waited on: a slow but honest client learns why.
             body = {"error": f"request not complete within request_timeout={self.request_timeout:g} s"}
             with contextlib.suppress(OSError):
-                conn.sock.send(_response(408, body))
+                conn.sock.send(_response(408, body), _NOWAIT)
         self._close(conn, selector, open_)
         _log.debug("Health probe: dropped a connection ({})", "timed out" if answer else "oldest at max_connections")
 
@@ -1119,6 +1123,7 @@ def use_health(
     mode: ProbeMode = "http",
     checks: HealthChecks | None = None,
     switch_interval: float | None = 0.001,
+    show_error_messages: bool | None = None,
 ) -> HealthChecks:
     """Add health checks (and a probe listener when ``port`` is given) to a host.
 
@@ -1133,6 +1138,8 @@ def use_health(
         mode: ``"http"`` or ``"tcp"``.
         checks: a registry to use instead of a new one.
         switch_interval: see :class:`ProbeListener`.
+        show_error_messages: whether answers show exception messages (``None``:
+            only on a loopback address); see :class:`ProbeListener`.
 
     .. versionadded:: 0.1
     """
@@ -1144,7 +1151,14 @@ def use_health(
     listener = (
         None
         if port is None
-        else ProbeListener(registry, port=port, host=host, mode=mode, switch_interval=switch_interval)
+        else ProbeListener(
+            registry,
+            port=port,
+            host=host,
+            mode=mode,
+            switch_interval=switch_interval,
+            show_error_messages=show_error_messages,
+        )
     )
     builder.services.add_hosted_service(HealthService(registry, listener), name="health")
     return registry

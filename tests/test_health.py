@@ -592,6 +592,49 @@ class TestErrorMessages:
             == f"Sync is faulted (ConnectionError: could not connect to {SECRET})"
         )
 
+    def test_run_option_hides_them(self, tmp_path) -> None:
+        """`hostkit run --probe-error-messages hide` serves exception types only, even on loopback."""
+        (tmp_path / "leaky.py").write_text(
+            "from hostkit import BackgroundService, HostBuilder\n"
+            "from hostkit.health import use_health\n\n\n"
+            "class Idle(BackgroundService):\n"
+            "    def execute(self, stopping):\n"
+            "        stopping.wait()\n\n\n"
+            "def database():\n"
+            f"    raise OSError('connection to {SECRET} refused')\n\n\n"
+            "def create_builder():\n"
+            "    builder = HostBuilder()\n"
+            "    builder.services.add_hosted_service(Idle)\n"
+            "    use_health(builder).add('database', database, tags=('ready',))\n"
+            "    return builder\n"
+        )
+        argv = ["run", "leaky:create_builder", "--probe-port", "0", "--probe-error-messages", "hide", "--no-systemd"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hostkit", *argv],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stderr is not None
+            port = None
+            for line in proc.stderr:  # port 0: the log says which one was picked
+                if "Health probe listening on http://127.0.0.1:" in line:
+                    port = int(line.rsplit(":", 1)[1])
+                    break
+            assert port is not None, "the probe listener never said where it listens"
+            status, body = get(port, "/health/ready")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, rest = proc.communicate(timeout=30)
+        assert proc.returncode == 0, rest
+        assert status == 503
+        assert body["checks"]["database"]["description"] == "check raised OSError"
+        assert "s3cret" not in json.dumps(body)
+
     @pytest.mark.parametrize(
         ("host", "option", "shown"),
         [
