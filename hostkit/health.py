@@ -24,12 +24,13 @@ Why not ``http.server``: under a CPU-bound thread-placed service the GIL is the
 probe's enemy. Every socket call (``select``, ``accept``, ``recv``, ``send``,
 starting a handler thread) gives the GIL away, and getting it back can take a
 whole switch interval (5 ms) while the busy thread holds it. The stdlib server
-makes a dozen such calls per request; this listener makes five (poll, accept,
-recv, send, close) on one thread, and lowers the switch interval while it runs
-(see ``switch_interval``). ``benchmarks/probe.py`` measures both. That one thread
-serves every connection through a selector, so a slow or silent client delays
-no one: each has a deadline for its whole request (see :class:`ProbeListener`).
-Exception messages in the reports are shown on a loopback address only.
+makes a dozen such calls per request; this listener makes four (accept, recv,
+send, close) on one thread, and lowers the switch interval while it runs (see
+``switch_interval``). ``benchmarks/probe.py`` measures both. That thread never
+waits on one client: a connection whose request is not complete waits in a
+selector, with a deadline for its whole request, so a slow or silent client
+delays no one (see :class:`ProbeListener`). Exception messages in the reports
+are shown on a loopback address only.
 
 .. versionadded:: 0.1
 """
@@ -156,6 +157,9 @@ class HealthCheckResult:
     ) -> HealthCheckResult:
         if exception is None:
             return cls(status, description, data)
+        if not isinstance(cast(object, exception), BaseException):
+            msg = f"exception= takes the exception a check caught, not: {describe(exception)}"
+            raise TypeError(msg)
         kind = type(exception).__name__
         text = f"{kind}: {exception}" if str(exception) else kind
         if not description:
@@ -612,8 +616,8 @@ class ProbeListener:
         self._requested_port = port
         self._port: int | None = None
         self._bound_address: str | None = None
+        self._redact = True  # decided at bind(), from the address bound
         self._sock: socket.socket | None = None
-        self._wake: tuple[socket.socket, socket.socket] | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -664,6 +668,7 @@ class ProbeListener:
             self._sock = self._listen(self._requested_port)
             address = self._sock.getsockname()
             self._bound_address, self._port = address[0], address[1]
+            self._redact = not self.shows_error_messages
             return self._port
 
     def _listen(self, port: int) -> socket.socket:
@@ -705,13 +710,7 @@ class ProbeListener:
                 # (benchmarks/probe.py), at a small cost in switching overhead.
                 _switch.lower(self.switch_interval)
                 self._lowered_switch = self.switch_interval
-            if self.mode == "http":
-                # close() writes a byte here to wake the selector; a socket pair is the
-                # portable wake-up (a pipe cannot go into a selector on Windows).
-                self._wake = socket.socketpair()
-                target = self._serve_http
-            else:
-                target = self._serve_tcp
+            target = self._serve_http if self.mode == "http" else self._serve_tcp
             self._thread = threading.Thread(target=target, name="hostkit-health-probe", daemon=True)
             self._thread.start()
         _log.info("Health probe listening on {}", self.url)
@@ -722,13 +721,11 @@ class ProbeListener:
             if self._closing.is_set():
                 return
             self._closing.set()
-            sock, thread, wake = self._sock, self._thread, self._wake
-        if wake is not None:
-            with contextlib.suppress(OSError):
-                wake[1].send(b"x")
-        elif thread is not None and thread.is_alive() and self._port is not None:
-            # A thread blocked in accept() is not woken by close() on Linux; a connection
-            # to ourselves is the portable way to wake it: it sees _closing and leaves.
+            sock, thread = self._sock, self._thread
+        if thread is not None and thread.is_alive() and self._port is not None:
+            # A thread blocked in accept() (or in poll() on the listening socket) is not
+            # woken by close() on Linux; a connection to ourselves is the portable way
+            # to wake it: it sees _closing and leaves.
             with contextlib.suppress(OSError), socket.create_connection((self.host, self._port), timeout=1.0):
                 pass
         if thread is not None:
@@ -737,9 +734,6 @@ class ProbeListener:
                 _log.warning("Health probe thread did not stop within {:.1f} s", timeout)
         if sock is not None:
             sock.close()
-        if wake is not None and thread is not None and not thread.is_alive():
-            for end in wake:
-                end.close()
         with self._lock:
             self._sock = None
             if self._lowered_switch is not None:
@@ -771,35 +765,43 @@ class ProbeListener:
 
     # -- http ------------------------------------------------------------------------------
     #
-    # One thread, one selector, non-blocking sockets. Why this shape: under a CPU-bound
-    # thread the GIL is the probe's enemy, and every socket call costs a GIL hand-over,
-    # so a request should cost as few calls as possible; and no client may hold the
-    # thread, so nothing may block on one client. A request usually arrives with its
-    # connection: accept, recv, send, close, and it is answered within that one pass.
-    # Otherwise the connection waits in the selector until it completes its request
-    # or its deadline passes. The selector is poll() (select() where there is none):
-    # registering a socket is then bookkeeping in Python, not a system call (epoll and
-    # kqueue make one per change), and with at most max_connections sockets the scan
-    # poll() does on each call costs nothing that matters.
+    # One thread, non-blocking I/O. Why this shape: under a CPU-bound thread the GIL is
+    # the probe's enemy, and every socket call costs a GIL hand-over, so a request should
+    # cost as few calls as possible; and no client may hold the thread, so nothing may
+    # wait on one client. A probe's request arrives with its connection, so while no
+    # other client is waiting the thread blocks in accept() itself, and accept, recv,
+    # send, close answer it in one pass: the four calls of a one-client-at-a-time
+    # server. A connection whose request is not complete waits in a selector, and the
+    # thread then waits in the selector instead (listening socket included), until
+    # every such connection has completed its request or passed its deadline. The
+    # selector is poll() (select() where there is none): registering a socket is then
+    # bookkeeping in Python, not a system call (epoll and kqueue make one per change),
+    # and with at most max_connections sockets the scan poll() does costs nothing.
 
     def _serve_http(self) -> None:
-        listening, wake = self._sock, self._wake
+        listening = self._sock
         assert listening is not None
-        assert wake is not None
-        listening.setblocking(False)
         selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.SelectSelector()
         selector.register(listening, selectors.EVENT_READ, None)
-        selector.register(wake[0], selectors.EVENT_READ, wake)
         # Insertion order is accept order, so deadline order: the first one expires first.
         open_: dict[_Connection, None] = {}
+        # The listening socket's mode, changed only when connections start or stop waiting.
+        # Set here too: socket.setdefaulttimeout() may have given it a timeout.
+        listening.setblocking(True)
+        blocking = True
         try:
             while not self._closing.is_set():
-                timeout = None
-                if open_:
-                    timeout = max(0.0, next(iter(open_)).deadline - time.monotonic())
+                if not open_:
+                    if not blocking:
+                        listening.setblocking(True)
+                        blocking = True
+                    self._accept(listening, selector, open_)
+                    continue
+                if blocking:
+                    listening.setblocking(False)
+                    blocking = False
+                timeout = max(0.0, next(iter(open_)).deadline - time.monotonic())
                 for key, events in selector.select(timeout):
-                    if key.data is wake:
-                        return
                     if key.data is None:
                         self._accept(listening, selector, open_)
                         continue
@@ -822,6 +824,8 @@ class ProbeListener:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # another wake-up took it, or the client gave up first
         except OSError as err:
+            if self._closing.is_set():
+                return
             # Out of file descriptors (EMFILE): the listening socket stays readable, so
             # pause rather than spin; dropping our oldest client frees one for a probe.
             _log.warning("Health probe: cannot accept a connection: {}", err)
@@ -829,7 +833,10 @@ class ProbeListener:
                 self._drop(next(iter(open_)), selector, open_, answer=False)
             self._closing.wait(0.1)
             return
-        if not _NOWAIT:
+        if self._closing.is_set():  # close() woke us with a connection of its own
+            sock.close()
+            return
+        if not _NOWAIT or sock.gettimeout() is not None:  # a timeout: socket.setdefaulttimeout()
             sock.setblocking(False)
         conn = _Connection(sock, time.monotonic() + self.request_timeout)
         # Read at once: the request is usually there already, and answered in this pass.
@@ -967,7 +974,7 @@ class ProbeListener:
             body = {"error": f"no such path {target!r}", "paths": ["/health/live", "/health/ready", "/health"]}
             return _response(404, body, head=head)
         report = self.checks.run(tag)
-        return _response(report.http_status, report.to_dict(redact=not self.shows_error_messages), head=head)
+        return _response(report.http_status, report.to_dict(redact=self._redact), head=head)
 
     def _metrics(self, head: bool) -> bytes:
         try:

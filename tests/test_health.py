@@ -81,6 +81,19 @@ class TestRegistry:
         assert report["odd"].result.status is HealthStatus.UNHEALTHY
         assert "check returned 42 (int)" in report["odd"].result.description
 
+    def test_exception_is_described_with_and_without_its_message(self) -> None:
+        """exception= puts "(Type: message)" after the description, and "(Type)" in its redacted form."""
+        err = OSError("host db.internal refused")
+        result = HealthCheckResult.unhealthy("database unreachable", exception=err, attempts=3)
+        assert result.description == "database unreachable (OSError: host db.internal refused)"
+        assert result.redacted_description == "database unreachable (OSError)"
+        assert result.data == {"attempts": 3}
+        bare = HealthCheckResult.degraded(exception=TimeoutError())
+        assert (bare.description, bare.redacted_description) == ("TimeoutError", "TimeoutError")
+        assert HealthCheckResult.healthy("fine").redacted_description is None
+        with pytest.raises(TypeError, match="exception= takes the exception a check caught, not: 'boom' \\(str\\)"):
+            HealthCheckResult.unhealthy("x", exception="boom")  # type: ignore[arg-type]
+
     def test_bad_registrations_are_refused(self) -> None:
         """Empty or duplicate names, unknown tags and non-callables are errors naming the problem."""
         checks = HealthChecks()
