@@ -495,19 +495,18 @@ class TestSlowClients:
         """A client that stalls mid-request gets a 408 after request_timeout (2 s by default);
         one that trickles a byte every 50 ms is cut off then too, not served byte by byte forever."""
         with ProbeListener(HealthChecks(), port=0) as listener:
-            assert listener.request_timeout == 2.0
             with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as stalled:
                 stalled.sendall(b"GET /health/live HTTP/1.1\r\n")  # and never the blank line
                 answer, stalled_for = until_closed(stalled, trickle=False, limit=10)
             with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as trickler:
                 _, trickled_for = until_closed(trickler, trickle=True, limit=10)
             assert get(listener.port, "/health/live")[0] == 200
-            assert listener.dropped == 2
         assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
         assert b"request not complete within request_timeout=2 s" in answer
         # From the client's connect, so never less than the deadline; generous above (a busy machine).
         assert 2.0 <= stalled_for < 5.0
         assert 2.0 <= trickled_for < 5.0
+        assert (listener.request_timeout, listener.dropped) == (2.0, 2)
 
     def test_at_max_connections_the_oldest_unfinished_makes_room(self) -> None:
         """At max_connections a new connection closes the oldest one still unfinished, so
