@@ -24,6 +24,11 @@ Servers:
 * ``hostkit-5ms``: the same listener with ``switch_interval=None`` (Python's 5 ms),
   to show what the short request path alone buys.
 
+With ``--slow-clients N``, another child process keeps N connections open to the
+server meanwhile, each trickling an endless request one byte every 50 ms and
+reconnecting whenever the server drops it (a slowloris; a broken client looks the
+same), and the probes are timed through that.
+
 Figures are medians over rounds; the ratio is the median of per-round ratios
 (server p99 / stdlib p99 in the same scenario and round). ``cpu_work_per_s`` is how
 many work units the CPU-bound service did per second meanwhile: the price of a
@@ -33,8 +38,10 @@ Run from the repository root::
 
     python benchmarks/probe.py            # about two minutes
     python benchmarks/probe.py --quick    # about 30 seconds
+    python benchmarks/probe.py --slow-clients 50
 
-Results: a table on stdout and ``benchmarks/results/probe.json``.
+Results: a table on stdout and ``benchmarks/results/probe.json`` (``probe-slow-clients.json``
+with ``--slow-clients``).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import http.client
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +68,8 @@ RESULTS = HERE / "results"
 SCENARIOS = ("idle", "thread-cpu", "process-cpu")
 SERVERS = ("stdlib", "hostkit", "hostkit-5ms")
 TARGET_P99_MS = 20.0
+# The start of a request that never ends, for --slow-clients.
+ENDLESS = b"GET /health/live HTTP/1.1\r\nHost: probe\r\nX-Slow: "
 
 
 def burn() -> int:
@@ -147,7 +157,13 @@ def _stdlib_server(checks: Any) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A slow client that leaves (--slow-clients ends) is not the baseline's error.
+            if not isinstance(sys.exc_info()[1], ConnectionError):
+                super().handle_error(request, client_address)
+
+    return Server(("127.0.0.1", 0), Handler)
 
 
 def burn_forever() -> None:
@@ -157,10 +173,44 @@ def burn_forever() -> None:
         burn()
 
 
+def trickle(port: int, count: int) -> None:
+    """Keep ``count`` slow clients on ``port`` until stdin closes; print how often they were dropped."""
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.setblocking(False)
+        return sock
+
+    clients = [[connect(), 0] for _ in range(count)]
+    dropped = 0
+    print("READY", flush=True)
+    while not stop.wait(0.05):
+        for client in clients:
+            sock, sent = client
+            try:
+                sock.send(ENDLESS[sent : sent + 1] if sent < len(ENDLESS) else b"a")
+                client[1] = sent + 1
+                sock.recv(4096)  # an answer (a 408) or the end: the server dropped us
+                closed = True
+            except BlockingIOError:
+                closed = False
+            except OSError:
+                closed = True
+            if closed:
+                sock.close()
+                dropped += 1
+                client[0], client[1] = connect(), 0
+    for sock, _ in clients:
+        sock.close()
+    print(f"DROPPED {dropped}", flush=True)
+
+
 # -- the parent: the client ------------------------------------------------------------------
 
 
-def measure(server: str, scenario: str, requests: int) -> dict[str, Any]:
+def measure(server: str, scenario: str, requests: int, slow_clients: int = 0) -> dict[str, Any]:
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", server, scenario],
         stdin=subprocess.PIPE,
@@ -170,12 +220,25 @@ def measure(server: str, scenario: str, requests: int) -> dict[str, Any]:
     )
     assert proc.stdout is not None
     assert proc.stdin is not None
+    slow: subprocess.Popen[str] | None = None
+    dropped: int | None = None
     try:
         first = proc.stdout.readline().split(maxsplit=2)
         if not first or first[0] != "PORT":
             msg = f"the --serve child did not start ({server}, {scenario})"
             raise RuntimeError(msg)
         port, note = int(first[1]), (first[2].strip() if len(first) > 2 else "")
+        if slow_clients:
+            slow = subprocess.Popen(
+                [sys.executable, __file__, "--trickle", str(port), str(slow_clients)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert slow.stdout is not None
+            if slow.stdout.readline().strip() != "READY":
+                msg = f"the --trickle child did not start ({server}, {scenario})"
+                raise RuntimeError(msg)
         for _ in range(5):
             _get(port)  # warm-up: first-connection costs are not what a kubelet sees
         latencies = []
@@ -186,13 +249,20 @@ def measure(server: str, scenario: str, requests: int) -> dict[str, Any]:
             latencies.append((time.perf_counter() - began) * 1000)
             failures += not ok
             time.sleep(0.005)  # pacing between probes, as a kubelet spaces them
+        if slow is not None:
+            assert slow.stdin is not None
+            assert slow.stdout is not None
+            slow.stdin.close()
+            dropped = next((int(line.split()[1]) for line in slow.stdout if line.startswith("DROPPED")), None)
+            slow.wait(30)
         proc.stdin.close()
         rest = proc.stdout.read()
         proc.wait(30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for child in (proc, slow):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
     rate = next((float(line.split()[1]) for line in rest.splitlines() if line.startswith("RATE")), None)
     latencies.sort()
     return {
@@ -202,6 +272,7 @@ def measure(server: str, scenario: str, requests: int) -> dict[str, Any]:
         "failures": failures,
         # Only a thread-placed burner's work is counted in the host's process.
         "cpu_work_per_s": rate if scenario == "thread-cpu" else None,
+        "slow_clients_dropped": dropped,
         "note": note,
     }
 
@@ -229,10 +300,18 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds of 60 probes (about 30 s)")
     parser.add_argument("--rounds", type=int, help="rounds (default 5; 2 with --quick)")
     parser.add_argument("--requests", type=int, help="probes per case and round (default 200; 60 with --quick)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "probe.json")
+    parser.add_argument(
+        "--slow-clients", type=int, default=0, metavar="N", help="N slow clients trickling meanwhile (default 0)"
+    )
+    parser.add_argument("--output", type=Path, help="default benchmarks/results/probe.json")
     parser.add_argument("--serve", nargs=2, metavar=("SERVER", "SCENARIO"), help=argparse.SUPPRESS)
     parser.add_argument("--burn", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trickle", nargs=2, type=int, metavar=("PORT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.trickle:
+        trickle(*args.trickle)
+        return 0
+    output = args.output or RESULTS / ("probe-slow-clients.json" if args.slow_clients else "probe.json")
     if args.serve:
         serve(*args.serve)
         return 0
@@ -249,7 +328,7 @@ def main() -> int:
             # Alternate the order each round so a drifting machine affects every server alike.
             order = SERVERS if r % 2 == 0 else tuple(reversed(SERVERS))
             for server in order:
-                runs[(server, scenario)].append(measure(server, scenario, requests))
+                runs[(server, scenario)].append(measure(server, scenario, requests, args.slow_clients))
         print(f"round {r + 1}/{rounds} done", file=sys.stderr)
     rows = []
     for scenario in SCENARIOS:
@@ -269,6 +348,7 @@ def main() -> int:
                     "p99_ratio_vs_stdlib": statistics.median(ratios) if ratios else None,
                     "failures": sum(g["failures"] for g in got),
                     "cpu_work_per_s": statistics.median(rates) if rates else None,
+                    "slow_clients_dropped": [g["slow_clients_dropped"] for g in got],
                     "p99_runs_ms": [g["p99_ms"] for g in got],
                     "target_p99_ms": TARGET_P99_MS if server == "hostkit" else None,
                     "ok": (p99 < TARGET_P99_MS) if server == "hostkit" else None,
@@ -282,6 +362,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "rounds": rounds,
         "requests_per_case": requests,
+        "slow_clients": args.slow_clients,
         "calibration_ms": {
             "median": statistics.median(calibrations),
             "min": min(calibrations),
@@ -289,8 +370,9 @@ def main() -> int:
         },
         "rows": rows,
     }
-    write_json(args.output, result)
-    print(f"\nprobe latency, GET /health/live ({rounds} rounds x {requests} probes; medians over rounds)")
+    write_json(output, result)
+    slow_note = f", {args.slow_clients} slow clients trickling" if args.slow_clients else ""
+    print(f"\nprobe latency, GET /health/live ({rounds} rounds x {requests} probes{slow_note}; medians over rounds)")
     print(f"calibration: {result['calibration_ms']['median']:.1f} ms (fixed loop)\n")
     print(f"| {'scenario':<11} | {'server':<11} | p50 ms | p99 ms | max ms | p99 vs stdlib | cpu work/s | target |")
     print(f"|{'-' * 13}|{'-' * 13}|--------|--------|--------|---------------|------------|--------|")
@@ -305,7 +387,7 @@ def main() -> int:
     notes = {row["note"] for row in rows if row["note"]}
     for note in notes:
         print(f"note: process-cpu used a {note}")
-    print(f"\nwritten to {args.output}")
+    print(f"\nwritten to {output}")
     return 0 if all(row["ok"] is not False for row in rows) else 1
 
 

@@ -21,12 +21,16 @@ mode it is a plain port that is open while the host is live and closed while it
 is not, for ``tcpSocket`` probes.
 
 Why not ``http.server``: under a CPU-bound thread-placed service the GIL is the
-probe's enemy. Every blocking call (``select``, ``accept``, ``recv``, ``send``,
+probe's enemy. Every socket call (``select``, ``accept``, ``recv``, ``send``,
 starting a handler thread) gives the GIL away, and getting it back can take a
 whole switch interval (5 ms) while the busy thread holds it. The stdlib server
 makes a dozen such calls per request; this listener makes four (accept, recv,
 send, close) on one thread, and lowers the switch interval while it runs (see
-``switch_interval``). ``benchmarks/probe.py`` measures both.
+``switch_interval``). ``benchmarks/probe.py`` measures both. That thread never
+waits on one client: a connection whose request is not complete waits in a
+selector, with a deadline for its whole request, so a slow or silent client
+delays no one (see :class:`ProbeListener`). Exception messages in the reports
+are shown on a loopback address only.
 
 .. versionadded:: 0.1
 """
@@ -36,10 +40,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import ipaddress
 import json
+import math
 import os
+import re
+import selectors
 import socket
-import struct
 import sys
 import threading
 import time
@@ -106,6 +113,10 @@ class HealthCheckResult:
         status: a :class:`HealthStatus`.
         description: one human sentence saying why.
         data: JSON-ready details (counts, names, ages).
+        redacted_description: the description without exception messages, which
+            a probe listener bound beyond loopback shows instead (an error's text
+            can hold a password or an internal address); ``None`` when the
+            description holds none. The factories fill it in when given ``exception``.
 
     .. versionadded:: 0.1
     """
@@ -113,21 +124,47 @@ class HealthCheckResult:
     status: HealthStatus
     description: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
+    redacted_description: str | None = None
 
     @classmethod
-    def healthy(cls, description: str = "", **data: Any) -> HealthCheckResult:
-        """A healthy result."""
-        return cls(HealthStatus.HEALTHY, description, data)
+    def healthy(
+        cls, description: str = "", *, exception: BaseException | None = None, **data: Any
+    ) -> HealthCheckResult:
+        """A healthy result (see :meth:`unhealthy` for ``exception``)."""
+        return cls._make(HealthStatus.HEALTHY, description, exception, data)
 
     @classmethod
-    def degraded(cls, description: str = "", **data: Any) -> HealthCheckResult:
-        """A degraded result."""
-        return cls(HealthStatus.DEGRADED, description, data)
+    def degraded(
+        cls, description: str = "", *, exception: BaseException | None = None, **data: Any
+    ) -> HealthCheckResult:
+        """A degraded result (see :meth:`unhealthy` for ``exception``)."""
+        return cls._make(HealthStatus.DEGRADED, description, exception, data)
 
     @classmethod
-    def unhealthy(cls, description: str = "", **data: Any) -> HealthCheckResult:
-        """An unhealthy result."""
-        return cls(HealthStatus.UNHEALTHY, description, data)
+    def unhealthy(
+        cls, description: str = "", *, exception: BaseException | None = None, **data: Any
+    ) -> HealthCheckResult:
+        """An unhealthy result.
+
+        With ``exception``, the description gets ``" (Type: message)"`` appended, and
+        its redacted form ``" (Type)"``: ``unhealthy("database unreachable", exception=err)``.
+        """
+        return cls._make(HealthStatus.UNHEALTHY, description, exception, data)
+
+    @classmethod
+    def _make(
+        cls, status: HealthStatus, description: str, exception: BaseException | None, data: Mapping[str, Any]
+    ) -> HealthCheckResult:
+        if exception is None:
+            return cls(status, description, data)
+        if not isinstance(cast(object, exception), BaseException):
+            msg = f"exception= takes the exception a check caught, not: {describe(exception)}"
+            raise TypeError(msg)
+        kind = type(exception).__name__
+        text = f"{kind}: {exception}" if str(exception) else kind
+        if not description:
+            return cls(status, text, data, kind)
+        return cls(status, f"{description} ({text})", data, f"{description} ({kind})")
 
 
 HealthCheck = Callable[[], "HealthCheckResult | HealthStatus"]
@@ -142,11 +179,16 @@ class HealthEntry:
     duration: float
     tags: tuple[str, ...]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, redact: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict; ``redact`` shows the description without exception messages."""
+        result = self.result
+        description = result.description
+        if redact and result.redacted_description is not None:
+            description = result.redacted_description
         return {
-            "status": self.result.status.value,
-            "description": self.result.description,
-            "data": dict(self.result.data),
+            "status": result.status.value,
+            "description": description,
+            "data": dict(result.data),
             "duration_ms": round(self.duration * 1000, 3),
             "tags": list(self.tags),
         }
@@ -175,12 +217,12 @@ class HealthReport:
         msg = f"no health check named {name!r} in this report; it has: {', '.join(e.name for e in self.entries)}"
         raise KeyError(msg)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
+    def to_dict(self, *, redact: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict; ``redact`` leaves exception messages out of the descriptions."""
         return {
             "status": self.status.value,
             "duration_ms": round(self.duration * 1000, 3),
-            "checks": {e.name: e.to_dict() for e in self.entries},
+            "checks": {e.name: e.to_dict(redact=redact) for e in self.entries},
         }
 
     def unhealthy_summary(self) -> str:
@@ -305,13 +347,18 @@ def _call(check: _Check) -> HealthCheckResult:
     try:
         value: object = check.fn()
     except Exception as exc:  # a check that raises is a failed check, never a failed probe
-        return HealthCheckResult.unhealthy(f"check raised {type(exc).__name__}: {exc}")
+        kind = type(exc).__name__
+        return HealthCheckResult(HealthStatus.UNHEALTHY, f"check raised {kind}: {exc}", {}, f"check raised {kind}")
     if isinstance(value, HealthCheckResult):
         return value
     if isinstance(value, HealthStatus):
         return HealthCheckResult(value)
-    return HealthCheckResult.unhealthy(
-        f"check returned {describe(value)}; a check must return a HealthCheckResult or a HealthStatus"
+    rule = "a check must return a HealthCheckResult or a HealthStatus"
+    return HealthCheckResult(
+        HealthStatus.UNHEALTHY,
+        f"check returned {describe(value)}; {rule}",
+        {},
+        f"check returned a {type(value).__name__}; {rule}",
     )
 
 
@@ -347,11 +394,27 @@ def _services_check(host: Host) -> HealthCheckResult:
     bad = [s for s in status.services if s.state in _BAD]
     if bad:
         why = ", ".join(f"{s.name} is {s.state.value}" + (f" ({s.error})" if s.error else "") for s in bad)
-        return HealthCheckResult.unhealthy(why, **data)
+        short = ", ".join(
+            f"{s.name} is {s.state.value}" + (f" ({_error_kind(s.error)})" if s.error else "") for s in bad
+        )
+        return HealthCheckResult(HealthStatus.UNHEALTHY, why, dict(data), short if short != why else None)
     restarting = [s.name for s in status.services if s.state is ServiceState.RESTARTING]
     if restarting:
         return HealthCheckResult.degraded(f"restarting: {', '.join(restarting)}", **data)
     return HealthCheckResult.healthy(f"{len(states)} service(s), none faulted", **data)
+
+
+_KIND = re.compile(r"[A-Za-z_][\w.]*")
+
+
+def _error_kind(error: str) -> str:
+    """``"Type: message"`` (how the status snapshot words a failure) without the message.
+
+    A summary that is not in that form is one of the host's own sentences (a
+    start-up timeout), which holds no exception text and is kept whole.
+    """
+    kind, sep, _ = error.partition(": ")
+    return kind if sep and _KIND.fullmatch(kind) else error
 
 
 def _children_check(host: Host) -> HealthCheckResult:
@@ -394,11 +457,86 @@ def _heartbeats_check(host: Host) -> HealthCheckResult:
 
 # -- the probe listener ---------------------------------------------------------------------
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request", 503: "Service Unavailable"}
-# SO_RCVTIMEO/SO_SNDTIMEO on the accepted socket: the kernel bounds a slow client's
-# recv/send without Python's own timeout, which would add a poll() per call, and
-# every extra blocking call is one more wait for the GIL under load.
-_IO_TIMEOUT = struct.pack("ll", 2, 0)
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+# A request is its headers (GET and HEAD have no body); past this size it is answered as it stands.
+_MAX_REQUEST = 8192
+# Every socket call gives the GIL away and may wait a switch interval to get it back, so
+# read all that is there in one recv().
+_RECV_SIZE = 65536
+# For the same reason a connection is not made non-blocking (setblocking() is one more call
+# that gives the GIL away): each recv() and send() is, with MSG_DONTWAIT (Linux, macOS,
+# BSD). Where that flag is missing (Windows), the connection is made non-blocking instead.
+_NOWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether ``address`` (an IP literal, as a socket reports its bound address) is loopback.
+
+    ``0.0.0.0`` and ``::`` are every interface, so not loopback; a name that is not
+    an IP literal is not either (the listener decides from the address it bound).
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+class _SwitchInterval:
+    """The process-wide switch interval, lowered while any listener asks for it.
+
+    Reference-counted: the first request saves the interval in force, every change
+    sets the lowest interval still asked for, and the last release restores the
+    saved one, unless someone else changed it meanwhile (then theirs is kept).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wanted: list[float] = []
+        self._saved = 0.0
+        self._ours = 0.0  # what we last set, as sys.getswitchinterval() reports it back
+
+    def lower(self, seconds: float) -> None:
+        with self._lock:
+            if not self._wanted:
+                self._saved = self._ours = sys.getswitchinterval()
+            self._wanted.append(seconds)
+            self._apply(min(self._saved, *self._wanted))
+
+    def release(self, seconds: float) -> None:
+        with self._lock:
+            self._wanted.remove(seconds)
+            self._apply(min(self._saved, *self._wanted) if self._wanted else self._saved)
+
+    def _apply(self, seconds: float) -> None:
+        if sys.getswitchinterval() != self._ours:
+            return  # changed by someone else while we held it: theirs wins
+        sys.setswitchinterval(seconds)
+        self._ours = sys.getswitchinterval()
+
+
+_switch = _SwitchInterval()
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One accepted HTTP connection: what it sent so far, what is left to send."""
+
+    sock: socket.socket
+    deadline: float  # time.monotonic() by which the whole request must be answered
+    inbox: bytearray = field(default_factory=bytearray)
+    outbox: memoryview | None = None  # the answer still to send; None while reading
+    events: int = 0  # what it is registered for in the selector (0: not registered)
 
 
 class ProbeListener:
@@ -412,12 +550,26 @@ class ProbeListener:
             or ``"tcp"`` (the port is open while live checks pass, closed while not).
         switch_interval: while the listener runs, lower ``sys.setswitchinterval`` to
             this many seconds (if it is higher) so a CPU-bound thread hands the GIL to
-            the probe sooner; ``None`` leaves it alone. Restored at :meth:`close`.
+            the probe sooner; ``None`` leaves it alone. Shared by every listener in the
+            process: the interval is restored when the last one that lowered it closes.
         tcp_interval: in ``"tcp"`` mode, how often liveness is re-evaluated.
+        request_timeout: in ``"http"`` mode, the seconds a client has from its
+            connection to the end of its answer; one that takes longer is dropped
+            (with a 408 if it has not finished its request).
+        max_connections: in ``"http"`` mode, how many connections may be open at
+            once; at the limit, a new connection closes the oldest that has not
+            finished its request.
+        show_error_messages: whether the JSON reports show the messages of
+            exceptions (``"check raised OSError: ..."``) or only their type
+            (``"check raised OSError"``). ``None`` (the default): only when the
+            listener is bound to a loopback address, since an error's text can hold
+            a password or an internal address.
 
-    One request is answered at a time, on one thread (that is what keeps it fast
-    under GIL contention); a client that connects and sends nothing holds it for at
-    most 2 s (kernel receive timeout). A context manager; :meth:`close` is idempotent.
+    HTTP requests are served by one thread with a selector over non-blocking
+    sockets: a request is answered as soon as it is complete, whatever other
+    clients are doing, so a client that is slow or silent delays no one. Each
+    connection gets :attr:`request_timeout` for the whole exchange, however it
+    trickles its bytes. A context manager; :meth:`close` is idempotent.
 
     .. versionadded:: 0.1
     """
@@ -431,6 +583,9 @@ class ProbeListener:
         mode: ProbeMode = "http",
         switch_interval: float | None = 0.001,
         tcp_interval: float = 1.0,
+        request_timeout: float = 2.0,
+        max_connections: int = 64,
+        show_error_messages: bool | None = None,
     ) -> None:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             msg = f"probe port must be an int from 0 to 65535 (0 picks a free port), not: {describe(port)}"
@@ -441,19 +596,43 @@ class ProbeListener:
         if switch_interval is not None and not (isinstance(switch_interval, (int, float)) and switch_interval > 0):
             msg = f"switch_interval must be a number of seconds > 0 or None, not: {describe(switch_interval)}"
             raise ConfigurationError(msg)
+        if (
+            not isinstance(request_timeout, (int, float))
+            or isinstance(request_timeout, bool)
+            or not 0 < request_timeout < math.inf
+        ):
+            msg = f"request_timeout must be a finite number of seconds > 0, not: {describe(request_timeout)}"
+            raise ConfigurationError(msg)
+        if not isinstance(max_connections, int) or isinstance(max_connections, bool) or max_connections < 1:
+            msg = f"max_connections must be an int >= 1, not: {describe(max_connections)}"
+            raise ConfigurationError(msg)
+        if show_error_messages is not None and not isinstance(cast(object, show_error_messages), bool):
+            msg = (
+                "show_error_messages must be True, False, or None (shown on a loopback address only), "
+                f"not: {describe(show_error_messages)}"
+            )
+            raise ConfigurationError(msg)
         self.checks = checks
         self.host = host
         self.mode = mode
         self.switch_interval = switch_interval
         self.tcp_interval = tcp_interval
+        self.request_timeout = float(request_timeout)
+        self.max_connections = max_connections
+        self._show_error_messages = show_error_messages
         self._requested_port = port
         self._port: int | None = None
+        self._bound_address: str | None = None
+        self._redact = True  # decided at bind(), from the address bound
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._lock = threading.Lock()
-        self._saved_switch: float | None = None
+        self._lowered_switch: float | None = None
+        #: Requests answered so far.
         self.requests = 0
+        #: Connections closed unanswered: past their request_timeout, or the oldest at max_connections.
+        self.dropped = 0
 
     @property
     def port(self) -> int:
@@ -473,6 +652,14 @@ class ProbeListener:
         """``True`` while its thread serves."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def shows_error_messages(self) -> bool:
+        """Whether answers show exception messages: ``show_error_messages`` if given, else
+        whether the bound address (the configured one before :meth:`bind`) is loopback."""
+        if self._show_error_messages is not None:
+            return self._show_error_messages
+        return _is_loopback(self._bound_address if self._bound_address is not None else self.host)
+
     def bind(self) -> int:
         """Bind and listen now (idempotent), so a port in use fails at once; return the port.
 
@@ -486,7 +673,9 @@ class ProbeListener:
                 msg = "the probe listener was closed; make a new ProbeListener"
                 raise HostStateError(msg)
             self._sock = self._listen(self._requested_port)
-            self._port = self._sock.getsockname()[1]
+            address = self._sock.getsockname()
+            self._bound_address, self._port = address[0], address[1]
+            self._redact = not self.shows_error_messages
             return self._port
 
     def _listen(self, port: int) -> socket.socket:
@@ -502,7 +691,7 @@ class ProbeListener:
             # connections sit in TIME_WAIT; it does not allow two live listeners.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)
-            sock.listen(64)
+            sock.listen(128)
         except OSError as err:
             sock.close()
             if err.errno == errno.EADDRINUSE:
@@ -521,13 +710,13 @@ class ProbeListener:
         with self._lock:
             if self._thread is not None:
                 return
-            if self.switch_interval is not None and sys.getswitchinterval() > self.switch_interval:
+            if self.switch_interval is not None:
                 # A CPU-bound thread keeps the GIL for a whole switch interval before it
-                # must hand it over; each of the probe's blocking calls waits for one such
+                # must hand it over; each of the probe's socket calls waits for one such
                 # hand-over. 1 ms instead of 5 ms keeps the probe's p99 low under load
                 # (benchmarks/probe.py), at a small cost in switching overhead.
-                self._saved_switch = sys.getswitchinterval()
-                sys.setswitchinterval(self.switch_interval)
+                _switch.lower(self.switch_interval)
+                self._lowered_switch = self.switch_interval
             target = self._serve_http if self.mode == "http" else self._serve_tcp
             self._thread = threading.Thread(target=target, name="hostkit-health-probe", daemon=True)
             self._thread.start()
@@ -541,8 +730,9 @@ class ProbeListener:
             self._closing.set()
             sock, thread = self._sock, self._thread
         if thread is not None and thread.is_alive() and self._port is not None:
-            # A thread blocked in accept() is not woken by close() on Linux; a connection
-            # to ourselves is the portable way to wake it: it sees _closing and leaves.
+            # A thread blocked in accept() (or in poll() on the listening socket) is not
+            # woken by close() on Linux; a connection to ourselves is the portable way
+            # to wake it: it sees _closing and leaves.
             with contextlib.suppress(OSError), socket.create_connection((self.host, self._port), timeout=1.0):
                 pass
         if thread is not None:
@@ -553,9 +743,9 @@ class ProbeListener:
             sock.close()
         with self._lock:
             self._sock = None
-            if self._saved_switch is not None:
-                sys.setswitchinterval(self._saved_switch)
-                self._saved_switch = None
+            if self._lowered_switch is not None:
+                _switch.release(self._lowered_switch)
+                self._lowered_switch = None
 
     def __enter__(self) -> ProbeListener:
         self.start()
@@ -575,69 +765,223 @@ class ProbeListener:
 
     def __repr__(self) -> str:
         where = f"{self.host}:{self._port}" if self._port is not None else "unbound"
-        return f"<ProbeListener {self.mode} {where} running={self.running} requests={self.requests}>"
+        return (
+            f"<ProbeListener {self.mode} {where} running={self.running} "
+            f"requests={self.requests} dropped={self.dropped}>"
+        )
 
     # -- http ------------------------------------------------------------------------------
+    #
+    # One thread, non-blocking I/O. Why this shape: under a CPU-bound thread the GIL is
+    # the probe's enemy, and every socket call costs a GIL hand-over, so a request should
+    # cost as few calls as possible; and no client may hold the thread, so nothing may
+    # wait on one client. A probe's request arrives with its connection, so while no
+    # other client is waiting the thread blocks in accept() itself, and accept, recv,
+    # send, close answer it in one pass: the four calls of a one-client-at-a-time
+    # server. A connection whose request is not complete waits in a selector, and the
+    # thread then waits in the selector instead (listening socket included), until
+    # every such connection has completed its request or passed its deadline. The
+    # selector is poll() (select() where there is none): registering a socket is then
+    # bookkeeping in Python, not a system call (epoll and kqueue make one per change),
+    # and with at most max_connections sockets the scan poll() does costs nothing.
 
     def _serve_http(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        while not self._closing.is_set():
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                if self._closing.is_set():
-                    return
-                continue
-            if self._closing.is_set():
-                conn.close()
-                return
-            try:
-                self._answer(conn)
-            except Exception:
-                _log.opt(exception=True).warning("Health probe: answering a request failed")
-            finally:
-                conn.close()
+        listening = self._sock
+        assert listening is not None
+        selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.SelectSelector()
+        selector.register(listening, selectors.EVENT_READ, None)
+        # Insertion order is accept order, so deadline order: the first one expires first.
+        open_: dict[_Connection, None] = {}
+        # The listening socket's mode, changed only when connections start or stop waiting.
+        # Set here too: socket.setdefaulttimeout() may have given it a timeout.
+        listening.setblocking(True)
+        blocking = True
+        try:
+            while not self._closing.is_set():
+                if not open_:
+                    if not blocking:
+                        listening.setblocking(True)
+                        blocking = True
+                    self._accept(listening, selector, open_)
+                    continue
+                if blocking:
+                    listening.setblocking(False)
+                    blocking = False
+                timeout = max(0.0, next(iter(open_)).deadline - time.monotonic())
+                for key, events in selector.select(timeout):
+                    if key.data is None:
+                        self._accept(listening, selector, open_)
+                        continue
+                    conn = cast(_Connection, key.data)
+                    if conn in open_:  # not dropped earlier in this pass
+                        self._advance(conn, events, selector, open_)
+                self._expire(selector, open_)
+        except Exception:  # the probe must never die silently: say why it stops answering
+            _log.opt(exception=True).critical("Health probe listener failed; probes will not be answered")
+        finally:
+            for conn in list(open_):
+                conn.sock.close()
+            selector.close()
 
-    def _answer(self, conn: socket.socket) -> None:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _IO_TIMEOUT)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _IO_TIMEOUT)
-        data = b""
-        # One recv() almost always holds the whole request; loop for clients that
-        # send it in pieces, up to 8 KiB of headers.
-        while b"\r\n\r\n" not in data and b"\n\n" not in data and len(data) < 8192:
-            try:
-                chunk = conn.recv(4096)
-            except OSError:
+    def _accept(
+        self, listening: socket.socket, selector: selectors.BaseSelector, open_: dict[_Connection, None]
+    ) -> None:
+        try:
+            sock, _ = listening.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another wake-up took it, or the client gave up first
+        except OSError as err:
+            if self._closing.is_set():
                 return
-            if not chunk:
-                break
-            data += chunk
+            # Out of file descriptors (EMFILE): the listening socket stays readable, so
+            # pause rather than spin; dropping our oldest client frees one for a probe.
+            _log.warning("Health probe: cannot accept a connection: {}", err)
+            if open_:
+                self._drop(next(iter(open_)), selector, open_, answer=False)
+            self._closing.wait(0.1)
+            return
+        if self._closing.is_set():  # close() woke us with a connection of its own
+            sock.close()
+            return
+        if not _NOWAIT or sock.gettimeout() is not None:  # a timeout: socket.setdefaulttimeout()
+            sock.setblocking(False)
+        conn = _Connection(sock, time.monotonic() + self.request_timeout)
+        # Read at once: the request is usually there already, and answered in this pass.
+        if not self._read(conn):
+            sock.close()
+            return
+        if len(open_) >= self.max_connections:
+            oldest = next((c for c in open_ if c.outbox is None), next(iter(open_)))
+            self._drop(oldest, selector, open_, answer=False)
+        open_[conn] = None
+        self._watch(conn, selector)
+
+    def _advance(
+        self, conn: _Connection, events: int, selector: selectors.BaseSelector, open_: dict[_Connection, None]
+    ) -> None:
+        if conn.outbox is None:
+            still_open = self._read(conn) if events & selectors.EVENT_READ else True
+        else:
+            still_open = self._write(conn)
+        if still_open:
+            self._watch(conn, selector)  # answered but not all sent: now it waits to write
+        else:
+            self._close(conn, selector, open_)
+
+    def _read(self, conn: _Connection) -> bool:
+        """Read what the client sent; answer when the request is complete.
+
+        Returns whether the connection is still needed (reading, or writing its answer).
+        """
+        try:
+            chunk = conn.sock.recv(_RECV_SIZE, _NOWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if chunk:
+            seen = len(conn.inbox)
+            conn.inbox += chunk
+            start = max(0, seen - 3)
+            done = (
+                conn.inbox.find(b"\r\n\r\n", start) >= 0
+                or conn.inbox.find(b"\n\n", start) >= 0
+                or len(conn.inbox) >= _MAX_REQUEST
+            )
+            if not done:
+                return True
+        elif not conn.inbox:  # closed without a word
+            return False
+        # Complete, or the client closed its side after a partial request: answer what came.
+        conn.outbox = memoryview(self._respond(bytes(conn.inbox)))
+        conn.inbox.clear()
+        return self._write(conn)
+
+    def _write(self, conn: _Connection) -> bool:
+        """Send what is left of the answer; returns whether some is still left."""
+        assert conn.outbox is not None
+        try:
+            sent = conn.sock.send(conn.outbox, _NOWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return False
+        conn.outbox = conn.outbox[sent:]
+        return len(conn.outbox) > 0
+
+    def _watch(self, conn: _Connection, selector: selectors.BaseSelector) -> None:
+        events = selectors.EVENT_READ if conn.outbox is None else selectors.EVENT_WRITE
+        if conn.events == events:
+            return
+        if conn.events:
+            selector.modify(conn.sock, events, conn)
+        else:
+            selector.register(conn.sock, events, conn)
+        conn.events = events
+
+    def _close(self, conn: _Connection, selector: selectors.BaseSelector, open_: dict[_Connection, None]) -> None:
+        # Out of the selector first: once closed, its fd number can be reused at once.
+        if conn.events:
+            selector.unregister(conn.sock)
+            conn.events = 0
+        open_.pop(conn, None)
+        conn.sock.close()
+
+    def _drop(
+        self, conn: _Connection, selector: selectors.BaseSelector, open_: dict[_Connection, None], *, answer: bool
+    ) -> None:
+        """Close a connection unanswered (its deadline passed, or room is needed)."""
+        self.dropped += 1
+        if answer and conn.outbox is None:
+            # One try, never waited on: a slow but honest client learns why.
+            body = {"error": f"request not complete within request_timeout={self.request_timeout:g} s"}
+            with contextlib.suppress(OSError):
+                conn.sock.send(_response(408, body), _NOWAIT)
+        self._close(conn, selector, open_)
+        _log.debug("Health probe: dropped a connection ({})", "timed out" if answer else "oldest at max_connections")
+
+    def _expire(self, selector: selectors.BaseSelector, open_: dict[_Connection, None]) -> None:
+        now = time.monotonic()
+        while open_:
+            first = next(iter(open_))
+            if first.deadline > now:
+                return
+            self._drop(first, selector, open_, answer=True)
+
+    def _respond(self, request: bytes) -> bytes:
+        """The whole answer to one request (never raises: a failure is a 500)."""
         self.requests += 1
-        line = data.split(b"\n", 1)[0].decode("latin-1").strip()
+        try:
+            return self._answer(request)
+        except Exception as exc:
+            _log.opt(exception=True).warning("Health probe: answering a request failed")
+            kind = type(exc).__name__
+            text = f"{kind}: {exc}" if self.shows_error_messages else kind
+            return _response(500, {"error": f"answering the probe failed: {text}"})
+
+    def _answer(self, request: bytes) -> bytes:
+        line = request.split(b"\n", 1)[0].decode("latin-1").strip()
         parts = line.split()
         if len(parts) < 2:
-            conn.sendall(_response(400, {"error": "bad request line"}))
-            return
+            return _response(400, {"error": "bad request line"})
         method, target = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
-            conn.sendall(_response(405, {"error": f"method {method} not allowed; use GET"}))
-            return
+            return _response(405, {"error": f"method {method} not allowed; use GET"})
         head = method == "HEAD"
+        tag: Tag | None
         if target in ("/health/live", "/livez"):
-            report = self.checks.run("live")
-            conn.sendall(_response(report.http_status, report.to_dict(), head=head))
+            tag = "live"
         elif target in ("/health/ready", "/readyz"):
-            report = self.checks.run("ready")
-            conn.sendall(_response(report.http_status, report.to_dict(), head=head))
+            tag = "ready"
         elif target in ("/health", "/health/"):
-            report = self.checks.run(None)
-            conn.sendall(_response(report.http_status, report.to_dict(), head=head))
+            tag = None
         elif target == "/metrics":
-            conn.sendall(self._metrics(head))
+            return self._metrics(head)
         else:
             body = {"error": f"no such path {target!r}", "paths": ["/health/live", "/health/ready", "/health"]}
-            conn.sendall(_response(404, body, head=head))
+            return _response(404, body, head=head)
+        report = self.checks.run(tag)
+        return _response(report.http_status, report.to_dict(redact=self._redact), head=head)
 
     def _metrics(self, head: bool) -> bytes:
         try:
@@ -793,6 +1137,7 @@ def use_health(
     mode: ProbeMode = "http",
     checks: HealthChecks | None = None,
     switch_interval: float | None = 0.001,
+    show_error_messages: bool | None = None,
 ) -> HealthChecks:
     """Add health checks (and a probe listener when ``port`` is given) to a host.
 
@@ -807,6 +1152,8 @@ def use_health(
         mode: ``"http"`` or ``"tcp"``.
         checks: a registry to use instead of a new one.
         switch_interval: see :class:`ProbeListener`.
+        show_error_messages: whether answers show exception messages (``None``:
+            only on a loopback address); see :class:`ProbeListener`.
 
     .. versionadded:: 0.1
     """
@@ -818,7 +1165,14 @@ def use_health(
     listener = (
         None
         if port is None
-        else ProbeListener(registry, port=port, host=host, mode=mode, switch_interval=switch_interval)
+        else ProbeListener(
+            registry,
+            port=port,
+            host=host,
+            mode=mode,
+            switch_interval=switch_interval,
+            show_error_messages=show_error_messages,
+        )
     )
     builder.services.add_hosted_service(HealthService(registry, listener), name="health")
     return registry

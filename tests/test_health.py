@@ -7,7 +7,11 @@ import json
 import os
 import signal
 import socket
+import statistics
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -76,6 +80,19 @@ class TestRegistry:
         assert report["db"].result.description == "check raised ConnectionError: db refused"
         assert report["odd"].result.status is HealthStatus.UNHEALTHY
         assert "check returned 42 (int)" in report["odd"].result.description
+
+    def test_exception_is_described_with_and_without_its_message(self) -> None:
+        """exception= puts "(Type: message)" after the description, and "(Type)" in its redacted form."""
+        err = OSError("host db.internal refused")
+        result = HealthCheckResult.unhealthy("database unreachable", exception=err, attempts=3)
+        assert result.description == "database unreachable (OSError: host db.internal refused)"
+        assert result.redacted_description == "database unreachable (OSError)"
+        assert result.data == {"attempts": 3}
+        bare = HealthCheckResult.degraded(exception=TimeoutError())
+        assert (bare.description, bare.redacted_description) == ("TimeoutError", "TimeoutError")
+        assert HealthCheckResult.healthy("fine").redacted_description is None
+        with pytest.raises(TypeError, match="exception= takes the exception a check caught, not: 'boom' \\(str\\)"):
+            HealthCheckResult.unhealthy("x", exception="boom")  # type: ignore[arg-type]
 
     def test_bad_registrations_are_refused(self) -> None:
         """Empty or duplicate names, unknown tags and non-callables are errors naming the problem."""
@@ -331,3 +348,361 @@ class TestSpeed:
             codes = [get(listener.port, "/health/live")[0] for _ in range(100)]
         assert codes == [200] * 100
         assert listener.requests == 100
+
+
+# The start of a request that never ends: a slow client trickles it one byte at a time.
+ENDLESS = b"GET /health/live HTTP/1.1\r\nHost: probe\r\nX-Slow: "
+
+
+def endless_byte(sent: int) -> bytes:
+    return ENDLESS[sent : sent + 1] if sent < len(ENDLESS) else b"a"
+
+
+class SlowClients:
+    """``trickling`` clients that each send one byte of an endless request every ``every``
+    seconds, and ``silent`` ones that send nothing; all reconnect when the listener drops
+    them, as broken or hostile clients do. A context manager running one thread."""
+
+    def __init__(self, port: int, *, trickling: int, silent: int = 0, every: float = 0.05) -> None:
+        self.port, self.trickling, self.silent, self.every = port, trickling, silent, every
+        self.stop = threading.Event()
+        self.connected = threading.Event()
+        self.dropped = 0  # times the listener closed one of them
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="slow-clients")
+
+    def __enter__(self) -> SlowClients:
+        self._thread.start()
+        assert self.connected.wait(15), self.error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._thread.join(15)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        sock.setblocking(False)
+        return sock
+
+    def _run(self) -> None:
+        clients: list[list] = []  # [socket, bytes sent, trickles?]
+        try:
+            clients = [[self._connect(), 0, i < self.trickling] for i in range(self.trickling + self.silent)]
+            self.connected.set()
+            while not self.stop.wait(self.every):
+                for client in clients:
+                    sock, sent, trickles = client
+                    try:
+                        if trickles:
+                            sock.send(endless_byte(sent))
+                            client[1] = sent + 1
+                        sock.recv(4096)  # anything at all (a 408, or the end): it was dropped
+                        closed = True
+                    except BlockingIOError:
+                        closed = False
+                    except OSError:
+                        closed = True
+                    if closed:
+                        sock.close()
+                        self.dropped += 1
+                        client[0], client[1] = self._connect(), 0
+        except BaseException as exc:  # surfaced by the test through .error
+            self.error = exc
+        finally:
+            for client in clients:
+                client[0].close()
+
+
+def timed_get(port: int, path: str, timeout: float) -> tuple[int | None, float]:
+    """(status, seconds) of one GET on a new connection, as a kubelet sends it; None on timeout."""
+    began = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        status: int | None = response.status
+    except OSError:
+        status = None
+    finally:
+        conn.close()
+    return status, time.perf_counter() - began
+
+
+def until_closed(client: socket.socket, *, trickle: bool, limit: float) -> tuple[bytes, float]:
+    """Trickle (or keep silent) until the listener closes ``client``; (what it answered, seconds)."""
+    began = time.monotonic()
+    client.settimeout(0.05)  # the pace of the trickle, and how often we look for the close
+    answer, sent = b"", 0
+    while time.monotonic() - began < limit:
+        try:
+            if trickle:
+                client.send(endless_byte(sent))
+                sent += 1
+            chunk = client.recv(4096)
+        except (TimeoutError, socket.timeout):  # noqa: UP041 - socket.timeout differs on 3.10
+            continue
+        except OSError:  # reset: the listener closed while our last bytes were unread
+            break
+        if not chunk:
+            break
+        answer += chunk
+    return answer, time.monotonic() - began
+
+
+class TestSlowClients:
+    @pytest.mark.timeout(120)
+    def test_trickling_clients_do_not_delay_probes(self) -> None:
+        """With 50 clients trickling endless requests and 3 silent ones, all reconnecting when
+        dropped, /health/live answers 200 within 100 ms (median of 20), and `hostkit probe` exits 0."""
+        with ProbeListener(HealthChecks(), port=0) as listener:
+            port = listener.port
+            pace = threading.Event()  # never set: spaces the probes, as a kubelet does
+            with SlowClients(port, trickling=50, silent=3) as slow:
+                results = []
+                for _ in range(20):
+                    results.append(timed_get(port, "/health/live", timeout=1.0))
+                    pace.wait(0.1)
+                probe = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "hostkit",
+                        "probe",
+                        f"http://127.0.0.1:{port}/health/live",
+                        "--timeout",
+                        "1",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                # Each of them is cut off by the whole-request deadline, not served forever.
+                assert wait_until(lambda: slow.dropped >= 53, timeout=15), slow.dropped
+                assert slow.error is None
+        latencies = sorted(seconds * 1000 for _, seconds in results)
+        print(
+            f"\nprobe latency with 53 slow clients: median {statistics.median(latencies):.1f} ms, "
+            f"max {latencies[-1]:.1f} ms; {slow.dropped} slow clients dropped"
+        )
+        assert [status for status, _ in results] == [200] * 20, latencies
+        assert statistics.median(latencies) < 100, latencies
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.startswith("healthy: 200 healthy")
+
+    def test_slow_clients_are_cut_off_at_the_request_deadline(self) -> None:
+        """A client that stalls mid-request gets a 408 after request_timeout (2 s by default);
+        one that trickles a byte every 50 ms is cut off then too, not served byte by byte forever."""
+        with ProbeListener(HealthChecks(), port=0) as listener:
+            with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as stalled:
+                stalled.sendall(b"GET /health/live HTTP/1.1\r\n")  # and never the blank line
+                answer, stalled_for = until_closed(stalled, trickle=False, limit=10)
+            with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as trickler:
+                _, trickled_for = until_closed(trickler, trickle=True, limit=10)
+            assert get(listener.port, "/health/live")[0] == 200
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert b"request not complete within request_timeout=2 s" in answer
+        # From the client's connect, so never less than the deadline; generous above (a busy machine).
+        assert 2.0 <= stalled_for < 5.0
+        assert 2.0 <= trickled_for < 5.0
+        assert (listener.request_timeout, listener.dropped) == (2.0, 2)
+
+    def test_at_max_connections_the_oldest_unfinished_makes_room(self) -> None:
+        """At max_connections a new connection closes the oldest one still unfinished, so
+        silent clients can never fill the listener; the probe behind them is answered."""
+        with ProbeListener(HealthChecks(), port=0, max_connections=4) as listener:
+            silent = [socket.create_connection(("127.0.0.1", listener.port), timeout=5) for _ in range(7)]
+            try:
+                status, _ = timed_get(listener.port, "/health/live", timeout=5)
+                assert status == 200
+
+                def closed(sock: socket.socket) -> bool:
+                    sock.settimeout(0.01)
+                    try:
+                        return sock.recv(1) == b""
+                    except (TimeoutError, socket.timeout):  # noqa: UP041
+                        return False
+                    except OSError:
+                        return True
+
+                # The three oldest went to make room; the four newest are still waiting.
+                assert wait_until(lambda: [closed(s) for s in silent] == [True] * 3 + [False] * 4, timeout=10)
+                assert listener.dropped == 3
+            finally:
+                for sock in silent:
+                    sock.close()
+
+    def test_bad_limits_are_refused(self) -> None:
+        """request_timeout and max_connections are checked when the listener is made."""
+        with pytest.raises(
+            ConfigurationError, match=r"request_timeout must be a finite number of seconds > 0, not: inf"
+        ):
+            ProbeListener(HealthChecks(), request_timeout=float("inf"))
+        with pytest.raises(ConfigurationError, match=r"request_timeout must be .*, not: 0 \(int\)"):
+            ProbeListener(HealthChecks(), request_timeout=0)
+        with pytest.raises(ConfigurationError, match=r"max_connections must be an int >= 1, not: 0 \(int\)"):
+            ProbeListener(HealthChecks(), max_connections=0)
+        with pytest.raises(ConfigurationError, match=r"show_error_messages must be True, False, or None"):
+            ProbeListener(HealthChecks(), show_error_messages="yes")  # type: ignore[arg-type]
+
+
+SECRET = "postgresql://app:s3cret@db.internal/prod"
+
+
+class TestErrorMessages:
+    def _host_with_secrets(self) -> tuple[HostBuilder, HealthChecks, threading.Event]:
+        faulted = threading.Event()
+
+        class Sync(BackgroundService):
+            def execute(self, stopping):
+                faulted.set()
+                raise ConnectionError(f"could not connect to {SECRET}")
+
+        def database() -> HealthCheckResult:
+            raise OSError(f"connection to {SECRET} refused")
+
+        def cache() -> HealthCheckResult:
+            try:
+                raise TimeoutError(f"redis at {SECRET} timed out")
+            except TimeoutError as err:
+                return HealthCheckResult.unhealthy("cache unreachable", exception=err)
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=5, on_background_error="ignore"))
+        builder.services.add_hosted_service(Sync)
+        checks = use_health(builder)
+        checks.add("database", database)
+        checks.add("cache", cache)
+        return builder, checks, faulted
+
+    def test_messages_hidden_when_not_shown(self) -> None:
+        """With show_error_messages=False, /health shows each exception's type and the
+        service or check it came from, never its message; on loopback it shows them by default."""
+        builder, checks, faulted = self._host_with_secrets()
+        with builder.build() as host:
+            assert faulted.wait(10)
+            assert wait_until(lambda: host.status()["Sync"].state.value == "faulted", timeout=10)
+            with ProbeListener(checks, port=0, show_error_messages=False) as hidden:
+                assert hidden.shows_error_messages is False
+                status, raw = get(hidden.port, "/health")
+                _, live = get(hidden.port, "/health/live")
+            with ProbeListener(checks, port=0) as shown:
+                assert shown.shows_error_messages is True
+                _, full = get(shown.port, "/health")
+        assert status == 503
+        assert "s3cret" not in json.dumps(raw) and "s3cret" not in json.dumps(live)
+        described = {name: check["description"] for name, check in raw["checks"].items()}
+        assert described["database"] == "check raised OSError"
+        assert described["cache"] == "cache unreachable (TimeoutError)"
+        assert described["services"] == "Sync is faulted (ConnectionError)"
+        assert full["checks"]["database"]["description"] == f"check raised OSError: connection to {SECRET} refused"
+        assert (
+            full["checks"]["cache"]["description"] == f"cache unreachable (TimeoutError: redis at {SECRET} timed out)"
+        )
+        assert (
+            full["checks"]["services"]["description"]
+            == f"Sync is faulted (ConnectionError: could not connect to {SECRET})"
+        )
+
+    def test_run_option_hides_them(self, tmp_path) -> None:
+        """`hostkit run --probe-error-messages hide` serves exception types only, even on loopback."""
+        (tmp_path / "leaky.py").write_text(
+            "from hostkit import BackgroundService, HostBuilder\n"
+            "from hostkit.health import use_health\n\n\n"
+            "class Idle(BackgroundService):\n"
+            "    def execute(self, stopping):\n"
+            "        stopping.wait()\n\n\n"
+            "def database():\n"
+            f"    raise OSError('connection to {SECRET} refused')\n\n\n"
+            "def create_builder():\n"
+            "    builder = HostBuilder()\n"
+            "    builder.services.add_hosted_service(Idle)\n"
+            "    use_health(builder).add('database', database, tags=('ready',))\n"
+            "    return builder\n"
+        )
+        argv = ["run", "leaky:create_builder", "--probe-port", "0", "--probe-error-messages", "hide", "--no-systemd"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hostkit", *argv],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stderr is not None
+            port = None
+            for line in proc.stderr:  # port 0: the log says which one was picked
+                if "Health probe listening on http://127.0.0.1:" in line:
+                    port = int(line.rsplit(":", 1)[1])
+                    break
+            assert port is not None, "the probe listener never said where it listens"
+            status, body = get(port, "/health/ready")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, rest = proc.communicate(timeout=30)
+        assert proc.returncode == 0, rest
+        assert status == 503
+        assert body["checks"]["database"]["description"] == "check raised OSError"
+        assert "s3cret" not in json.dumps(body)
+
+    @pytest.mark.parametrize(
+        ("host", "option", "shown"),
+        [
+            ("127.0.0.1", None, True),
+            ("127.0.0.2", None, True),
+            ("::1", None, True),
+            ("::ffff:127.0.0.1", None, True),
+            ("0.0.0.0", None, False),
+            ("::", None, False),
+            ("10.1.2.3", None, False),
+            ("fe80::1%eth0", None, False),
+            ("0.0.0.0", True, True),
+            ("127.0.0.1", False, False),
+        ],
+    )
+    def test_shown_on_loopback_or_when_asked(self, host: str, option: bool | None, shown: bool) -> None:
+        """Messages are shown on a loopback address, hidden on any other (0.0.0.0 and :: are every
+        interface), unless show_error_messages says otherwise. Decided without binding."""
+        assert ProbeListener(HealthChecks(), host=host, show_error_messages=option).shows_error_messages is shown
+
+
+class TestSwitchInterval:
+    def test_overlapping_listeners_restore_it(self) -> None:
+        """Listeners share the lowered switch interval: it stays lowered while any of them runs,
+        at the lowest asked for, and the last to close restores the original."""
+        original = sys.getswitchinterval()
+        a = ProbeListener(HealthChecks(), switch_interval=0.002)
+        b = ProbeListener(HealthChecks(), switch_interval=0.001)
+        try:
+            a.start()
+            assert sys.getswitchinterval() == 0.002
+            b.start()
+            assert sys.getswitchinterval() == 0.001
+            a.close()
+            assert sys.getswitchinterval() == 0.001  # b still runs
+            b.close()
+            assert sys.getswitchinterval() == original
+            a = ProbeListener(HealthChecks(), switch_interval=0.002)
+            b = ProbeListener(HealthChecks(), switch_interval=0.001)
+            a.start()
+            b.start()
+            b.close()
+            assert sys.getswitchinterval() == 0.002  # a still runs
+            a.close()
+            assert sys.getswitchinterval() == original
+        finally:
+            a.close()
+            b.close()
+            sys.setswitchinterval(original)
+
+    def test_a_change_made_meanwhile_is_kept(self) -> None:
+        """If someone else sets the switch interval while a listener runs, closing it keeps theirs."""
+        original = sys.getswitchinterval()
+        try:
+            with ProbeListener(HealthChecks(), switch_interval=0.001):
+                sys.setswitchinterval(0.003)
+            assert sys.getswitchinterval() == 0.003
+        finally:
+            sys.setswitchinterval(original)

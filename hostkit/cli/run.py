@@ -89,6 +89,12 @@ def register(subparsers: Any) -> None:
         choices=("http", "tcp"),
         help="http: JSON health endpoints; tcp: a port that is open only while the host is live",
     )
+    parser.add_argument(
+        "--probe-error-messages",
+        choices=("show", "hide"),
+        help="whether /health shows exception messages or only their type "
+        "(default: shown only when --probe-host is a loopback address)",
+    )
     parser.add_argument("--no-systemd", action="store_true", help="ignore NOTIFY_SOCKET even when it is set")
     debug_option(parser)
     parser.set_defaults(handler=run_command)
@@ -131,7 +137,10 @@ def _wire_health(host: Host, args: argparse.Namespace, manual: list[SystemdServi
     service: HealthService | None = _find(host, HealthService)
     checks = service.checks if service is not None else HealthChecks().attach(host)
     if args.probe_port is not None:
-        listener = ProbeListener(checks, port=args.probe_port, host=args.probe_host, mode=args.probe_mode)
+        shown = None if args.probe_error_messages is None else args.probe_error_messages == "show"
+        listener = ProbeListener(
+            checks, port=args.probe_port, host=args.probe_host, mode=args.probe_mode, show_error_messages=shown
+        )
         if service is None:
             service = HealthService(checks, listener)
             service.attach(host)
