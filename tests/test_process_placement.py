@@ -11,8 +11,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,7 +31,8 @@ from hostkit import (
     ServiceState,
 )
 from hostkit.exceptions import ConfigurationError, HostStartupError, ServicePicklingError
-from tests.conftest import PROJECT_ROOT, wait_until
+from tests.conftest import wait_until
+from tests.subproc import python
 
 
 class QuotaError(Exception):
@@ -700,27 +699,13 @@ class TestBadInput:
 class TestCpuHeavyExample:
     @pytest.mark.timeout(90)
     @pytest.mark.parametrize("placement", ["process", "thread"])
-    def test_one_argument_moves_the_work_out_of_the_host(self, placement, tmp_path) -> None:
+    def test_one_argument_moves_the_work_out_of_the_host(self, spawn, placement) -> None:
         """examples/cpu_heavy.py: the same class runs in a child or in the host; SIGTERM exits 0 either way."""
-        out = tmp_path / "out.txt"
-        with open(out, "w") as sink:
-            proc = subprocess.Popen(
-                [sys.executable, "examples/cpu_heavy.py", "--placement", placement],
-                cwd=PROJECT_ROOT,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                start_new_session=True,
-            )
-            try:
-                assert wait_until(lambda: "primes below" in out.read_text(), timeout=60), out.read_text()
-                proc.send_signal(signal.SIGTERM)
-                code = proc.wait(30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
-        text = out.read_text()
+        proc = spawn(python("examples/cpu_heavy.py", "--placement", placement))
+        proc.wait_for_output("primes below", timeout=60)
+        proc.signal(signal.SIGTERM)
+        code = proc.wait(30)
+        text = proc.output
         assert code == 0, text
         worker = int(re.search(r"primes below [\d,]+ \(pid (\d+)\)", text).group(1))  # type: ignore[union-attr]
         assert (worker != proc.pid) is (placement == "process"), text
