@@ -522,7 +522,6 @@ class TestResources:
             assert wait_until(lambda: host.status()["BeatsThenHangs"].last_heartbeat_at is not None, timeout=40), (
                 logs.text()
             )
-            assert wait_until(lambda: logs.find("now hanging"), timeout=40), logs.text()
             assert wait_until(lambda: host.status()["BeatsThenHangs"].restarts >= 1, timeout=40), logs.text()
             status = host.status()["BeatsThenHangs"]
         assert status.last_heartbeat_at is not None
@@ -543,8 +542,8 @@ class TestResources:
             )
             status = host.status()["SlowToBuild"]
             assert status.state is ServiceState.RUNNING, status
-        assert not logs.find("sent no heartbeat"), logs.text()
-        assert host.status()["SlowToBuild"].state is ServiceState.STOPPED
+        status = host.status()["SlowToBuild"]
+        assert (status.state, status.restarts, status.error) == (ServiceState.STOPPED, 0, None), logs.text()
 
     def test_stale_heartbeat_of_a_thread_is_reported_unhealthy(self, logs) -> None:
         """A thread cannot be killed: a stale heartbeat marks it unhealthy in status and logs it."""
@@ -673,8 +672,8 @@ class TestStartMethod:
         else:
             host = host_with(Sleeper(), start_method="spawn")
         with host:
-            assert wait_until(lambda: logs.find("sleeper pid"), timeout=30)
-        assert logs.find(", spawn)", level="DEBUG")
+            assert wait_until(lambda: host.status()["Sleeper"].pid not in (None, os.getpid()), timeout=30)
+        assert logs.find(", spawn)", level="DEBUG")  # no state holds the start method: the log line says it
 
 
 class TestBadInput:
