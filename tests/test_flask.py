@@ -494,7 +494,7 @@ class TestServers:
         proc.wait(20)
 
     @pytest.mark.timeout(90)
-    def test_waitress_starts_on_first_request_and_stops_at_exit(self, tmp_path: Path) -> None:
+    def test_waitress_starts_on_first_request_and_stops_at_exit(self, spawn, tmp_path: Path) -> None:
         """Under waitress the host starts at the first request and stops at interpreter exit (atexit)."""
         pytest.importorskip("waitress")
         port = free_port()
@@ -511,25 +511,14 @@ class TestServers:
                 """
             )
         )
-        proc = subprocess.Popen(
-            [sys.executable, str(script)],
-            env=dict(os.environ, PYTHONPATH=PROJECT_ROOT),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}/threads"
+        proc = spawn(python(script), stdout=False, stderr="separate", PYTHONPATH=PROJECT_ROOT)
+        url = f"http://127.0.0.1:{port}/threads"
 
-            assert wait_until(lambda: fetch_json(url), timeout=60, interval=0.1)
-            assert fetch_json(url)["threads"].count("hostkit-Ticker") == 1  # type: ignore[index]
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
-            assert proc.returncode == 0
-            assert "Host stopped in" in err
-            assert "Background service 'Ticker' stopped" in err
-            assert "Traceback" not in err
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        proc.wait_for(lambda: fetch_json(url), timeout=60, what="the server answering")
+        assert fetch_json(url)["threads"].count("hostkit-Ticker") == 1  # type: ignore[index]
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.err
+        err = proc.err
+        assert "Host stopped in" in err
+        assert "Background service 'Ticker' stopped" in err
+        assert "Traceback" not in err
