@@ -496,9 +496,19 @@ class TestResources:
     def test_nice_and_cpu_affinity_are_applied_in_the_child(self, logs) -> None:
         """nice= and cpu_affinity= are the child's, and the host keeps its own."""
         host = host_with(ReportsResources(), nice=7, cpu_affinity={0})
+
+        def child_resources() -> tuple[int, list[int]] | None:
+            pid = host.status()["ReportsResources"].pid
+            if pid in (None, os.getpid()):
+                return None  # the child is not started yet
+            try:
+                child = psutil.Process(pid)
+                return child.nice(), child.cpu_affinity()
+            except psutil.Error:
+                return None
+
         with host:
-            assert wait_until(lambda: logs.find("nice="), timeout=30)
-        assert logs.find("nice=7 affinity=[0]"), logs.text()
+            assert wait_until(lambda: child_resources() == (7, [0]), timeout=30), (child_resources(), logs.text())
         assert psutil.Process().nice() != 7
 
     @pytest.mark.timeout(90)
