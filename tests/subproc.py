@@ -26,6 +26,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import psutil
 import pytest
@@ -64,8 +65,11 @@ class Program:
     """A program started in its own session, its stdout and stderr in files under ``folder``.
 
     ``stderr="merge"`` puts both streams in one file (``output``), ``"separate"`` keeps
-    stderr apart (``err``), ``"devnull"`` drops it. ``env`` replaces the environment
-    (default: this process's), ``unset`` removes names from it, ``extra_env`` adds some.
+    stderr apart (``err``), ``"devnull"`` drops it; ``stdout=False`` drops stdout. ``env``
+    replaces the environment (default: this process's), ``unset`` removes names from it
+    (by default the service manager's, so the program never talks to a real systemd),
+    ``extra_env`` adds some. ``PYTHONUNBUFFERED=1`` is always set: a line printed is a
+    line in the file at once.
     """
 
     def __init__(
@@ -92,11 +96,12 @@ class Program:
         stem = f"program-{next(_numbers)}"  # unique: several programs may share a folder
         self.out_path = self.folder / f"{stem}.out"
         self.err_path = self.folder / f"{stem}.err"
-        self._files = []
-        out = open(self.out_path, "wb")  # closed in close(), after the program ends
-        self._files.append(out)
+        # Closed in close(), once the program has ended.
+        out = open(self.out_path, "wb")
+        self._files: list[IO[bytes]] = [out]
+        err: IO[bytes] | int
         if stderr == "separate":
-            err: object = open(self.err_path, "wb")
+            err = open(self.err_path, "wb")
             self._files.append(err)
         else:
             err = subprocess.STDOUT if stderr == "merge" else subprocess.DEVNULL
@@ -107,7 +112,7 @@ class Program:
                 env=environment,
                 stdin=subprocess.DEVNULL,
                 stdout=out if stdout else subprocess.DEVNULL,
-                stderr=err,  # type: ignore[arg-type]
+                stderr=err,
                 start_new_session=True,
             )
         except BaseException:
