@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -146,3 +147,27 @@ def _no_stray_logging_config(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start programs in their own session (``tests.subproc.Program``); every one is closed at teardown.
+
+    ``spawn(argv, **options)`` returns the Program; its output files go under ``tmp_path``
+    unless ``folder=`` says otherwise.
+    """
+    from tests.subproc import Program
+
+    started: list[Program] = []
+
+    def start(argv: list[str], **options: Any) -> Program:
+        options.setdefault("folder", tmp_path)
+        program = Program(argv, **options)
+        started.append(program)
+        return program
+
+    try:
+        yield start
+    finally:
+        for program in started:
+            program.close()

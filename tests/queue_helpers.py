@@ -577,7 +577,7 @@ class ConsumerContract:
         self, make_queue: Callable[..., Any], logs: Any
     ) -> None:
         """A handler raising SystemExit kills its thread: logged CRITICAL, consumer stops, message back in queue."""
-        from hostkit import HostBuilder, HostOptions
+        from hostkit import HostBuilder, HostOptions, ServiceState
         from hostkit.queues import QueueConsumer
 
         q = make_queue()
@@ -588,8 +588,10 @@ class ConsumerContract:
 
         builder = HostBuilder(options=HostOptions(on_background_error="ignore"))
         builder.services.add_hosted_service(QueueConsumer(q, handler, poll_interval=0.05, name="dies"))
-        with builder.build():
-            assert wait_until(lambda: logs.find("Queue consumer 'dies': thread hostkit-dies-1 died", "CRITICAL"))
+        host = builder.build()
+        with host:
+            assert wait_until(lambda: host.status()["QueueConsumer"].state is ServiceState.FAULTED)
+            assert logs.find("Queue consumer 'dies': thread hostkit-dies-1 died", "CRITICAL")  # the wording
             assert wait_until(lambda: (q.stats().depth, q.stats().in_flight) == (1, 0), timeout=10)
         assert logs.find("thread hostkit-dies-1 died: SystemExit: 3")
         [again] = q.lease("other")

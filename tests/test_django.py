@@ -9,7 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import pytest
 
 from hostkit.exceptions import ConfigurationError
 from tests.conftest import PROJECT_ROOT, fetch_json, wait_until
+from tests.subproc import Program
 
 pytest.importorskip("django")
 
@@ -33,7 +34,8 @@ def free_port() -> int:
 class Project:
     """A copy of examples/django_project in a temp dir, with its own SQLite database, migrated."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, spawn: Callable[..., Program]) -> None:
+        self._spawn = spawn
         self.dir = tmp / "django_project"
         shutil.copytree(EXAMPLE, self.dir, ignore=shutil.ignore_patterns("*.sqlite3", "__pycache__"))
         self.env = dict(
@@ -42,7 +44,6 @@ class Project:
             PYTHONPATH=os.pathsep.join([str(self.dir), PROJECT_ROOT]),
             PYTHONUNBUFFERED="1",
         )
-        self.procs: list[subprocess.Popen[str]] = []
         out = self.manage("migrate", "--noinput")
         assert out.returncode == 0, out.stdout
 
@@ -56,41 +57,14 @@ class Project:
             timeout=60,
         )
 
-    def spawn(self, *cmd: str, **env: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            list(cmd),
-            cwd=self.dir,
-            env={**self.env, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            try:
-                family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
-            except psutil.Error:
-                family = []
-            for p in family:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
-            try:
-                proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+    def spawn(self, *cmd: str, **env: str) -> Program:
+        """A program in the project directory, in its own session; the spawn fixture ends it."""
+        return self._spawn(list(cmd), cwd=self.dir, env={**self.env, **env})
 
 
 @pytest.fixture
-def project(tmp_path: Path):
-    p = Project(tmp_path)
-    yield p
-    p.cleanup()
+def project(tmp_path: Path, spawn: Callable[..., Program]) -> Project:
+    return Project(tmp_path, spawn)
 
 
 @pytest.mark.timeout(120)
@@ -140,14 +114,8 @@ class TestRunserver:
         proc = project.spawn(
             sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}", HOSTKIT_EXAMPLE_START="ready"
         )
-        assert proc.stdout is not None
-        line = ""
-        deadline = time.monotonic() + 60
-        while "TickRecorder running" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-        assert f"TickRecorder running in pid {proc.pid}" in line
+        proc.wait_for_output("TickRecorder running", timeout=60)
+        assert f"TickRecorder running in pid {proc.pid}" in proc.output
 
     def test_embedded_host_logs_through_django_logging(self, project: Project) -> None:
         """The serving process's host logs its start to stderr (Django's LOGGING has no root handler);
@@ -156,15 +124,8 @@ class TestRunserver:
         proc = project.spawn(
             sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}", HOSTKIT_EXAMPLE_START="ready"
         )
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while not any("django: host started" in x for x in lines) and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-        text = "".join(lines)
+        proc.wait_for_output("django: host started", timeout=60)
+        text = proc.output
         assert f"| INFO     | hostkit | host | {proc.pid} | Host starting 1 service(s)" in text, text
         assert f"| INFO     | hostkit | host | {proc.pid} | django: host started in process {proc.pid}" in text, text
 
@@ -182,22 +143,12 @@ class TestWorkerCommand:
     def test_hostkit_run_is_a_standalone_worker(self, project: Project) -> None:
         """`manage.py hostkit_run` runs the same host; SIGTERM stops it gracefully with exit code 0."""
         proc = project.spawn(sys.executable, "manage.py", "hostkit_run")
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-
-        def seen(text: str) -> bool:
-            return any(text in x for x in lines)
-
-        while not (seen("Host started") and seen("TickRecorder running")) and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-        assert any(f"TickRecorder running in pid {proc.pid}" in x for x in lines), lines
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0
+        proc.wait_for_output("Host started", "TickRecorder running", timeout=60)
+        assert f"TickRecorder running in pid {proc.pid}" in proc.output, proc.output
+        mark = proc.mark()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.output
+        rest = proc.output_since(mark)
         assert "Received SIGTERM" in rest and "stopping the host" in rest
         assert "Background service 'TickRecorder' stopped" in rest
         assert "Host stopped in" in rest and "(exit code 0)" in rest
@@ -208,18 +159,11 @@ class TestWorkerCommand:
         settings = project.dir / "project" / "settings.py"
         settings.write_text(settings.read_text() + '\nHOSTKIT["SHUTDOWN_TIMEOUT"] = 2.5\n')
         proc = project.spawn(sys.executable, "manage.py", "hostkit_run")
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while not any("TickRecorder running" in x for x in lines) and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-        assert any("TickRecorder running" in x for x in lines), lines
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, rest
+        proc.wait_for_output("TickRecorder running", timeout=60)
+        mark = proc.mark()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.output
+        rest = proc.output_since(mark)
         assert "Received SIGTERM; stopping the host (budget 2.5 s)" in rest
         assert "budget 10.0 s" not in rest
 
@@ -261,9 +205,9 @@ class TestWorkerCommand:
         assert wait_until(lambda: len(master.children()) == 2, timeout=60)
         workers = {c.pid for c in master.children()}
         assert wait_until(lambda: worker_pids() == workers, timeout=60, interval=0.5)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=40)
-        assert proc.returncode == 0
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0, proc.output
+        out = proc.output
         assert out.count("Worker exiting") == 2
         assert "Traceback" not in out
 

@@ -31,19 +31,16 @@ from __future__ import annotations
 
 import ast
 import builtins
-import os
 import re
 import signal
 import subprocess
 import symtable
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import pytest
 
+from tests import subproc
 from tests.conftest import PROJECT_ROOT, wait_until
 
 DOCS = Path(PROJECT_ROOT) / "docs"
@@ -222,81 +219,16 @@ def unguarded_host_calls(source: str) -> list[str]:
 # -- running -------------------------------------------------------------------------
 
 
-class RunningProgram:
-    """A sample program as its own process (own session) and everything it prints."""
-
-    def __init__(self, script: Path) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        for name in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC"):
-            env.pop(name, None)
-        self.proc = subprocess.Popen(
-            [sys.executable, script.name],
-            cwd=script.parent,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self._lines: list[str] = []
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, name=f"read-{script.name}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._lock:
-                self._lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        with self._lock:
-            return "\n".join(self._lines)
-
-    def session(self) -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if os.getsid(proc.pid) == self.proc.pid and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-            except (OSError, psutil.Error):
-                continue
-        return found
-
-    def close(self) -> None:
-        """Kill what is left of its session (each by pid), reap it, and join the reader."""
-        for proc in self.session():
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._reader.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 def run_program(program: Program, directory: Path) -> None:
     script = directory / program.name
     script.write_text(program.source, encoding="utf-8")
     stop_after = program.values("stop-after")
-    running = RunningProgram(script)
-    try:
+    unset = ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC")
+    with subproc.Program(subproc.python(script.name), cwd=directory, folder=directory, unset=unset) as running:
         if stop_after:
-            shown = wait_until(
-                lambda: stop_after[0] in running.output or running.proc.poll() is not None,
-                timeout=READY_TIMEOUT,
-                interval=0.05,
-            )
-            assert shown and running.proc.poll() is None, (
-                f"{program.where} did not print {stop_after[0]!r} within {READY_TIMEOUT:g} s while running "
-                f"(exit code {running.proc.poll()}). Output:\n{running.output}"
-            )
-            os.kill(running.proc.pid, signal.SIGTERM)
+            running.wait_for_output(stop_after[0], timeout=READY_TIMEOUT)
+            assert running.running(), f"{program.where} exited before it was stopped; {running.describe()}"
+            running.signal(signal.SIGTERM)
             limit = EXIT_TIMEOUT
         else:
             limit = READY_TIMEOUT
@@ -305,18 +237,15 @@ def run_program(program: Program, directory: Path) -> None:
         except subprocess.TimeoutExpired:
             hint = "" if stop_after else ' (if it runs a host until stopped, give its marker stop-after="...")'
             pytest.fail(f"{program.where} did not exit within {limit:g} s{hint}. Output:\n{running.output}")
-        running._reader.join(10)
         output = running.output
         assert code == 0, f"{program.where} exited with {code}. Output:\n{output}"
         missing = [text for text in program.values("expect") if text not in output]
         assert not missing, f"{program.where} did not print {missing}. Output:\n{output}"
         forbidden = [t for t in (*ALWAYS_FORBIDDEN, *program.values("forbid")) if t in output]
         assert not forbidden, f"{program.where} printed {forbidden}. Output:\n{output}"
-        assert wait_until(lambda: not running.session(), timeout=10), (
-            f"{program.where} left processes running after it exited: {running.session()}"
+        assert wait_until(lambda: not running.session_members(), timeout=10), (
+            f"{program.where} left processes running after it exited: {running.session_members()}"
         )
-    finally:
-        running.close()
 
 
 # -- the tests -----------------------------------------------------------------------

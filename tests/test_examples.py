@@ -13,20 +13,17 @@ example file has none.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
 from hostkit import ExitCode
 from tests.conftest import PROJECT_ROOT, wait_until
+from tests.subproc import Program, python
 
 EXAMPLES_DIR = Path(PROJECT_ROOT) / "examples"
 
@@ -154,78 +151,6 @@ def example_files() -> list[str]:
     return sorted(p.name for p in EXAMPLES_DIR.glob("*.py") if not p.name.startswith("_"))
 
 
-class RunningExample:
-    """One example process and everything it has printed so far (stdout and stderr)."""
-
-    def __init__(self, name: str, path: Path | None = None, argv: list[str] | None = None) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("NOTIFY_SOCKET", None)
-        env.pop("JOURNAL_STREAM", None)
-        self.proc = subprocess.Popen(
-            argv or [sys.executable, str(path or EXAMPLES_DIR / name)],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            # Its own session: a stray grandchild can be found (and killed) by session id.
-            start_new_session=True,
-        )
-        self.sid = self.proc.pid
-        self._lines: list[str] = []
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._lock:
-                self._lines.append(line.rstrip("\n"))
-
-    @property
-    def lines(self) -> list[str]:
-        with self._lock:
-            return list(self._lines)
-
-    def text(self, start: int = 0) -> str:
-        return "\n".join(self.lines[start:])
-
-    def has_all(self, fragments: tuple[str, ...], start: int = 0) -> bool:
-        text = self.text(start)
-        return all(f in text for f in fragments)
-
-    def session_processes(self) -> list[psutil.Process]:
-        """Live processes of the example's session (children it forgot would be here)."""
-        found = []
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if os.getsid(proc.pid) == self.sid and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-            except (ProcessLookupError, PermissionError, psutil.Error):
-                continue
-        return found
-
-    def join_output(self) -> None:
-        """Wait until everything the process printed has been read."""
-        self._reader.join(10)
-
-    def close(self) -> None:
-        """Kill whatever is left of the session (by its id), reap, and join the reader."""
-        for proc in self.session_processes():
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._reader.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 def _cases() -> list[object]:
     cases = []
     for name in example_files():
@@ -237,40 +162,26 @@ def _cases() -> list[object]:
     return cases
 
 
-def run_and_stop(
-    example: RunningExample, expect: Expect, sig: signal.Signals, label: str, *, group: bool = False
-) -> None:
+def run_and_stop(example: Program, expect: Expect, sig: signal.Signals, label: str, *, group: bool = False) -> None:
     """Wait for readiness, send ``sig`` (to the process group if ``group``), check exit code, output, leftovers."""
-    ready = wait_until(
-        lambda: example.has_all(expect.ready) or example.proc.poll() is not None,
-        timeout=expect.ready_timeout,
-        interval=0.05,
-    )
-    assert ready and example.proc.poll() is None, (
-        f"{label} did not become ready within {expect.ready_timeout} s "
-        f"(exit code {example.proc.poll()}); waiting for {expect.ready!r}. Output:\n{example.text()}"
-    )
-    mark = len(example.lines)
+    example.wait_for_output(*expect.ready, timeout=expect.ready_timeout)
+    assert example.running(), f"{label} exited before the signal; {example.describe()}"
+    mark = example.mark()
     if group:
-        # The example leads its own session, so its pgid is its pid.
-        os.killpg(example.proc.pid, sig)
+        example.signal_group(sig)
     else:
-        os.kill(example.proc.pid, sig)
-    try:
-        code = example.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{label} did not exit within 30 s of {sig.name}. Output:\n{example.text()}")
-    example.join_output()
+        example.signal(sig)
+    code = example.wait(timeout=30)
     after = tuple(f.format(signal=sig.name) for f in expect.after_stop)
-    output = example.text()
+    output = example.output
     assert code == expect.exit_code, f"{label} exited with {code} after {sig.name}:\n{output}"
-    absent = [f for f in after if f not in example.text(mark)]
+    absent = [f for f in after if f not in example.output_since(mark)]
     assert not absent, f"{label} did not print {absent} after {sig.name}. Output:\n{output}"
     found = [f for f in expect.forbid if f in output]
     assert not found, f"{label} printed {found}. Output:\n{output}"
     # Nothing of the example may outlive it: no orphaned child process.
-    assert wait_until(lambda: not example.session_processes(), timeout=10), (
-        f"{label} left processes running after exit: {example.session_processes()}"
+    assert wait_until(lambda: not example.session_members(), timeout=10), (
+        f"{label} left processes running after exit: {example.session_members()}"
     )
 
 
@@ -300,7 +211,7 @@ class TestEveryExampleIsExercised:
 class TestExamplesRun:
     @pytest.mark.timeout(120)
     @pytest.mark.parametrize(("name", "sig", "group"), _cases())
-    def test_example_stops_cleanly_on_signal(self, name: str, sig: signal.Signals, group: bool) -> None:
+    def test_example_stops_cleanly_on_signal(self, spawn, name: str, sig: signal.Signals, group: bool) -> None:
         """The example starts its services, and on the signal stops them, says so and exits with its code."""
         expect = EXAMPLES.get(name)
         if expect is None:
@@ -308,22 +219,16 @@ class TestExamplesRun:
         missing = [m for m in expect.requires if importlib.util.find_spec(m) is None]
         if missing:
             pytest.skip(f"examples/{name} needs {', '.join(missing)}")
-        example = RunningExample(name)
-        try:
-            run_and_stop(example, expect, sig, f"examples/{name}", group=group)
-        finally:
-            example.close()
+        example = spawn(python(EXAMPLES_DIR / name))
+        run_and_stop(example, expect, sig, f"examples/{name}", group=group)
 
     @pytest.mark.timeout(120)
-    def test_worker_runs_under_hostkit_run(self) -> None:
+    def test_worker_runs_under_hostkit_run(self, spawn) -> None:
         """The demo also runs as a worker service: `hostkit run examples.worker:create_builder`, stopped by SIGTERM."""
         expect = EXAMPLES["worker.py"]
         argv = [sys.executable, "-m", "hostkit", "run", "examples.worker:create_builder"]
-        example = RunningExample("worker.py", argv=argv)
-        try:
-            run_and_stop(example, expect, signal.SIGTERM, "hostkit run examples.worker:create_builder")
-        finally:
-            example.close()
+        example = spawn(argv)
+        run_and_stop(example, expect, signal.SIGTERM, "hostkit run examples.worker:create_builder")
 
 
 README = Path(PROJECT_ROOT) / "README.md"
@@ -359,7 +264,7 @@ class TestReadmePromises:
         assert exit_code_table(Path(PROJECT_ROOT) / page) == {int(m): m.name for m in ExitCode}
 
     @pytest.mark.timeout(120)
-    def test_readme_code_example_runs_and_stops_on_ctrl_c(self, tmp_path: Path) -> None:
+    def test_readme_code_example_runs_and_stops_on_ctrl_c(self, spawn, tmp_path: Path) -> None:
         """The README's Python example runs as written and exits 0 on Ctrl+C (SIGINT)."""
         blocks = re.findall(
             r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.DOTALL | re.MULTILINE
@@ -371,8 +276,4 @@ class TestReadmePromises:
             ready=("cache warmed", "Host started", "flushed"),
             after_stop=("Received SIGINT", "Background service 'Flush' stopped", "(exit code 0)"),
         )
-        example = RunningExample("README.md example", path=script)
-        try:
-            run_and_stop(example, expect, signal.SIGINT, "the README's example")
-        finally:
-            example.close()
+        run_and_stop(spawn(python(script)), expect, signal.SIGINT, "the README's example")

@@ -18,6 +18,7 @@ import pytest
 from hostkit import BackgroundService, CancellationToken, HostBuilder, HostState
 from hostkit.exceptions import ConfigurationError
 from tests.conftest import PROJECT_ROOT, fetch_json, wait_until
+from tests.subproc import python
 
 flask = pytest.importorskip("flask")
 EXAMPLES = Path(PROJECT_ROOT) / "examples"
@@ -426,39 +427,22 @@ class TestServers:
     @pytest.mark.timeout(90)
     @pytest.mark.parametrize("with_process", [False, True], ids=["thread", "thread+process"])
     def test_dev_server_reloader_runs_one_host_and_leaves_nothing_behind(
-        self, tmp_path: Path, with_process: bool
+        self, spawn, tmp_path: Path, with_process: bool
     ) -> None:
         """Under `flask run --reload`, only the serving child runs the host; after a reload the old child and
         everything it started are gone, and the new one has exactly one copy of each service (thread or child
         process)."""
         (tmp_path / "devapp.py").write_text(DEV_APP)
         port = free_port()
-        env = dict(
-            os.environ,
+        argv = python("-m", "flask", "run", "--reload", "--port", str(port), "--host", "127.0.0.1")
+        # Only the app's own file triggers reloads, not the hostkit checkout it imports.
+        argv += ["--exclude-patterns", f"{PROJECT_ROOT}{os.sep}*"]
+        proc = spawn(
+            argv,
+            cwd=str(tmp_path),
             PYTHONPATH=os.pathsep.join([str(tmp_path), PROJECT_ROOT]),
             FLASK_APP="devapp",
             WITH_PROCESS="1" if with_process else "",
-        )
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flask",
-                "run",
-                "--reload",
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-                # Only the app's own file triggers reloads, not the hostkit checkout it imports.
-                "--exclude-patterns",
-                f"{PROJECT_ROOT}{os.sep}*",
-            ],
-            cwd=str(tmp_path),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
         )
         parent = psutil.Process(proc.pid)
         url = f"http://127.0.0.1:{port}/threads"
@@ -481,53 +465,36 @@ class TestServers:
             except psutil.NoSuchProcess:
                 return True
 
-        try:
-            assert wait_until(view, timeout=60, interval=0.1)
-            first = view()
-            assert first is not None and first["pid"] != proc.pid
-            assert first["threads"].count("hostkit-Ticker") == 1
-            assert len(first["children"]) == (1 if with_process else 0)
-            assert parent.num_threads() == 1  # the reloader parent runs no host
-            old_family = {p.pid for p in parent.children(recursive=True)}
-            assert set(first["children"]) <= old_family
+        assert wait_until(view, timeout=60, interval=0.1)
+        first = view()
+        assert first is not None and first["pid"] != proc.pid
+        assert first["threads"].count("hostkit-Ticker") == 1
+        assert len(first["children"]) == (1 if with_process else 0)
+        assert parent.num_threads() == 1  # the reloader parent runs no host
+        old_family = {p.pid for p in parent.children(recursive=True)}
+        assert set(first["children"]) <= old_family
 
-            # Change the source: the reloader replaces the serving child.
-            source = tmp_path / "devapp.py"
-            before = source.stat()
-            source.write_text(DEV_APP.replace("VERSION = 1", "VERSION = 2"))
-            # The stat reloader reloads on a newer mtime; on a coarse clock the write may keep the old one.
-            os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 5_000_000_000))
-            assert wait_until(lambda: (v := view()) is not None and v["pid"] != first["pid"], timeout=60)
-            second = view()
-            assert second is not None
-            assert second["threads"].count("hostkit-Ticker") == 1
-            assert len(second["children"]) == (1 if with_process else 0)
-            assert set(second["children"]) <= {p.pid for p in psutil.Process(second["pid"]).children(recursive=True)}
-            # Nothing of the old serving process is left: not it, not its service's child, not its helpers.
-            assert wait_until(lambda: all(gone(pid) for pid in old_family), timeout=30)
-            assert parent.num_threads() == 1
-        finally:
-            # Ctrl+C in a terminal signals the whole process group; then make sure.
-            try:
-                os.killpg(proc.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # anything of the session that outlived its parent
-            except ProcessLookupError:
-                pass
+        # Change the source: the reloader replaces the serving child.
+        source = tmp_path / "devapp.py"
+        before = source.stat()
+        source.write_text(DEV_APP.replace("VERSION = 1", "VERSION = 2"))
+        # The stat reloader reloads on a newer mtime; on a coarse clock the write may keep the old one.
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 5_000_000_000))
+        assert wait_until(lambda: (v := view()) is not None and v["pid"] != first["pid"], timeout=60)
+        second = view()
+        assert second is not None
+        assert second["threads"].count("hostkit-Ticker") == 1
+        assert len(second["children"]) == (1 if with_process else 0)
+        assert set(second["children"]) <= {p.pid for p in psutil.Process(second["pid"]).children(recursive=True)}
+        # Nothing of the old serving process is left: not it, not its service's child, not its helpers.
+        assert wait_until(lambda: all(gone(pid) for pid in old_family), timeout=30)
+        assert parent.num_threads() == 1
+        # Ctrl+C in a terminal signals the whole process group: the server stops.
+        proc.signal_group(signal.SIGINT)
+        proc.wait(20)
 
     @pytest.mark.timeout(90)
-    def test_waitress_starts_on_first_request_and_stops_at_exit(self, tmp_path: Path) -> None:
+    def test_waitress_starts_on_first_request_and_stops_at_exit(self, spawn, tmp_path: Path) -> None:
         """Under waitress the host starts at the first request and stops at interpreter exit (atexit)."""
         pytest.importorskip("waitress")
         port = free_port()
@@ -544,25 +511,14 @@ class TestServers:
                 """
             )
         )
-        proc = subprocess.Popen(
-            [sys.executable, str(script)],
-            env=dict(os.environ, PYTHONPATH=PROJECT_ROOT),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}/threads"
+        proc = spawn(python(script), stdout=False, stderr="separate", PYTHONPATH=PROJECT_ROOT)
+        url = f"http://127.0.0.1:{port}/threads"
 
-            assert wait_until(lambda: fetch_json(url), timeout=60, interval=0.1)
-            assert fetch_json(url)["threads"].count("hostkit-Ticker") == 1  # type: ignore[index]
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
-            assert proc.returncode == 0
-            assert "Host stopped in" in err
-            assert "Background service 'Ticker' stopped" in err
-            assert "Traceback" not in err
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        proc.wait_for(lambda: fetch_json(url), timeout=60, what="the server answering")
+        assert fetch_json(url)["threads"].count("hostkit-Ticker") == 1  # type: ignore[index]
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.err
+        err = proc.err
+        assert "Host stopped in" in err
+        assert "Background service 'Ticker' stopped" in err
+        assert "Traceback" not in err

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import PROJECT_ROOT, wait_until
+from tests.subproc import Program, python
 
 pytest.importorskip("gunicorn")
 pytest.importorskip("flask")
@@ -84,44 +84,26 @@ APP = textwrap.dedent(
 
 
 class Gunicorn:
-    """A gunicorn master in its own session, stopped by pid."""
+    """A gunicorn master in its own session (a tests.subproc.Program), stopped by pid."""
 
-    def __init__(self, tmp: Path, *extra: str, workers: int = 3, **env_extra: str) -> None:
+    def __init__(self, spawn: Callable[..., Program], tmp: Path, *extra: str, workers: int = 3, **env: str) -> None:
         (tmp / "gapp.py").write_text(APP)
         self.events = tmp / "events.txt"
         self.events.touch()
-        self.stderr_path = tmp / "stderr.txt"
-        env = dict(
-            os.environ,
+        argv = python("-m", "gunicorn", "-c", CONF, "--workers", str(workers), "--bind", f"unix:{tmp / 'g.sock'}")
+        argv += ["--graceful-timeout", "20", *extra, "gapp:app"]
+        self.program = spawn(
+            argv,
+            cwd=str(tmp),
+            stdout=False,
+            stderr="separate",
             EVENTS_FILE=str(self.events),
             LOCK_FILE=str(tmp / "deploy.lock"),
             PYTHONPATH=os.pathsep.join([str(tmp), PROJECT_ROOT]),
-            **env_extra,
+            **env,
         )
-        self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                CONF,
-                "--workers",
-                str(workers),
-                "--bind",
-                f"unix:{tmp / 'g.sock'}",
-                "--graceful-timeout",
-                "20",
-                *extra,
-                "gapp:app",
-            ],
-            cwd=str(tmp),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._err,
-            start_new_session=True,
-        )
-        self.master = psutil.Process(self.proc.pid)
+        self.proc = self.program.proc
+        self.master = psutil.Process(self.program.pid)
 
     def lines(self, prefix: str) -> list[int]:
         out = []
@@ -138,48 +120,22 @@ class Gunicorn:
             return []
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        return self.program.err
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(40)
-        finally:
-            self._err.close()
-
-    def kill(self) -> None:
-        for p in [self.master, *self._descendants()]:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        if not self._err.closed:
-            self._err.close()
-
-    def _descendants(self) -> list[psutil.Process]:
-        try:
-            return self.master.children(recursive=True)
-        except psutil.Error:
-            return []
+        if self.program.running():
+            self.program.signal(signal.SIGTERM)
+        return self.program.wait(40)
 
 
 @pytest.fixture
-def make_gunicorn(tmp_path: Path):
-    started: list[Gunicorn] = []
+def make_gunicorn(tmp_path: Path, spawn: Callable[..., Program]) -> Callable[..., Gunicorn]:
+    """``make_gunicorn(*extra, workers=3, **env)``; the spawn fixture kills what is left at teardown."""
 
     def make(*extra: str, workers: int = 3, **env: str) -> Gunicorn:
-        g = Gunicorn(tmp_path, *extra, workers=workers, **env)
-        started.append(g)
-        return g
+        return Gunicorn(spawn, tmp_path, *extra, workers=workers, **env)
 
-    yield make
-    for g in started:
-        g.kill()
+    return make
 
 
 @pytest.mark.timeout(120)

@@ -604,7 +604,7 @@ class TestErrorMessages:
             == f"Sync is faulted (ConnectionError: could not connect to {SECRET})"
         )
 
-    def test_run_option_hides_them(self, tmp_path) -> None:
+    def test_run_option_hides_them(self, spawn, tmp_path) -> None:
         """`hostkit run --probe-error-messages hide` serves exception types only, even on loopback."""
         (tmp_path / "leaky.py").write_text(
             "from hostkit import BackgroundService, HostBuilder\n"
@@ -621,28 +621,14 @@ class TestErrorMessages:
             "    return builder\n"
         )
         argv = ["run", "leaky:create_builder", "--probe-port", "0", "--probe-error-messages", "hide", "--no-systemd"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hostkit", *argv],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert proc.stderr is not None
-            port = None
-            for line in proc.stderr:  # port 0: the log says which one was picked
-                if "Health probe listening on http://127.0.0.1:" in line:
-                    port = int(line.rsplit(":", 1)[1])
-                    break
-            assert port is not None, "the probe listener never said where it listens"
-            status, body = get(port, "/health/ready")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            _, rest = proc.communicate(timeout=30)
-        assert proc.returncode == 0, rest
+        program = spawn([sys.executable, "-m", "hostkit", *argv], cwd=tmp_path, stdout=False, stderr="separate")
+        # Port 0: the log line is the only place that says which port was picked.
+        program.wait_for_output("Health probe listening on http://127.0.0.1:", stream="err")
+        line = next(line for line in program.err.splitlines() if "Health probe listening on" in line)
+        port = int(line.rsplit(":", 1)[1])
+        status, body = get(port, "/health/ready")
+        program.signal(signal.SIGTERM)
+        assert program.wait(timeout=30) == 0, program.err
         assert status == 503
         assert body["checks"]["database"]["description"] == "check raised OSError"
         assert "s3cret" not in json.dumps(body)

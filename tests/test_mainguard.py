@@ -8,16 +8,13 @@ phase" message. hostkit puts one line next to it that names the fix.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import wait_until
+from tests.subproc import python
 
 UNGUARDED = textwrap.dedent(
     """
@@ -45,50 +42,24 @@ HINT = (
 MULTIPROCESSING_SAYS = "An attempt has been made to start a new process before the"
 
 
-def session_processes(sid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return found
-
-
 class TestUnguardedMainModule:
     @pytest.mark.timeout(120)
     @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
-    def test_the_hint_stands_next_to_multiprocessings_message(self, start_method: str, tmp_path: Path) -> None:
+    def test_the_hint_stands_next_to_multiprocessings_message(self, spawn, start_method: str, tmp_path: Path) -> None:
         """The script fails (exit 1), and the line before multiprocessing's message says to guard the host."""
         script = tmp_path / "unguarded.py"
         script.write_text(UNGUARDED.replace("START_METHOD", repr(start_method)), encoding="utf-8")
-        proc = subprocess.Popen(
-            [sys.executable, script.name],
-            cwd=tmp_path,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            output, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-            for leftover in session_processes(proc.pid):
-                leftover.kill()
-        assert proc.returncode == 1, output
+        program = spawn(python(script.name), cwd=tmp_path)
+        code = program.wait(timeout=60)
+        output = program.output
+        assert code == 1, output
         lines = output.splitlines()
         # One record: the failure of the second host's service, the hint first, then multiprocessing's text.
         failures = [i for i, line in enumerate(lines) if "Background service 'Loop' failed: RuntimeError: " in line]
         assert len(failures) == 1, output
         assert lines[failures[0]].endswith(f"failed: RuntimeError: {HINT}"), output
         assert MULTIPROCESSING_SAYS in lines[failures[0] + 1], output
-        assert wait_until(lambda: not session_processes(proc.pid), timeout=10)
+        assert wait_until(lambda: not program.session_members(), timeout=10)
 
     def test_no_hint_outside_a_re_import(self) -> None:
         """Any other RuntimeError of a start, and any other error, gets no hint."""

@@ -21,6 +21,7 @@ from hostkit._once import DeploymentLock, default_lock_path
 from hostkit.exceptions import ConfigurationError, InvalidServiceError, UnsafePathError
 from hostkit.health import HealthChecks
 from tests.conftest import wait_until
+from tests.subproc import python
 from tests.unprivileged import ATTACKER, attacker_popen, attacker_run, make_shared_dir, need_attacker
 
 
@@ -45,7 +46,7 @@ class TestDeploymentLock:
         b.release()
         a.release()  # idempotent
 
-    def test_released_when_holder_is_killed(self, tmp_path: Path) -> None:
+    def test_released_when_holder_is_killed(self, spawn, tmp_path: Path) -> None:
         """A process killed with SIGKILL while holding the lock frees it (the kernel closes its file)."""
         path = tmp_path / "k.lock"
         code = textwrap.dedent(
@@ -58,22 +59,15 @@ class TestDeploymentLock:
             time.sleep(60)
             """
         )
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-            mine = DeploymentLock(path)
-            assert not mine.try_acquire()
-            assert path.read_text().strip() == str(proc.pid)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            assert mine.try_acquire()
-            mine.release()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+        proc = spawn(python("-c", code), cwd=tmp_path)
+        proc.wait_for_output("held\n")
+        mine = DeploymentLock(path)
+        assert not mine.try_acquire()
+        assert path.read_text().strip() == str(proc.pid)
+        proc.signal(signal.SIGKILL)
+        proc.wait(10)
+        assert mine.try_acquire()
+        mine.release()
 
     def test_default_path_names_the_service(self) -> None:
         """The default lock file is named after the key and this deployment's directory, the same every time."""
@@ -98,7 +92,8 @@ class TestOncePerDeployment:
         hosts[0].start()
         assert wait_until(lambda: runs == ["a"])
         hosts[1].start()
-        assert wait_until(lambda: logs.find("another process holds"), timeout=10)
+        # The second host stands by: its status says so once its first try for the lock failed.
+        assert wait_until(lambda: (lock := hosts[1].status()["Marker"].lock) is not None and lock.role == "standby")
         assert runs == ["a"]
         began = time.monotonic()
         hosts[0].stop()

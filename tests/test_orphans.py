@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 import warnings
@@ -34,6 +33,7 @@ from hostkit import (
     ServiceState,
 )
 from tests.conftest import PROJECT_ROOT, wait_until
+from tests.subproc import Program, python
 
 HOST_SCRIPT = textwrap.dedent(
     """
@@ -64,44 +64,28 @@ HOST_SCRIPT = textwrap.dedent(
 
 
 class HostProcess:
-    """A host script in its own session; its output is collected to a file."""
+    """HOST_SCRIPT in its own session; each worker records its pid as a file name in ``folder``."""
 
     def __init__(self, tmp_path: Path, method: str, count: int) -> None:
         self.folder = tmp_path / "pids"
         self.folder.mkdir()
         script = tmp_path / "host.py"
         script.write_text(HOST_SCRIPT)
-        self.output = tmp_path / "output.txt"
-        self._out = open(self.output, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(self.folder), method, str(count)],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.program = Program(python(script, self.folder, method, str(count)), folder=tmp_path)
         self.count = count
 
     def child_pids(self) -> list[int]:
         return [int(p.name) for p in self.folder.iterdir()]
 
     def wait_ready(self) -> list[int]:
-        ready = wait_until(lambda: len(self.child_pids()) >= self.count or self.proc.poll() is not None, timeout=60)
-        assert ready and self.proc.poll() is None, f"host not ready:\n{self.text()}"
+        self.program.wait_for(lambda: len(self.child_pids()) >= self.count, timeout=60, what="every worker running")
         return self.child_pids()
 
     def text(self) -> str:
-        self._out.flush()
-        return self.output.read_text()
+        return self.program.output
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._out.close()
+        self.program.close()
 
 
 def alive(pid: int) -> bool:
@@ -119,10 +103,10 @@ class TestHostKilled:
         host = HostProcess(tmp_path, method, 2)
         try:
             services = host.wait_ready()
-            descendants = [p.pid for p in psutil.Process(host.proc.pid).children(recursive=True)]
+            descendants = [p.pid for p in psutil.Process(host.program.pid).children(recursive=True)]
             assert set(services) <= set(descendants)
-            host.proc.kill()
-            host.proc.wait(10)
+            host.program.signal(signal.SIGKILL)
+            host.program.wait(10)
             killed_at = time.monotonic()
             gone = wait_until(lambda: not any(alive(pid) for pid in descendants), timeout=2.0, interval=0.02)
             left = [pid for pid in descendants if alive(pid)]
@@ -143,8 +127,8 @@ class TestCtrlC:
         host = HostProcess(tmp_path, "forkserver", 3)
         try:
             pids = host.wait_ready()
-            os.killpg(host.proc.pid, signal.SIGINT)
-            code = host.proc.wait(30)
+            host.program.signal_group(signal.SIGINT)
+            code = host.program.wait(30)
             text = host.text()
             assert code == 0, text
             assert text.count("Received SIGINT; stopping the host") == 1, text
@@ -359,35 +343,22 @@ class TestWhatAServiceStarted:
         script.write_text(GRANDCHILDREN_SCRIPT)
         folder = tmp_path / "records"
         folder.mkdir()
-        with open(tmp_path / "output.txt", "w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, str(script), str(folder), method],
-                cwd=PROJECT_ROOT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=PROJECT_ROOT),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        program = Program(python(script, folder, method), folder=tmp_path, PYTHONPATH=PROJECT_ROOT)
         everything: list[tuple[int, float]] = []
         try:
-            ready = wait_until(lambda: recorded(folder) or proc.poll() is not None, timeout=60)
-            assert ready and proc.poll() is None, (tmp_path / "output.txt").read_text()
+            program.wait_for(lambda: recorded(folder), timeout=60, what="the grandchildren starting")
             grandchildren = recorded(folder)
-            descendants = psutil.Process(proc.pid).children(recursive=True)
+            descendants = psutil.Process(program.pid).children(recursive=True)
             everything = [(p.pid, p.create_time()) for p in descendants]
             assert {pid for pid, _ in grandchildren} <= {pid for pid, _ in everything}
-            proc.kill()
-            proc.wait(10)
+            program.signal(signal.SIGKILL)
+            program.wait(10)
             gone = wait_until(lambda: not still_running(everything), timeout=2.0, interval=0.02)
             assert gone, (
-                f"still running 2 s after the host was killed: {describe(still_running(everything))}\n"
-                f"{(tmp_path / 'output.txt').read_text()}"
+                f"still running 2 s after the host was killed: {describe(still_running(everything))}\n{program.output}"
             )
         finally:
             for pid in still_running(everything):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
+            program.close()

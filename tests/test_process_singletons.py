@@ -8,12 +8,8 @@ per_process=True)`` says "one per process is what I want" and silences it.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import textwrap
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +17,8 @@ import pytest
 
 from hostkit import ApplicationLifetime, BackgroundService, CancellationToken, HostBuilder, HostOptions
 from hostkit.exceptions import InvalidServiceError
-from tests.conftest import LogCapture, wait_until
+from tests.conftest import LogCapture
+from tests.subproc import Program, python
 
 
 class PriceCache:
@@ -202,36 +199,11 @@ PROGRAM = textwrap.dedent(
 
 def run_until(script: Path, needle: str) -> tuple[int, str]:
     """Run ``script`` until it prints ``needle``, then SIGTERM it; its exit code and output."""
-    proc = subprocess.Popen(
-        [sys.executable, script.name],
-        cwd=script.parent,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout or ():
-            lines.append(line)  # list.append is atomic: the test thread may read meanwhile
-
-    reader = threading.Thread(target=read, name="read-moved", daemon=True)
-    reader.start()
-    try:
-        shown = wait_until(lambda: needle in "".join(lines) or proc.poll() is not None, timeout=60)
-        assert shown and proc.poll() is None, f"exit code {proc.poll()}:\n{''.join(lines)}"
-        os.kill(proc.pid, signal.SIGTERM)
-        code = proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        reader.join(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-    return code, "".join(lines)
+    with Program(python(script.name), cwd=script.parent, folder=script.parent) as program:
+        program.wait_for_output(needle, timeout=60)
+        assert program.running(), program.describe()
+        program.signal(signal.SIGTERM)
+        return program.wait(30), program.output
 
 
 class TestTheUsersProgram:

@@ -7,10 +7,7 @@ the only dead letters are the messages whose handler always fails.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.queue_helpers import open_queue, read_records, redis_server, unique_name
+from tests.subproc import Program, python
 
 __all__ = ["redis_server"]
 
@@ -53,34 +51,25 @@ def run_chaos(backend: str, target: str, tmp_path: Path, record_property: Any) -
     records = tmp_path / "records"
     records.mkdir()
     env = {
-        **os.environ,
         "QUEUE_LEASE_TIME": str(LEASE_TIME),
         "QUEUE_WORK": "0.004",
         "QUEUE_CONCURRENCY": str(CONCURRENCY),
         "QUEUE_PREFETCH": str(PREFETCH),
     }
-    logs = []
+    all_procs: list[Program] = []
 
-    def spawn() -> subprocess.Popen[bytes]:
-        log = open(tmp_path / f"consumer-{len(logs)}.log", "wb")
-        logs.append(log)
-        return subprocess.Popen(
-            [sys.executable, HELPER, backend, target, name, str(records)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def spawn() -> Program:
+        program = Program(python(HELPER, backend, target, name, records), folder=tmp_path, **env)
+        all_procs.append(program)
+        return program
 
-    def handled_by(proc: subprocess.Popen[bytes]) -> int:
+    def handled_by(program: Program) -> int:
         try:
-            return (records / f"{proc.pid}.log").stat().st_size
+            return (records / f"{program.pid}.log").stat().st_size
         except FileNotFoundError:
             return 0
 
-    all_procs: list[subprocess.Popen[bytes]] = []
     slots = [spawn() for _ in range(CONSUMERS)]
-    all_procs.extend(slots)
     started = time.monotonic()
     try:
         killed_with_work_left = 0
@@ -92,10 +81,9 @@ def run_chaos(backend: str, target: str, tmp_path: Path, record_property: Any) -
             stats = queue.stats()
             if stats.depth + stats.in_flight > 0:
                 killed_with_work_left += 1
-            os.kill(victim.pid, signal.SIGKILL)
+            victim.signal(signal.SIGKILL)
             assert victim.wait(10) == -signal.SIGKILL
             slots[kill % CONSUMERS] = spawn()
-            all_procs.append(slots[kill % CONSUMERS])
         assert killed_with_work_left == KILLS, "every kill must land while work remains, or the test proves nothing"
 
         wanted = set(range(MESSAGES)) - POISON
@@ -106,9 +94,9 @@ def run_chaos(backend: str, target: str, tmp_path: Path, record_property: Any) -
 
         assert wait_until(finished, timeout=120, interval=0.1), f"queue did not drain: {queue.stats()}"
         elapsed = time.monotonic() - started
-        for proc in slots:
-            proc.send_signal(signal.SIGTERM)
-        codes = [proc.wait(30) for proc in slots]
+        for program in slots:
+            program.signal(signal.SIGTERM)
+        codes = [program.wait(30) for program in slots]
         assert codes == [0] * CONSUMERS, "surviving consumers must stop cleanly on SIGTERM"
 
         handled = read_records(str(records))
@@ -129,12 +117,8 @@ def run_chaos(backend: str, target: str, tmp_path: Path, record_property: Any) -
             f"{elapsed:.1f} s"
         )
     finally:
-        for proc in all_procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-        for log in logs:
-            log.close()
+        for program in all_procs:
+            program.close()
         if backend == "redis":
             queue.purge()
         queue.close()

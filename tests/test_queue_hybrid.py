@@ -6,19 +6,17 @@ Both run as real processes against one SQLite file in a temporary directory.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT, wait_until
+from tests.subproc import Program, python
 
 pytest.importorskip("flask", reason="the hybrid example needs Flask: pip install 'pyhostkit[test]'")
 
@@ -26,50 +24,22 @@ HYBRID = Path(PROJECT_ROOT) / "examples" / "hybrid"
 
 
 class Processes:
-    """The example's processes, each stopped by pid at the end of the test."""
+    """The example's processes (tests.subproc.Program), each stopped by pid at the end of the test."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.env = {**os.environ, "HYBRID_DB": str(tmp_path / "hybrid.db"), "PORT": "0", "PYTHONUNBUFFERED": "1"}
-        self.tmp_path = tmp_path
-        self.procs: list[subprocess.Popen[Any]] = []
-        self.files: list[Any] = []
+    def __init__(self, tmp_path: Path, spawn: Callable[..., Program]) -> None:
+        self.env = {"HYBRID_DB": str(tmp_path / "hybrid.db"), "PORT": "0"}
+        self.spawn = spawn
         self.base = ""
 
-    def log_file(self, name: str) -> Any:
-        f = open(self.tmp_path / name, "wb")
-        self.files.append(f)
-        return f
-
     def start_app(self) -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "app.py"],
-            cwd=HYBRID,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=self.log_file("app.log"),
-            text=True,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
+        self.app = self.spawn(python("app.py"), cwd=HYBRID, stderr="separate", **self.env)
+        self.app.wait_for_output("\n")
+        line = self.app.output.splitlines()[0]
         assert line.startswith("Listening on http://127.0.0.1:"), f"the app did not start: {line!r}"
         self.base = line.split()[-1]
-        self.app = proc
 
-    def start_worker(self) -> subprocess.Popen[Any]:
-        log = self.tmp_path / f"worker-{len(self.procs)}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hostkit", "run", "worker:create_builder"],
-            cwd=HYBRID,
-            env=self.env,
-            stdout=self.log_file(log.name),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        proc.log_path = log  # type: ignore[attr-defined]
-        self.procs.append(proc)
-        return proc
+    def start_worker(self) -> Program:
+        return self.spawn(python("-m", "hostkit", "run", "worker:create_builder"), cwd=HYBRID, **self.env)
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -82,25 +52,10 @@ class Processes:
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
 
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            for stream in (proc.stdout, proc.stderr):
-                if stream:
-                    stream.close()
-        for f in self.files:
-            f.close()
-
 
 @pytest.fixture
-def hybrid(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    try:
-        yield procs
-    finally:
-        procs.stop()
+def hybrid(tmp_path: Path, spawn: Callable[..., Program]) -> Processes:
+    return Processes(tmp_path, spawn)
 
 
 TEXTS = [" ".join(["word"] * n) for n in range(1, 21)]
@@ -138,12 +93,11 @@ class TestHybridExample:
 
         assert wait_until(settled, timeout=30, interval=0.05), hybrid.request("GET", "/queue")[1]
 
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(30) == 0
-        log = worker.log_path.read_text()  # type: ignore[attr-defined]
-        assert "Queue consumer 'wordcount' stopped" in log
-        hybrid.app.send_signal(signal.SIGINT)
-        assert hybrid.app.wait(30) == 0
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, worker.output
+        assert "Queue consumer 'wordcount' stopped" in worker.output
+        hybrid.app.signal(signal.SIGINT)
+        assert hybrid.app.wait(30) == 0, hybrid.app.describe()
 
     @pytest.mark.timeout(120)
     def test_jobs_wait_in_the_queue_until_a_worker_starts(self, hybrid: Processes) -> None:

@@ -274,7 +274,8 @@ class TestRedisOutage:
         builder.services.add_hosted_service(consumer, name="jobs")
         host = builder.build()
         host.start()
-        assert wait_until(lambda: logs.find("next try in 60.0 s", level="WARNING"))
+        # The status detail shows the outage and its back-off as soon as the consumer is in it.
+        assert wait_until(lambda: "next try in 60.0 s" in (host.status()["jobs"].detail or ""))
         began = time.monotonic()
         host.stop()
         assert time.monotonic() - began < 5

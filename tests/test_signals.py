@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 
 from hostkit import BackgroundService, CancellationToken, HostBuilder, HostOptions
-from tests.conftest import PROJECT_ROOT, wait_until
+from tests.conftest import wait_until
+from tests.subproc import Program, mask_pids, python
 
 HEADER = """
 import sys, threading, time
@@ -135,68 +131,16 @@ sys.exit(builder.build().run())
 """
 
 
-class Child:
-    """A host script running in its own session, its output in files we poll."""
+@pytest.fixture
+def child(tmp_path: Path, spawn: Callable[..., Program]) -> Callable[[str], Program]:
+    """``child(body)`` runs HEADER + body as a host script in its own session, stderr kept apart."""
 
-    def __init__(self, tmp_path: Path, body: str) -> None:
+    def make(body: str) -> Program:
         script = tmp_path / "host_script.py"
         script.write_text(textwrap.dedent(HEADER) + textwrap.dedent(body), encoding="utf-8")
-        self.out_path, self.err_path = tmp_path / "out.txt", tmp_path / "err.txt"
-        self._out = open(self.out_path, "wb")
-        self._err = open(self.err_path, "wb")
-        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script)],
-            stdout=self._out,
-            stderr=self._err,
-            cwd=tmp_path,
-            env=env,
-            start_new_session=True,  # like a service: its own process group, our signals only
-        )
+        return spawn(python(script), cwd=tmp_path, stderr="separate")
 
-    @property
-    def out(self) -> str:
-        return self.out_path.read_text(encoding="utf-8", errors="replace")
-
-    @property
-    def err(self) -> str:
-        return self.err_path.read_text(encoding="utf-8", errors="replace")
-
-    def wait_for(self, word: str, timeout: float = 30) -> None:
-        assert wait_until(lambda: word in self.out or self.proc.poll() is not None, timeout=timeout)
-        assert word in self.out, f"child never printed {word!r}; exit={self.proc.poll()} stderr:\n{self.err}"
-
-    def signal_group(self, signum: int) -> None:
-        """Send to the whole process group, as a terminal's Ctrl+C does."""
-        os.killpg(self.proc.pid, signum)
-
-    def finish(self, timeout: float = 30) -> int:
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._out.close()
-        self._err.close()
-
-
-@pytest.fixture
-def child(tmp_path: Path) -> Iterator[Callable[[str], Child]]:
-    made: list[Child] = []
-
-    def make(body: str) -> Child:
-        c = Child(tmp_path, body)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
-def mask_pids(text: str) -> str:
-    return re.sub(r"\| \d+ \|", "| PID |", text)
+    return make
 
 
 class TestSignalsStopTheHost:
@@ -204,10 +148,10 @@ class TestSignalsStopTheHost:
     def test_signal_stops_the_host_with_exit_code_zero(self, child, signum: int) -> None:
         """SIGTERM or SIGINT to a host in run() stops every service and exits 0, logging each step."""
         c = child(LOOP)
-        c.wait_for("READY")
+        c.wait_for_output("READY")
         c.signal_group(signum)
-        assert c.finish() == 0, c.err
-        assert "LOOP-ENDED" in c.out
+        assert c.wait() == 0, c.err
+        assert "LOOP-ENDED" in c.output
         err = mask_pids(c.err)
         name = signal.Signals(signum).name
         assert f"INFO     | host | PID | Received {name}; stopping the host (budget 20.0 s)" in err
@@ -218,35 +162,35 @@ class TestSignalsStopTheHost:
     def test_second_sigint_during_a_slow_stop_exits_at_once(self, child) -> None:
         """A second Ctrl+C while the stop waits for a slow service ends the process at once with 130."""
         c = child(SLOW_STOP)
-        c.wait_for("READY")
+        c.wait_for_output("READY")
         c.signal_group(signal.SIGINT)
-        c.wait_for("WINDING-DOWN")
+        c.wait_for_output("WINDING-DOWN")
         c.signal_group(signal.SIGINT)
         # The slow service would hold the stop for 60 s: exiting within the wait below proves "at once".
-        assert c.finish(timeout=20) == 130
+        assert c.wait(timeout=20) == 130
         assert "hostkit: second SIGINT during the stop; exiting at once (exit code 130)" in c.err
 
     def test_sigterm_during_the_stop_does_not_interrupt_it(self, child) -> None:
         """A SIGTERM repeated during the stop (systemd does not, but people do) is ignored: the stop goes on."""
         c = child(LOOP.replace('say("LOOP-ENDED")', 'say("LOOP-ENDED"); time.sleep(1)'))
-        c.wait_for("READY")
+        c.wait_for_output("READY")
         c.signal_group(signal.SIGTERM)
-        c.wait_for("LOOP-ENDED")
+        c.wait_for_output("LOOP-ENDED")
         c.signal_group(signal.SIGTERM)
-        assert c.finish() == 0, c.err
+        assert c.wait() == 0, c.err
 
 
 class TestSignalsDuringStartUp:
     def test_sigterm_during_a_slow_start_cancels_start_up(self, child) -> None:
         """SIGTERM while a start() waits cancels its token, skips the remaining starts, and exits 0."""
         c = child(SLOW_START)
-        c.wait_for("STARTING")
+        c.wait_for_output("STARTING")
         c.signal_group(signal.SIGTERM)
         # The start() would wait 60 s for its dependency; the signal ends it far sooner.
-        assert c.finish(timeout=30) == 0, c.err
-        assert "DATABASE-UP" not in c.out
-        assert "SECOND-STARTED" not in c.out
-        assert "FIRST-STOPPED" in c.out
+        assert c.wait(timeout=30) == 0, c.err
+        assert "DATABASE-UP" not in c.output
+        assert "SECOND-STARTED" not in c.output
+        assert "FIRST-STOPPED" in c.output
         err = mask_pids(c.err)
         assert "INFO     | host | PID | Received SIGTERM during start-up; stopping the host" in err
         assert "Start-up ended early: a stop was requested" in err
@@ -255,9 +199,9 @@ class TestSignalsDuringStartUp:
         """With only thread-placed background services, start-up runs no user code and needs no
         signal-reading helper thread: a SIGTERM sent while it runs is read once it is over."""
         c = child(QUICK_START)
-        assert c.finish() == 0, c.err
-        assert c.out.count("LOOP-ENDED") == 20
-        threads = c.out.split("THREADS:", 1)[1]
+        assert c.wait() == 0, c.err
+        assert c.output.count("LOOP-ENDED") == 20
+        threads = c.output.split("THREADS:", 1)[1]
         assert "hostkit-loop-0" in threads  # the recording works...
         assert "hostkit-host-signals" not in threads  # ...and no helper thread was started
         assert "Received SIGTERM; stopping the host" in c.err
@@ -270,17 +214,17 @@ class TestSignalsDuringStartUp:
                 "class Loop(BackgroundService):\n    def starting(self, token):\n        pass\n",
             )
         )
-        assert c.finish() == 0, c.err
-        assert "hostkit-host-signals" in c.out.split("THREADS:", 1)[1]
+        assert c.wait() == 0, c.err
+        assert "hostkit-host-signals" in c.output.split("THREADS:", 1)[1]
 
     def test_second_sigint_during_start_up_exits_at_once(self, child) -> None:
         """Two Ctrl+C during a start() that ignores its token end the process with 130."""
         c = child(SLOW_START.replace("if not token.wait(60):", "if not time.sleep(60):"))
-        c.wait_for("STARTING")
+        c.wait_for_output("STARTING")
         c.signal_group(signal.SIGINT)
         assert wait_until(lambda: "Received SIGINT during start-up" in c.err, timeout=20), c.err
         c.signal_group(signal.SIGINT)
-        assert c.finish(timeout=20) == 130
+        assert c.wait(timeout=20) == 130
         assert "second SIGINT during the stop; exiting at once" in c.err
 
 
@@ -288,7 +232,7 @@ class TestExitCodes:
     def test_crashed_service_exits_one(self, child) -> None:
         """A background service failing under stop_host makes the process exit 1 (restartable by systemd)."""
         c = child(CRASH)
-        assert c.finish() == 1
+        assert c.wait() == 1
         err = mask_pids(c.err)
         assert "CRITICAL | crash | PID | Background service 'crash' failed: RuntimeError: disk full" in err
         assert "(exit code 1)" in err
@@ -296,7 +240,7 @@ class TestExitCodes:
     def test_failed_start_exits_three(self, child) -> None:
         """A start() that raises makes the process exit 3 and names the service."""
         c = child(START_FAILS)
-        assert c.finish() == 3
+        assert c.wait() == 3
         assert "Hosted service 'broker' failed to start: ConnectionRefusedError: broker down" in c.err
 
 
@@ -366,57 +310,28 @@ if __name__ == "__main__":
 """
 
 
-def session_members(sid: int) -> list[int]:
-    """Every live (non-zombie) process of session ``sid``: the host, its children, the fork server..."""
-    members = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return members
-
-
 class GroupSigtermTrial:
     """One host in its own session, its whole process group SIGTERMed ``delay`` s after it starts."""
 
     def __init__(self, script: Path, folder: Path, delay: float) -> None:
         self.delay = delay
-        self.err_path = folder / "err.txt"
-        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(script)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                cwd=PROJECT_ROOT,
-                env=env,
-                start_new_session=True,
-            )
+        self.program = Program(python(script), folder=folder, stdout=False, stderr="separate")
 
     def run(self) -> tuple[int | None, list[int], str]:
         """(exit code, processes of its session still running afterwards, stderr)."""
+        program = self.program
         try:
             # "Started" = the host logged that it is starting its services: run() has its
-            # signal handlers in place (before that, Python's default action ends it).
-            started = wait_until(
-                lambda: "Host starting" in self.err_path.read_text(errors="replace") or self.proc.poll() is not None,
-                timeout=60,
-            )
-            assert started and self.proc.poll() is None, self.err_path.read_text(errors="replace")
+            # signal handlers in place (before that, Python's default action ends it). The
+            # log line is the only sign of that a separate process gives.
+            program.wait_for_output("Host starting", stream="err", timeout=60)
             time.sleep(self.delay)  # the moment under test, not a synchronisation
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            code = self.proc.wait(60)
-            wait_until(lambda: not session_members(self.proc.pid), timeout=5)
-            return code, session_members(self.proc.pid), self.err_path.read_text(errors="replace")
+            program.signal_group(signal.SIGTERM)
+            code = program.wait(60)
+            wait_until(lambda: not program.session_members(), timeout=5)
+            return code, program.session_members(), program.err
         finally:
-            for pid in session_members(self.proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(10)
+            program.close()
 
 
 class TestGroupSigterm:

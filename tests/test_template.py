@@ -30,7 +30,7 @@ import pytest
 import hostkit
 from hostkit.cli import main
 from hostkit.cli.new import TEMPLATES
-from tests.conftest import PROJECT_ROOT, wait_until
+from tests.conftest import PROJECT_ROOT
 
 PROJECT = "order-sync"
 PACKAGE = "order_sync"
@@ -193,7 +193,7 @@ class TestGeneratedProjectInstalls:
         assert tests.returncode == 0, tests.stdout + tests.stderr
         assert "3 passed" in tests.stdout, tests.stdout
 
-    def test_container_command_runs_under_tini_probes_and_stops_on_sigterm(self, installed: Installed) -> None:
+    def test_container_command_runs_under_tini_probes_and_stops_on_sigterm(self, spawn, installed: Installed) -> None:
         """The Dockerfile's ENTRYPOINT + CMD start, its HEALTHCHECK passes, SIGTERM stops them with exit 0."""
         dockerfile = (installed.project / "Dockerfile").read_text()
         entrypoint, command = _json_array(dockerfile, "ENTRYPOINT"), _json_array(dockerfile, "CMD")
@@ -204,28 +204,19 @@ class TestGeneratedProjectInstalls:
         argv = [*entrypoint, *("127.0.0.1" if arg == "0.0.0.0" else arg for arg in command)]
         # TINI_SUBREAPER: outside a container tini is not PID 1; as a subreaper it still adopts orphans.
         env = {**installed.env, "PATH": f"{installed.venv / 'bin'}:{os.environ['PATH']}", "TINI_SUBREAPER": "1"}
-        log = installed.project.parent / "container.log"
-        with log.open("w") as stderr:
-            init = subprocess.Popen(argv, cwd=installed.project, env=env, stdout=stderr, stderr=subprocess.STDOUT)
-        try:
+        init = spawn(argv, cwd=installed.project, env=env, folder=installed.project.parent)
 
-            def healthy() -> bool:
-                done = subprocess.run(healthcheck, env=env, capture_output=True, timeout=30)
-                return done.returncode == 0 or init.poll() is not None
+        def healthy() -> bool:
+            return subprocess.run(healthcheck, env=env, capture_output=True, timeout=30).returncode == 0
 
-            assert wait_until(healthy, timeout=60, interval=0.2), log.read_text()
-            assert init.poll() is None, log.read_text()
-            (worker,) = psutil.Process(init.pid).children()
-            assert f"{PACKAGE}.app:create_builder" in worker.cmdline(), worker.cmdline()
-            init.send_signal(signal.SIGTERM)
-            assert init.wait(60) == 0, log.read_text()
-            assert not worker.is_running(), "tini returned before hostkit ended"
-            records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-            assert any("exit code 0" in r["text"] for r in records), log.read_text()
-        finally:
-            if init.poll() is None:
-                init.kill()
-                init.wait()
+        init.wait_for(healthy, timeout=60, what="the HEALTHCHECK passing")
+        (worker,) = psutil.Process(init.pid).children()
+        assert f"{PACKAGE}.app:create_builder" in worker.cmdline(), worker.cmdline()
+        init.signal(signal.SIGTERM)
+        assert init.wait(60) == 0, init.output
+        assert not worker.is_running(), "tini returned before hostkit ended"
+        records = [json.loads(line) for line in init.output.splitlines() if line.startswith("{")]
+        assert any("exit code 0" in r["text"] for r in records), init.output
 
 
 class TestDeployFiles:
