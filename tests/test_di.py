@@ -15,6 +15,7 @@ from hostkit import (
     CancellationToken,
     HostBuilder,
     HostedService,
+    HostServiceCollection,
     PeriodicTimer,
     Scope,
     ServiceCollection,
@@ -146,8 +147,8 @@ def _reset() -> Iterator[None]:
     CLOSED.clear()
 
 
-def scoped_graph() -> ServiceCollection:
-    services = ServiceCollection()
+def scoped_graph(services: ServiceCollection | None = None) -> ServiceCollection:
+    services = services if services is not None else ServiceCollection()
     services.add_scoped(DbSession)
     services.add_scoped(ReportRepository)
     services.add_scoped(ReportService)
@@ -756,7 +757,7 @@ def _make_label(prefix: str) -> Any:
 class TestPickling:
     def test_collection_survives_dill_and_rebuilds_in_another_provider(self) -> None:
         """Class, factory (lambda and closure) and instance registrations survive dill; the copy builds."""
-        services = scoped_graph()
+        services = scoped_graph(HostServiceCollection())
         services.add_singleton(Clock)
         services.add_singleton(Settings, instance=Settings("shipped"))
         services.add_transient(str, factory=_make_label("clock"))
@@ -803,8 +804,9 @@ class TestPickling:
 
     def test_repr_counts(self) -> None:
         """Collections, providers and scopes say what they hold."""
-        services = scoped_graph().add_singleton(Clock)
-        assert repr(services) == "<ServiceCollection singleton=1 scoped=3 transient=0 hosted=0>"
+        assert repr(scoped_graph()) == "<ServiceCollection singleton=0 scoped=3 transient=0>"
+        services = scoped_graph(HostServiceCollection()).add_singleton(Clock)
+        assert repr(services) == "<HostServiceCollection singleton=1 scoped=3 transient=0 hosted=0>"
         provider = services.build_provider()
         provider.get(Clock)
         assert repr(provider) == "<ServiceProvider open registrations=4 singletons=1 to_close=1>"
