@@ -13,7 +13,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._di import ServiceCollection
 from ._registration import HostedServiceRegistration, make_registration
@@ -43,7 +43,11 @@ class HostServiceCollection(ServiceCollection):
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]} hosted={len(self.hosted)}>"
 
-    def copy(self, *, only: Iterable[Any] | None = None) -> Any:
+    @overload
+    def copy(self) -> HostServiceCollection: ...
+    @overload
+    def copy(self, *, only: Iterable[Any]) -> ServiceCollection: ...
+    def copy(self, *, only: Iterable[Any] | None = None) -> ServiceCollection:
         """As :meth:`ServiceCollection.copy`; without ``only=`` the hosted services are kept too."""
         if only is not None:
             return super().copy(only=only)
