@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ._di import ServiceProvider as ServiceProvider
     from ._host import ExitCode as ExitCode
     from ._host import Host as Host
+    from ._hosting import HostServiceCollection as HostServiceCollection
     from ._lifetime import ApplicationLifetime as ApplicationLifetime
     from ._logging import configure_logging as configure_logging
     from ._once import OncePerDeployment as OncePerDeployment
@@ -50,6 +51,7 @@ __all__ = [
     "Host",
     "HostBuilder",
     "HostOptions",
+    "HostServiceCollection",
     "HostState",
     "HostStatus",
     "HostedService",
@@ -79,6 +81,7 @@ _SOURCES: dict[str, str] = {
     "Host": "._host",
     "HostBuilder": "._builder",
     "HostOptions": "._options",
+    "HostServiceCollection": "._hosting",
     "HostState": "._status",
     "HostStatus": "._status",
     "HostedService": "._services",

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from ._di import ServiceCollection
 from ._host import Host
+from ._hosting import HostServiceCollection, returning_owner
 from ._lifetime import ApplicationLifetime
 from ._options import HostOptions
 from ._util import describe
@@ -38,7 +36,7 @@ class HostBuilder:
         if options is not None and not isinstance(cast("object", options), HostOptions):
             msg = f"HostBuilder(options=...) must be a hostkit.HostOptions, not: {describe(options)}"
             raise ConfigurationTypeError(msg)
-        self.services = ServiceCollection()
+        self.services = HostServiceCollection()
         self.options = options if options is not None else HostOptions()
         self._built = False
 
@@ -56,32 +54,13 @@ class HostBuilder:
         self.options = dataclasses.replace(self.options, **changes)
         return self
 
-    def add_hosted_service(
-        self,
-        service: Any,
-        *,
-        placement: str | None = None,
-        restart: Any = None,
-        name: str | None = None,
-        heartbeat_timeout: float | timedelta | None = None,
-        start_method: str | None = None,
-        nice: int | None = None,
-        cpu_affinity: Iterable[int] | None = None,
-        memory_limit: int | str | None = None,
-    ) -> HostBuilder:
-        """Shortcut for :meth:`ServiceCollection.add_hosted_service`; returns the builder."""
-        self.services.add_hosted_service(
-            service,
-            placement=placement,
-            restart=restart,
-            name=name,
-            heartbeat_timeout=heartbeat_timeout,
-            start_method=start_method,
-            nice=nice,
-            cpu_affinity=cpu_affinity,
-            memory_limit=memory_limit,
-        )
-        return self
+    @returning_owner(HostServiceCollection.add_hosted_service)
+    def add_hosted_service(self) -> HostServiceCollection:
+        """Shortcut for ``builder.services.add_hosted_service(...)`` that returns the builder.
+
+        Takes the same arguments as :meth:`HostServiceCollection.add_hosted_service`.
+        """
+        return self.services
 
     def build(self) -> Host:
         """Validate everything and make the host; nothing runs yet.

@@ -480,7 +480,7 @@ class Host:
             raise
         if phase == "start":
             self._started.append(record)
-            if record.placement is None:
+            if record.kind == "hosted":
                 record.mark(ServiceState.RUNNING, pid=os.getpid())
 
     def _start_phase_concurrently(self, phase: str, token: CancellationToken, deadline: float | None) -> None:
@@ -679,7 +679,7 @@ class Host:
             # thread or child the rest of the waiting slice before escalating.
             if runner is not None and not runner.join(max(wait_end - time.monotonic(), 0.0)):
                 self._escalate(record, runner, budget, deadline)
-            elif record.placement is None and record.state in (ServiceState.RUNNING, ServiceState.STOPPING):
+            elif record.kind == "hosted" and record.state in (ServiceState.RUNNING, ServiceState.STOPPING):
                 record.mark(ServiceState.STOPPED)
                 _log.bind(service=record.name).info("Hosted service {!r} stopped", record.name)
         try:
@@ -724,7 +724,7 @@ class Host:
         return runner
 
     def _stop_one(self, record: ServiceRecord, phase: str, token: CancellationToken, deadline: float) -> None:
-        if phase == "stop" and record.placement is None and record.state is ServiceState.RUNNING:
+        if phase == "stop" and record.kind == "hosted" and record.state is ServiceState.RUNNING:
             record.mark(ServiceState.STOPPING)
         try:
             self._invoke(record, phase, token, deadline)

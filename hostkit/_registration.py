@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from ._options import RestartPolicy, check_start_method, seconds_option
 from ._services import PLACEMENTS, BackgroundService, HostedService, Placement
@@ -37,6 +37,7 @@ class HostedServiceRegistration:
 
     service: type[HostedService] | HostedService
     name: str
+    #: Where a background service runs; ``None`` for a hosted service (see :attr:`is_background`).
     placement: Placement | None
     restart: RestartPolicy | None = None
     heartbeat_timeout: float | None = None
@@ -55,6 +56,19 @@ class HostedServiceRegistration:
     @property
     def service_class(self) -> type[HostedService]:
         return self.service if isinstance(self.service, type) else type(self.service)
+
+    @property
+    def is_background(self) -> bool:
+        """A :class:`~hostkit.BackgroundService`: its work runs in a thread or a child (``placement``).
+
+        Otherwise a plain hosted service, whose ``start``/``stop`` run on the host's thread.
+        """
+        return self.placement is not None
+
+    @property
+    def kind(self) -> Literal["hosted", "background"]:
+        """``"background"`` or ``"hosted"``: what :attr:`is_background` says, as status shows it."""
+        return "background" if self.is_background else "hosted"
 
 
 def parse_bytes(value: object, what: str) -> int:
@@ -86,7 +100,21 @@ def make_registration(
     heartbeat_timeout: float | timedelta | None,
     process_options: dict[str, Any],
 ) -> HostedServiceRegistration:
+    """Validate one ``add_hosted_service`` call and record it; each rule is one small check below."""
     existing = list(existing)
+    cls = _service_class(service)
+    is_background = issubclass(cls, BackgroundService)
+    resolved_placement = _placement(cls, placement, is_background=is_background)
+    _check_restart(cls, restart, is_background=is_background)
+    beat = _heartbeat_timeout(cls, heartbeat_timeout, is_background=is_background)
+    options = _process_options(cls, process_options, resolved_placement)
+    _check_not_registered(service, cls, existing)
+    final_name = _unique_name(cls, name, existing)
+    return HostedServiceRegistration(service, final_name, resolved_placement, restart, beat, options)  # type: ignore[arg-type]
+
+
+def _service_class(service: object) -> type[HostedService]:
+    """The service's class; a BackgroundService must implement ``execute``."""
     cls = service if isinstance(service, type) else type(service)
     if not (isinstance(cls, type) and issubclass(cls, HostedService)):
         if isinstance(service, type):
@@ -100,13 +128,17 @@ def make_registration(
             f"not: {describe(service)}.{hint}"
         )
         raise InvalidServiceError(msg)
-    is_background = issubclass(cls, BackgroundService)
-    if is_background and getattr(cls, "execute", None) is BackgroundService.execute:
+    if issubclass(cls, BackgroundService) and getattr(cls, "execute", None) is BackgroundService.execute:
         msg = (
             f"{cls.__qualname__} is a BackgroundService but does not implement execute(stopping); "
             f"add `def execute(self, stopping): ...` with the service's loop"
         )
         raise InvalidServiceError(msg)
+    return cls
+
+
+def _placement(cls: type, placement: str | None, *, is_background: bool) -> Placement | None:
+    """Where a background service runs (default ``"thread"``); ``None`` for a hosted service."""
     if placement is not None and placement not in PLACEMENTS:
         msg = (
             f"add_hosted_service({cls.__qualname__}): placement must be one of "
@@ -119,7 +151,10 @@ def make_registration(
             f"whose start/stop run on the host's thread. Make it a BackgroundService to place its work"
         )
         raise ConfigurationError(msg)
-    resolved_placement: Placement | None = (placement or "thread") if is_background else None
+    return (placement or "thread") if is_background else None
+
+
+def _check_restart(cls: type, restart: object, *, is_background: bool) -> None:
     if restart is not None and not isinstance(restart, RestartPolicy):
         msg = (
             f"add_hosted_service({cls.__qualname__}): restart= must be a hostkit.RestartPolicy or None, "
@@ -129,69 +164,90 @@ def make_registration(
     if restart is not None and not is_background:
         msg = f"restart= applies to BackgroundService only; {cls.__qualname__} is a HostedService"
         raise ConfigurationError(msg)
-    beat: float | None = None
-    if heartbeat_timeout is not None:
-        beat = seconds_option(heartbeat_timeout, f"add_hosted_service({cls.__qualname__}): heartbeat_timeout")
-        if beat <= 0 or not is_background:
-            msg = (
-                f"add_hosted_service({cls.__qualname__}): heartbeat_timeout must be > 0 seconds and applies to "
-                f"BackgroundService only, not: {describe(heartbeat_timeout)}"
-            )
-            raise ConfigurationError(msg)
-    options = {k: v for k, v in process_options.items() if v is not None}
-    if options and resolved_placement != "process":
+
+
+def _heartbeat_timeout(cls: type, value: float | timedelta | None, *, is_background: bool) -> float | None:
+    if value is None:
+        return None
+    beat = seconds_option(value, f"add_hosted_service({cls.__qualname__}): heartbeat_timeout")
+    if beat <= 0 or not is_background:
+        msg = (
+            f"add_hosted_service({cls.__qualname__}): heartbeat_timeout must be > 0 seconds and applies to "
+            f"BackgroundService only, not: {describe(value)}"
+        )
+        raise ConfigurationError(msg)
+    return beat
+
+
+def _process_options(cls: type, given: dict[str, Any], placement: Placement | None) -> dict[str, Any]:
+    """The process options that were given, checked and normalised; only ``placement="process"`` takes them."""
+    options = {k: v for k, v in given.items() if v is not None}
+    if options and placement != "process":
         msg = (
             f"{', '.join(f'{k}=' for k in options)} applies to placement='process' only; "
-            f"{cls.__qualname__} is registered with placement={resolved_placement!r}"
+            f"{cls.__qualname__} is registered with placement={placement!r}"
         )
         raise ConfigurationError(msg)
     _check_process_options(options)
-    if not isinstance(service, type):
-        for reg in existing:
-            if reg.service is service:
-                msg = (
-                    f"this {cls.__qualname__} instance is already registered (as {reg.name!r}); a service instance "
-                    f"runs once per host. Register another instance, or the class, to run two"
-                )
-                raise ConfigurationError(msg)
+    return options
+
+
+def _check_not_registered(service: object, cls: type, existing: list[HostedServiceRegistration]) -> None:
+    """A service *instance* runs once per host (a class may be registered several times)."""
+    if isinstance(service, type):
+        return
+    for reg in existing:
+        if reg.service is service:
+            msg = (
+                f"this {cls.__qualname__} instance is already registered (as {reg.name!r}); a service instance "
+                f"runs once per host. Register another instance, or the class, to run two"
+            )
+            raise ConfigurationError(msg)
+
+
+def _unique_name(cls: type, name: object, existing: list[HostedServiceRegistration]) -> str:
+    """The given name (which must be free), or the class name numbered past those taken."""
     taken = {reg.name for reg in existing}
     if name is None:
-        base = cls.__name__
-        final, n = base, 1
+        final, n = cls.__name__, 1
         while final in taken:
             n += 1
-            final = f"{base}-{n}"
-    else:
-        if not isinstance(name, str) or not name.strip():
-            msg = f"name= must be a non-empty string, not: {describe(name)}"
-            raise ConfigurationError(msg)
-        if name in taken:
-            msg = f"a hosted service named {name!r} is already registered; give each registration its own name="
-            raise ConfigurationError(msg)
-        final = name
-    return HostedServiceRegistration(service, final, resolved_placement, restart, beat, options)  # type: ignore[arg-type]
+            final = f"{cls.__name__}-{n}"
+        return final
+    if not isinstance(name, str) or not name.strip():
+        msg = f"name= must be a non-empty string, not: {describe(name)}"
+        raise ConfigurationError(msg)
+    if name in taken:
+        msg = f"a hosted service named {name!r} is already registered; give each registration its own name="
+        raise ConfigurationError(msg)
+    return name
 
 
 def _check_process_options(options: dict[str, Any]) -> None:
+    """Check each given process option; ``cpu_affinity`` and ``memory_limit`` are normalised in place."""
     if "start_method" in options:
         check_start_method(options["start_method"], "start_method")
     if "nice" in options:
-        nice = options["nice"]
-        if not isinstance(nice, int) or isinstance(nice, bool) or not -20 <= nice <= 19:
-            msg = f"nice must be an int from -20 to 19, not: {describe(nice)}"
-            raise ConfigurationError(msg)
+        _check_nice(options["nice"])
     if "cpu_affinity" in options:
-        cpus = options["cpu_affinity"]
-        if isinstance(cpus, (str, bytes)) or not isinstance(cpus, Iterable):
-            msg = f"cpu_affinity must be a non-empty set of CPU numbers, like {{0, 1}}, not: {describe(cpus)}"
-            raise ConfigurationError(msg)
-        cpus = sorted(set(cpus))
-        if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus):
-            msg = (
-                f"cpu_affinity must be a non-empty set of CPU numbers (ints >= 0), like {{0, 1}}, "
-                f"not: {describe(options['cpu_affinity'])}"
-            )
-            raise ConfigurationError(msg)
-        options["cpu_affinity"] = cpus
+        options["cpu_affinity"] = _cpu_set(options["cpu_affinity"])
     if "memory_limit" in options:
         options["memory_limit"] = parse_bytes(options["memory_limit"], "memory_limit")
+
+
+def _check_nice(nice: object) -> None:
+    if not isinstance(nice, int) or isinstance(nice, bool) or not -20 <= nice <= 19:
+        msg = f"nice must be an int from -20 to 19, not: {describe(nice)}"
+        raise ConfigurationError(msg)
+
+
+def _cpu_set(value: object) -> list[int]:
+    """``cpu_affinity`` as a sorted list of distinct CPU numbers."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        msg = f"cpu_affinity must be a non-empty set of CPU numbers, like {{0, 1}}, not: {describe(value)}"
+        raise ConfigurationError(msg)
+    cpus = sorted(set(value))
+    if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus):
+        msg = f"cpu_affinity must be a non-empty set of CPU numbers (ints >= 0), like {{0, 1}}, not: {describe(value)}"
+        raise ConfigurationError(msg)
+    return cpus

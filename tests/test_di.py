@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
+import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ from hostkit import (
     CancellationToken,
     HostBuilder,
     HostedService,
+    HostServiceCollection,
     PeriodicTimer,
     Scope,
     ServiceCollection,
@@ -148,8 +152,8 @@ def _reset() -> Iterator[None]:
     CLOSED.clear()
 
 
-def scoped_graph() -> ServiceCollection:
-    services = ServiceCollection()
+def scoped_graph(services: ServiceCollection | None = None) -> ServiceCollection:
+    services = services if services is not None else ServiceCollection()
     services.add_scoped(DbSession)
     services.add_scoped(ReportRepository)
     services.add_scoped(ReportService)
@@ -763,7 +767,7 @@ def _make_label(prefix: str) -> Any:
 class TestPickling:
     def test_collection_survives_dill_and_rebuilds_in_another_provider(self) -> None:
         """Class, factory (lambda and closure) and instance registrations survive dill; the copy builds."""
-        services = scoped_graph()
+        services = scoped_graph(HostServiceCollection())
         services.add_singleton(Clock)
         services.add_singleton(Settings, instance=Settings("shipped"))
         services.add_transient(str, factory=_make_label("clock"))
@@ -810,8 +814,9 @@ class TestPickling:
 
     def test_repr_counts(self) -> None:
         """Collections, providers and scopes say what they hold."""
-        services = scoped_graph().add_singleton(Clock)
-        assert repr(services) == "<ServiceCollection singleton=1 scoped=3 transient=0 hosted=0>"
+        assert repr(scoped_graph()) == "<ServiceCollection singleton=0 scoped=3 transient=0>"
+        services = scoped_graph(HostServiceCollection()).add_singleton(Clock)
+        assert repr(services) == "<HostServiceCollection singleton=1 scoped=3 transient=0 hosted=0>"
         provider = services.build_provider()
         provider.get(Clock)
         assert repr(provider) == "<ServiceProvider open registrations=4 singletons=1 to_close=1>"
@@ -819,3 +824,73 @@ class TestPickling:
             scope.get(ReportRepository)
             assert repr(scope) == "<Scope open instances=2 to_close=2>"
         assert repr(scope) == "<Scope closed instances=0 to_close=0>"
+
+
+class TestGenericContainer:
+    """The container knows nothing about hosting; the host's collection adds hosted services."""
+
+    def test_container_imports_no_hosting_module(self) -> None:
+        """Importing the container loads neither the hosted-service registrations nor the services."""
+        code = (
+            "import sys, hostkit._di; "
+            "print(sorted(m for m in ('hostkit._registration', 'hostkit._services', 'hostkit._hosting') "
+            "if m in sys.modules))"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+        assert out.stdout.strip() == "[]"
+
+    def test_plain_collection_points_to_the_host_collection_for_hosted_services(self) -> None:
+        """A ServiceCollection() has no add_hosted_service; the error names where it went."""
+        with pytest.raises(AttributeError, match=r"HostBuilder\(\)\.services \(a hostkit\.HostServiceCollection\)"):
+            ServiceCollection().add_hosted_service(ReportWorker)  # type: ignore[attr-defined]
+        with pytest.raises(AttributeError, match="has no attribute 'add_singletn'"):
+            ServiceCollection().add_singletn(Clock)  # type: ignore[attr-defined]
+
+    def test_builder_services_register_hosted_services(self) -> None:
+        """builder.services is a HostServiceCollection; the builder shortcut has its signature, returns the builder."""
+        builder = HostBuilder()
+        assert isinstance(builder.services, HostServiceCollection)
+        assert builder.add_hosted_service(ReportWorker, name="w") is builder
+        assert [r.name for r in builder.services.hosted] == ["w"]
+        shortcut = inspect.signature(HostBuilder.add_hosted_service)
+        method = inspect.signature(HostServiceCollection.add_hosted_service)
+        assert list(shortcut.parameters) == list(method.parameters)
+        with pytest.raises(TypeError, match="plcement"):
+            builder.add_hosted_service(ReportWorker, plcement="process")  # type: ignore[call-arg]
+
+    def test_copy_only_keeps_the_named_registrations_and_the_scope_hooks(self) -> None:
+        """copy(only=keys) is a plain collection with those registrations (no hosted services) and every hook."""
+        services = scoped_graph(HostServiceCollection()).add_singleton(Clock)
+        services.add_scope_hooks(on_end=lambda: None)
+        services.add_hosted_service(ReportWorker)
+        subset = services.copy(only=[Clock, DbSession, Formatter])
+        assert type(subset) is ServiceCollection
+        assert {d.key for d in subset} == {Clock, DbSession}
+        assert len(subset.scope_hooks) == 1
+        full = services.copy()
+        assert type(full) is HostServiceCollection
+        assert [r.service for r in full.hosted] == [ReportWorker]
+
+    def test_remove_drops_a_registration(self) -> None:
+        """remove(key) returns the registration it dropped, or None."""
+        services = ServiceCollection().add_singleton(Clock)
+        removed = services.remove(Clock)
+        assert removed is not None and removed.key is Clock
+        assert Clock not in services
+        assert services.remove(Clock) is None
+
+    def test_registration_says_whether_it_is_a_background_service(self) -> None:
+        """A registration says what it is, rather than the host reading it from placement."""
+
+        class Warm(HostedService):
+            def start(self, token: CancellationToken) -> None:
+                pass
+
+            def stop(self, token: CancellationToken) -> None:
+                pass
+
+        services = HostServiceCollection()
+        hosted = services.add_hosted_service(Warm)
+        background = services.add_hosted_service(ReportWorker)
+        assert (hosted.kind, hosted.is_background) == ("hosted", False)
+        assert (background.kind, background.is_background) == ("background", True)

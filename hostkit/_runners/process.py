@@ -183,7 +183,7 @@ def dumps(obj: object) -> bytes:
 
 def _pickling_error(name: str, what: str, state: dict[Any, Any], err: Exception) -> ServicePicklingError:
     """Name the first attribute (or dependency) that dill cannot pickle."""
-    from .._di import _name
+    from .._di import display_name
 
     head = f"process-placed service {name!r} cannot be sent to its child process"
     for attr, value in state.items():
@@ -192,7 +192,7 @@ def _pickling_error(name: str, what: str, state: dict[Any, Any], err: Exception)
         except Exception as inner:
             if what == "dependency":
                 msg = (
-                    f"{head}: its dependency {_name(attr)} (a {value.lifetime} registration) cannot be pickled, "
+                    f"{head}: its dependency {display_name(attr)} (a {value.lifetime} registration) cannot be pickled, "
                     f"even with dill: {inner}. Register it by class or factory= instead of instance=, so the child "
                     f"builds its own"
                 )
