@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ._di import ServiceProvider as ServiceProvider
     from ._host import ExitCode as ExitCode
     from ._host import Host as Host
+    from ._hostaware import HostAware as HostAware
     from ._lifetime import ApplicationLifetime as ApplicationLifetime
     from ._logging import configure_logging as configure_logging
     from ._once import OncePerDeployment as OncePerDeployment
@@ -48,6 +49,7 @@ __all__ = [
     "CancellationTokenSource",
     "ExitCode",
     "Host",
+    "HostAware",
     "HostBuilder",
     "HostOptions",
     "HostState",
@@ -77,6 +79,7 @@ _SOURCES: dict[str, str] = {
     "CancellationTokenSource": "._token",
     "ExitCode": "._host",
     "Host": "._host",
+    "HostAware": "._hostaware",
     "HostBuilder": "._builder",
     "HostOptions": "._options",
     "HostState": "._status",
