@@ -59,10 +59,12 @@ class ProbeListener:
         host: the address to bind (``"127.0.0.1"`` unless told otherwise).
         mode: ``"http"`` (``/health/live``, ``/health/ready``, ``/health``, ``/metrics``)
             or ``"tcp"`` (the port is open while live checks pass, closed while not).
-        switch_interval: while the listener runs, lower ``sys.setswitchinterval`` to
-            this many seconds (if it is higher) so a CPU-bound thread hands the GIL to
-            the probe sooner; ``None`` leaves it alone. Shared by every listener in the
-            process: the interval is restored when the last one that lowered it closes.
+        switch_interval: opt-in: while the listener runs, lower ``sys.setswitchinterval``
+            to this many seconds (if it is higher) so a CPU-bound thread-placed service
+            hands the GIL to the probe sooner (``0.001`` is a good value). ``None`` (the
+            default) leaves the process-wide interval alone. Shared by every listener in
+            the process that asks: the lowest interval asked for wins, and the interval
+            is restored when the last one that lowered it closes.
         tcp_interval: in ``"tcp"`` mode, how often liveness is re-evaluated.
         request_timeout: in ``"http"`` mode, the seconds a client has from its
             connection to the end of its answer; one that takes longer is dropped
@@ -92,7 +94,7 @@ class ProbeListener:
         port: int = 0,
         host: str = "127.0.0.1",
         mode: ProbeMode = "http",
-        switch_interval: float | None = 0.001,
+        switch_interval: float | None = None,
         tcp_interval: float = 1.0,
         request_timeout: float = 2.0,
         max_connections: int = 64,
@@ -225,7 +227,8 @@ class ProbeListener:
                 # A CPU-bound thread keeps the GIL for a whole switch interval before it
                 # must hand it over; each of the probe's socket calls waits for one such
                 # hand-over. 1 ms instead of 5 ms keeps the probe's p99 low under load
-                # (benchmarks/probe.py), at a small cost in switching overhead.
+                # (benchmarks/probe.py), at a small cost in switching overhead. It is the
+                # whole process's setting, so only when asked for.
                 process_switch_interval.lower(self.switch_interval)
                 self._lowered_switch = self.switch_interval
             target = self._serve_http if self.mode == "http" else self._serve_tcp

@@ -64,7 +64,7 @@ def use_health(
     host: str = "127.0.0.1",
     mode: ProbeMode = "http",
     checks: HealthChecks | None = None,
-    switch_interval: float | None = 0.001,
+    switch_interval: float | None = None,
     show_error_messages: bool | None = None,
 ) -> HealthChecks:
     """Add health checks (and a probe listener when ``port`` is given) to a host.
@@ -79,7 +79,8 @@ def use_health(
         host: the address to bind; loopback unless you say otherwise.
         mode: ``"http"`` or ``"tcp"``.
         checks: a registry to use instead of a new one.
-        switch_interval: see :class:`ProbeListener`.
+        switch_interval: opt-in lower switch interval while the listener runs (``None``:
+            leave it alone); see :class:`ProbeListener`.
         show_error_messages: whether answers show exception messages (``None``:
             only on a loopback address); see :class:`ProbeListener`.
 
