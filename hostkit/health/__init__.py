@@ -45,10 +45,10 @@ How a probe is answered (the package's modules in brackets)::
         |                  \\        /metrics; 400 / 404 / 405 otherwise
         |  tag              \\
         v                    v
-    HealthChecks.run(tag)   render_metrics() [_metrics] (prometheus_client)
-      [_registry]               |  one gauge per check status, service state
-        |  each check           |  and restart count, from host.status()
-        v                       |
+    HealthChecks.run(tag)   render_metrics() [_metrics] (prometheus_client):
+      [_registry]               |  HealthChecks.run() for a gauge per check
+        |  each check           |  status; host.status() for each service's
+        v                       |  state and restart count
     checks: yours, and the built-ins [_checks] over host.status() and
         |   host.service_records() (host.live, host.ready, services,
         |   children, heartbeats)
