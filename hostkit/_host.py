@@ -209,8 +209,8 @@ class Host:
                 service.__dict__["_hostkit_runner"] = runner
             self._records.append(record)
         lifetime._on_stop_requested = self._on_stop_requested
-        # Integrations that watch the whole host (hostkit.health, hostkit.systemd) are
-        # registered before the host exists; hand it to them now.
+        # Services are registered before the host exists; those that want it (HostAware:
+        # hostkit.health, hostkit.systemd, a queue consumer, a user's own) get it now.
         for record in self._records:
             if isinstance(record.service, HostAware):
                 record.service.attach_host(self)
