@@ -1,7 +1,9 @@
 """Health-probe latency: hostkit's probe listener beside the stdlib HTTP server, under load.
 
 A probe that times out under load gets a healthy pod killed, so the target is a
-p99 under 20 ms even while a CPU-bound *thread-placed* service competes for the GIL.
+p99 under 20 ms even while a CPU-bound *thread-placed* service competes for the GIL,
+for the listener configured for that case (``switch_interval=0.001``, the
+``hostkit-1ms`` row); the other rows are shown beside it.
 
 For each round, each scenario and each server, a child process (this script,
 ``--serve``) runs a host with health checks and one probe server, and prints its
@@ -20,9 +22,10 @@ Scenarios:
 Servers:
 
 * ``stdlib``: ``http.server.ThreadingHTTPServer`` answering the same report (the baseline);
-* ``hostkit``: :class:`hostkit.health.ProbeListener` as shipped (switch interval 1 ms while it runs);
-* ``hostkit-5ms``: the same listener with ``switch_interval=None`` (Python's 5 ms),
-  to show what the short request path alone buys.
+* ``hostkit``: :class:`hostkit.health.ProbeListener` with its defaults (the switch
+  interval left alone: Python's 5 ms), to show what the short request path alone buys;
+* ``hostkit-1ms``: the same listener with ``switch_interval=0.001`` opted in (the
+  process's switch interval lowered to 1 ms while it runs).
 
 With ``--slow-clients N``, another child process keeps N connections open to the
 server meanwhile, each trickling an endless request one byte every 50 ms and
@@ -66,8 +69,10 @@ from _common import calibrate, write_json
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCENARIOS = ("idle", "thread-cpu", "process-cpu")
-SERVERS = ("stdlib", "hostkit", "hostkit-5ms")
+SERVERS = ("stdlib", "hostkit", "hostkit-1ms")
 TARGET_P99_MS = 20.0
+# The configuration the target is for: a host with a CPU-bound thread-placed service opts in.
+TARGET_SERVER = "hostkit-1ms"
 # The start of a request that never ends, for --slow-clients.
 ENDLESS = b"GET /health/live HTTP/1.1\r\nHost: probe\r\nX-Slow: "
 
@@ -121,7 +126,10 @@ def serve(server: str, scenario: str) -> None:
         thread = threading.Thread(target=httpd.serve_forever, name="stdlib-probe", daemon=True)
         thread.start()
     else:
-        listener = ProbeListener(checks, port=0, switch_interval=0.001 if server == "hostkit" else None)
+        if server == "hostkit-1ms":
+            listener = ProbeListener(checks, port=0, switch_interval=0.001)
+        else:
+            listener = ProbeListener(checks, port=0)  # the defaults: the switch interval untouched
         listener.start()
         port = listener.port
     # Let the CPU-bound service get going before the first probe.
@@ -350,8 +358,8 @@ def main() -> int:
                     "cpu_work_per_s": statistics.median(rates) if rates else None,
                     "slow_clients_dropped": [g["slow_clients_dropped"] for g in got],
                     "p99_runs_ms": [g["p99_ms"] for g in got],
-                    "target_p99_ms": TARGET_P99_MS if server == "hostkit" else None,
-                    "ok": (p99 < TARGET_P99_MS) if server == "hostkit" else None,
+                    "target_p99_ms": TARGET_P99_MS if server == TARGET_SERVER else None,
+                    "ok": (p99 < TARGET_P99_MS) if server == TARGET_SERVER else None,
                     "note": next((g["note"] for g in got if g["note"]), ""),
                 }
             )

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ._di import ServiceProvider as ServiceProvider
     from ._host import ExitCode as ExitCode
     from ._host import Host as Host
+    from ._hostaware import HostAware as HostAware
     from ._hosting import HostServiceCollection as HostServiceCollection
     from ._lifetime import ApplicationLifetime as ApplicationLifetime
     from ._logging import configure_logging as configure_logging
@@ -49,6 +50,7 @@ __all__ = [
     "CancellationTokenSource",
     "ExitCode",
     "Host",
+    "HostAware",
     "HostBuilder",
     "HostOptions",
     "HostServiceCollection",
@@ -79,6 +81,7 @@ _SOURCES: dict[str, str] = {
     "CancellationTokenSource": "._token",
     "ExitCode": "._host",
     "Host": "._host",
+    "HostAware": "._hostaware",
     "HostBuilder": "._builder",
     "HostOptions": "._options",
     "HostServiceCollection": "._hosting",

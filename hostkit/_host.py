@@ -32,6 +32,7 @@ from datetime import timedelta
 from loguru import logger
 
 from ._di import ServiceProvider
+from ._hostaware import HostAware
 from ._lifetime import ApplicationLifetime
 from ._logging import attach_embedded_logging, configure_logging, detach_embedded_logging, logging_configured
 from ._options import HostOptions, seconds_option
@@ -208,12 +209,11 @@ class Host:
                 service.__dict__["_hostkit_runner"] = runner
             self._records.append(record)
         lifetime._on_stop_requested = self._on_stop_requested
-        # Integrations that watch the whole host (hostkit.health, hostkit.systemd) are
-        # registered before the host exists; hand it to them now.
+        # Services are registered before the host exists; those that want it (HostAware:
+        # hostkit.health, hostkit.systemd, a queue consumer, a user's own) get it now.
         for record in self._records:
-            attach = getattr(record.service, "_hostkit_attach_host", None)
-            if callable(attach):
-                attach(self)
+            if isinstance(record.service, HostAware):
+                record.service.attach_host(self)
 
     # -- public surface -------------------------------------------------------------
 
@@ -230,6 +230,10 @@ class Host:
     def status(self) -> HostStatus:
         """A snapshot of the host and every service: state, times, errors, restarts."""
         return HostStatus(self._state, int(self._exit_code), tuple(r.snapshot() for r in self._records))
+
+    def service_records(self) -> tuple[ServiceRecord, ...]:
+        """Every registered service's record, in registration order (read-only view)."""
+        return tuple(self._records)
 
     def run(self) -> int:
         """Start, wait for a stop request, stop; return the exit code.

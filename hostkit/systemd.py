@@ -220,7 +220,9 @@ class SystemdService(HostedService):
         """Give the service the host it reports on."""
         self._host = host
 
-    _hostkit_attach_host = attach
+    def attach_host(self, host: Host) -> None:
+        """:class:`~hostkit.HostAware`: the host calls this when it is built; same as :meth:`attach`."""
+        self.attach(host)
 
     @property
     def active(self) -> bool:

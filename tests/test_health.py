@@ -246,7 +246,7 @@ class TestHttpListener:
         use_health(builder, port=0)
         host = builder.build()
         with host:
-            service = next(r.service for r in host._records if r.name == "health")
+            service = next(r.service for r in host.service_records() if r.name == "health")
             status, body = get(service.listener.port, "/metrics")
         assert status == 200
         assert 'hostkit_service_state{service="Idle",state="running"} 1.0' in body
@@ -301,7 +301,7 @@ class TestHttpListener:
         use_health(builder, port=0)
         host = builder.build()
         host.start()
-        port = next(r.service for r in host._records if r.name == "health").listener.port
+        port = next(r.service for r in host.service_records() if r.name == "health").listener.port
         stopper = threading.Thread(target=host.stop)
         stopper.start()
         try:
@@ -655,6 +655,41 @@ class TestErrorMessages:
 
 
 class TestSwitchInterval:
+    def test_left_alone_by_default(self) -> None:
+        """The switch interval is the whole process's setting: a listener, or use_health(), that
+        was not asked to lower it leaves it as it was while serving and after."""
+        original = sys.getswitchinterval()
+        with ProbeListener(HealthChecks(), port=0) as listener:
+            assert get(listener.port, "/health/live")[0] == 200
+            assert sys.getswitchinterval() == original
+        assert sys.getswitchinterval() == original
+        builder = HostBuilder()
+        builder.services.add_hosted_service(Idle, name="idle")
+        use_health(builder, port=0)
+        with builder.build() as host:
+            listener = next(r.service for r in host.service_records() if r.name == "health").listener
+            assert get(listener.port, "/health/ready")[0] == 200
+            assert sys.getswitchinterval() == original
+        assert sys.getswitchinterval() == original
+
+    def test_use_health_opts_in_for_the_hosts_run(self) -> None:
+        """use_health(switch_interval=...) lowers it while the host's listener serves, and the
+        listener restores it once the host has stopped."""
+        original = sys.getswitchinterval()
+        try:
+            builder = HostBuilder()
+            builder.services.add_hosted_service(Idle, name="idle")
+            use_health(builder, port=0, switch_interval=0.001)
+            host = builder.build()
+            assert sys.getswitchinterval() == original  # nothing changes before the listener runs
+            with host:
+                listener = next(r.service for r in host.service_records() if r.name == "health").listener
+                assert get(listener.port, "/health/live")[0] == 200
+                assert sys.getswitchinterval() == 0.001
+            assert sys.getswitchinterval() == original
+        finally:
+            sys.setswitchinterval(original)
+
     def test_overlapping_listeners_restore_it(self) -> None:
         """Listeners share the lowered switch interval: it stays lowered while any of them runs,
         at the lowest asked for, and the last to close restores the original."""

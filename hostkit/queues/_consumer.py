@@ -222,10 +222,13 @@ class QueueConsumer(BackgroundService):
         )
         return HealthCheckResult.unhealthy(describe_failure(snap.error, snap.outage, snap.next_try_in), **data)
 
-    def _hostkit_attach_host(self, host: Host) -> None:
-        # The host hands itself to its services when it is built: register the
-        # readiness check if the host has health checks. Not for a process-placed
-        # consumer: its link lives in the child, and this copy would never connect.
+    def attach_host(self, host: Host) -> None:
+        """:class:`~hostkit.HostAware`: add the broker readiness check to the host's health checks.
+
+        The host calls this when it is built. Only for a thread-placed consumer on a host
+        with health checks: a process-placed consumer's link lives in the child, and
+        this copy would never connect.
+        """
         record = getattr(self.__dict__.get("_hostkit_runner"), "record", None)
         if record is None or record.placement != "thread" or HealthChecks not in host.services.collection:
             return
