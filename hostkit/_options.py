@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from ._util import describe, to_seconds
+from ._validate import describe, to_seconds
 from .exceptions import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["BackgroundErrorBehavior", "HostOptions", "RestartPolicy"]
@@ -18,24 +18,11 @@ _START_METHODS = ("forkserver", "spawn", "fork")
 
 
 def _seconds(value: float | timedelta | None, what: str) -> float | None:
-    if value is None:
-        return None
-    return seconds_option(value, what)
+    return to_seconds(value, what, allow_none=True)
 
 
-def seconds_option(value: float | timedelta, what: str) -> float:
-    """:func:`to_seconds` with hostkit's errors: wrong type or wrong value, naming ``what``.
-
-    Raises:
-        ConfigurationTypeError: not a number or a timedelta (also a ``TypeError``).
-        ConfigurationError: negative or NaN (also a ``ValueError``).
-    """
-    try:
-        return to_seconds(value, what)
-    except TypeError as err:
-        raise ConfigurationTypeError(str(err)) from None
-    except ValueError as err:
-        raise ConfigurationError(str(err)) from None
+#: The name other modules import; durations are checked in :mod:`hostkit._validate`.
+seconds_option = to_seconds
 
 
 @dataclass

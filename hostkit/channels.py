@@ -26,7 +26,7 @@ from loguru import logger
 
 from ._services import BackgroundService
 from ._token import CancellationToken
-from ._util import describe, to_seconds
+from ._validate import describe, to_seconds
 from .exceptions import ChannelClosedError, ChannelFullError, ConfigurationError
 
 __all__ = ["Channel", "ChannelStats", "FullMode", "QueuedWorkService"]

@@ -47,8 +47,7 @@ from flask import Flask, current_app
 from ._builder import HostBuilder
 from ._embed import EmbeddedHost, load_factory
 from ._host import Host
-from ._options import seconds_option
-from ._util import describe
+from ._validate import describe, to_seconds
 from .exceptions import ConfigurationError
 
 __all__ = ["HostKit", "HostKitState"]
@@ -126,7 +125,7 @@ class HostKit:
             raise ConfigurationError(msg)
         shutdown_timeout = config.get("HOSTKIT_SHUTDOWN_TIMEOUT")
         if shutdown_timeout is not None:
-            shutdown_timeout = seconds_option(shutdown_timeout, "HOSTKIT_SHUTDOWN_TIMEOUT")
+            shutdown_timeout = to_seconds(shutdown_timeout, "HOSTKIT_SHUTDOWN_TIMEOUT")
         embedded_logging = config.get("HOSTKIT_EMBEDDED_LOGGING")
         if embedded_logging is not None and not isinstance(embedded_logging, bool):
             msg = f"HOSTKIT_EMBEDDED_LOGGING must be True or False, not: {describe(embedded_logging)}"

@@ -42,8 +42,7 @@ from django.conf import settings  # type: ignore[import-untyped,import-not-found
 from django.core.signals import request_started  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from .._embed import EmbeddedHost, load_factory
-from .._options import seconds_option
-from .._util import describe
+from .._validate import describe, to_seconds
 from ..exceptions import ConfigurationError
 
 __all__ = ["HostkitConfig", "embedded_host", "host_settings"]
@@ -87,7 +86,7 @@ def host_settings() -> dict[str, Any]:
         raise ConfigurationError(msg)
     if conf["SHUTDOWN_TIMEOUT"] is not None:
         # Checked here, at ready(), not at the first stop; `manage.py hostkit_run` uses it too.
-        conf["SHUTDOWN_TIMEOUT"] = seconds_option(conf["SHUTDOWN_TIMEOUT"], "settings.HOSTKIT['SHUTDOWN_TIMEOUT']")
+        conf["SHUTDOWN_TIMEOUT"] = to_seconds(conf["SHUTDOWN_TIMEOUT"], "settings.HOSTKIT['SHUTDOWN_TIMEOUT']")
     if conf["EMBEDDED_LOGGING"] is not None and not isinstance(conf["EMBEDDED_LOGGING"], bool):
         msg = f"settings.HOSTKIT['EMBEDDED_LOGGING'] must be True or False, not: {describe(conf['EMBEDDED_LOGGING'])}"
         raise ConfigurationError(msg)
