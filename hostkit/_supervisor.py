@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from ._status import ServiceRecord, ServiceState
+from ._summary import format_failure
 from ._token import CancellationToken
 from .exceptions import OperationCancelledError, SupervisorError
 
@@ -34,20 +34,6 @@ if TYPE_CHECKING:
     import tenacity
 
 __all__ = ["Supervisor", "format_failure"]
-
-
-def format_failure(exc: BaseException) -> tuple[str, str]:
-    """``("Type: message", traceback text)`` for an exception, chained causes included.
-
-    Never raises: an exception whose ``__str__`` raises is shown as the standard
-    library shows it, since this runs where an error would end the supervising thread.
-    """
-    try:
-        message = str(exc)
-    except Exception:
-        message = "<exception str() failed>"
-    summary = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return summary, "".join(traceback.format_exception(exc))
 
 
 class Supervisor:

@@ -39,7 +39,7 @@ from loguru import logger
 
 from .._di import Scope, ServiceCollection, ServiceProvider
 from .._services import BackgroundService
-from .._supervisor import format_failure
+from .._summary import format_failure, summarize_exception
 from .._token import CancellationToken, CancellationTokenSource
 from .._util import describe, to_seconds
 from ..exceptions import ConfigurationError
@@ -215,7 +215,7 @@ class QueueConsumer(BackgroundService):
         if snap.error is None:
             return HealthCheckResult.unhealthy(f"connecting to the broker of queue {self.queue.name!r}", **data)
         data.update(
-            error=f"{type(snap.error).__name__}: {snap.error}",
+            error=summarize_exception(snap.error),
             tries=snap.tries,
             failing_for_s=round(snap.down_for, 3),
             next_try_in_s=None if snap.next_try_in is None else round(snap.next_try_in, 3),
@@ -279,7 +279,7 @@ class QueueConsumer(BackgroundService):
             self._set_detail(None)
         if self._crash is not None:
             thread_name, exc = self._crash
-            msg = f"queue consumer {self.name!r}: thread {thread_name} died: {type(exc).__name__}: {exc}"
+            msg = f"queue consumer {self.name!r}: thread {thread_name} died: {summarize_exception(exc)}"
             raise RuntimeError(msg) from exc
         log.info("Queue consumer {!r} stopped: {}", self.name, self.stats())
 
@@ -606,7 +606,7 @@ class QueueConsumer(BackgroundService):
             # outage, which every thread's calls then hit: the link logs the rest.
             link = self._link
             news = link.notice(exc) if link is not None else True
-            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            text = summarize_exception(exc)
             log.log("WARNING" if news else "DEBUG", message + ": {}", *args, text)
             log.opt(exception=exc).debug("Queue consumer {!r}: the traceback of that failure", self.name)
         else:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import tenacity
 
+from .._summary import summarize_exception
 from .._token import CancellationToken
 from ._base import Message, Queue
 
@@ -259,7 +260,7 @@ class Link:
         detail = describe_failure(exc, outage, delay)
         if self.on_change is not None:
             self.on_change(detail)
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        text = summarize_exception(exc)
         if outage or retry_state.attempt_number > 1:
             log.warning(
                 "Queue consumer {!r}: {}leasing from {!r} failed with {}; next try in {:.1f} s "
