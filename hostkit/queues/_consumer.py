@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 import tenacity
 from loguru import logger
 
+from .._backoff import wait_after
 from .._di import Scope, ServiceCollection, ServiceProvider
 from .._services import BackgroundService
 from .._summary import format_failure, summarize_exception
 from .._token import CancellationToken, CancellationTokenSource
-from .._util import describe, to_seconds
+from .._validate import describe, to_seconds
 from ..exceptions import ConfigurationError
 from ..health import HealthCheckResult, HealthChecks
 from ._base import Message, Queue, check_positive_int
@@ -244,11 +245,9 @@ class QueueConsumer(BackgroundService):
 
     def backoff_for(self, attempts: int) -> float:
         """Seconds before a message that failed its ``attempts``-th delivery is delivered again."""
-        # tenacity strategies read the attempt number from a call state; build one
-        # standalone so the same strategy objects users know from tenacity work here.
-        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = attempts
-        return max(float(self.backoff(state)), 0.0)
+        # The queue counts a message's deliveries, across processes: no retry loop is
+        # alive to ask, so the strategy is asked for that attempt number directly.
+        return wait_after(self.backoff, attempts)
 
     # -- the service -----------------------------------------------------------------
 

@@ -219,13 +219,10 @@ class Link:
             # No blocking wait: a probe should answer now, and bring the link up at once.
             return attempt(0.0)
 
-        def sleep(seconds: float) -> None:
-            stopping.wait(seconds)  # a stop ends the back-off at once
-
         retrying = tenacity.Retrying(
             wait=self.wait,
             stop=tenacity.stop_when_event_set(stopping),
-            sleep=sleep,
+            sleep=tenacity.sleep_using_event(stopping),  # a stop ends the back-off at once
             retry=tenacity.retry_if_exception_type(Exception),
             before_sleep=lambda state: self._report(state, log),
             reraise=True,
