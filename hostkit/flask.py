@@ -50,6 +50,7 @@ from flask import Flask, current_app
 
 from ._builder import HostBuilder
 from ._embed import EmbeddedHost, load_factory
+from ._framework import contention_options, latency_recorder
 from ._host import Host
 from ._validate import describe, to_seconds
 from .exceptions import ConfigurationError
@@ -121,15 +122,7 @@ class Hostkit:
         if start not in _STARTS:
             msg = f"HOSTKIT_START must be one of {', '.join(map(repr, _STARTS))}, not: {describe(start)}"
             raise ConfigurationError(msg)
-        contention = config.get("HOSTKIT_CONTENTION", False)
-        if contention is True:
-            contention = {}
-        if contention is not False and not isinstance(contention, dict):
-            msg = (
-                f"HOSTKIT_CONTENTION must be True, False or a dict of ContentionMonitor options, "
-                f"not: {describe(contention)}"
-            )
-            raise ConfigurationError(msg)
+        contention = contention_options(config.get("HOSTKIT_CONTENTION", False), "HOSTKIT_CONTENTION")
         shutdown_timeout = config.get("HOSTKIT_SHUTDOWN_TIMEOUT")
         if shutdown_timeout is not None:
             shutdown_timeout = to_seconds(shutdown_timeout, "HOSTKIT_SHUTDOWN_TIMEOUT")
@@ -137,15 +130,11 @@ class Hostkit:
         if embedded_logging is not None and not isinstance(embedded_logging, bool):
             msg = f"HOSTKIT_EMBEDDED_LOGGING must be True or False, not: {describe(embedded_logging)}"
             raise ConfigurationError(msg)
-        latency = None
-        if config.get("HOSTKIT_LATENCY", False):
-            from .contention import LatencyRecorder
-
-            latency = LatencyRecorder()
+        latency = latency_recorder(config.get("HOSTKIT_LATENCY", False))
         embedded = EmbeddedHost(
             _bind_app(factory, app),
             name=f"flask:{app.name}",
-            contention=contention if isinstance(contention, dict) else None,
+            contention=contention,
             latency=latency,
             shutdown_timeout=shutdown_timeout,
             enabled=bool(config.get("HOSTKIT_ENABLED", True)),

@@ -67,3 +67,29 @@ class TestQueuedWorkServiceVocabulary:
     def test_old_and_new_together_is_an_error(self) -> None:
         with pytest.raises(ConfigurationError, match=r"consumers= is the deprecated spelling of concurrency="):
             QueuedWorkService(Channel(1), print, consumers=2, concurrency=2)
+
+
+class TestOneParserForContentionSettings:
+    def test_flask_and_django_refuse_a_bad_contention_setting_alike(self) -> None:
+        """The same value is refused by both integrations with the same rule, each naming its own setting."""
+        from django.conf import settings as django_settings
+        from flask import Flask
+
+        from hostkit.flask import Hostkit
+
+        if not django_settings.configured:
+            django_settings.configure()
+        from django.test import override_settings
+
+        from hostkit.django.apps import host_settings
+
+        rule = r"must be True, False or a dict of ContentionMonitor options, not: 'yes' \(str\)"
+        app = Flask("contention")
+        app.config["HOSTKIT_CONTENTION"] = "yes"
+        with pytest.raises(ConfigurationError, match=rf"^HOSTKIT_CONTENTION {rule}$"):
+            Hostkit(app, builder=lambda: None)
+        with (
+            override_settings(HOSTKIT={"BUILDER": "a:b", "CONTENTION": "yes"}),
+            pytest.raises(ConfigurationError, match=rf"^settings.HOSTKIT\['CONTENTION'\] {rule}$"),
+        ):
+            host_settings()

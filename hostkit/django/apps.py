@@ -42,6 +42,7 @@ from django.conf import settings  # type: ignore[import-untyped,import-not-found
 from django.core.signals import request_started  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from .._embed import EmbeddedHost, load_factory
+from .._framework import contention_options, latency_recorder
 from .._validate import describe, to_seconds
 from ..exceptions import ConfigurationError
 
@@ -90,12 +91,8 @@ def host_settings() -> dict[str, Any]:
     if conf["EMBEDDED_LOGGING"] is not None and not isinstance(conf["EMBEDDED_LOGGING"], bool):
         msg = f"settings.HOSTKIT['EMBEDDED_LOGGING'] must be True or False, not: {describe(conf['EMBEDDED_LOGGING'])}"
         raise ConfigurationError(msg)
-    contention = conf["CONTENTION"]
-    if contention is True:
-        conf["CONTENTION"] = {}
-    elif contention is not False and not isinstance(contention, dict):
-        msg = f"settings.HOSTKIT['CONTENTION'] must be True, False or a dict, not: {describe(contention)}"
-        raise ConfigurationError(msg)
+    options = contention_options(conf["CONTENTION"], "settings.HOSTKIT['CONTENTION']")
+    conf["CONTENTION"] = False if options is None else options
     return conf
 
 
@@ -136,11 +133,7 @@ class HostkitConfig(AppConfig):  # type: ignore[misc,unused-ignore]
         if not conf["ENABLED"]:
             return
         spec = conf["BUILDER"]
-        latency = None
-        if conf["LATENCY"]:
-            from ..contention import LatencyRecorder
-
-            latency = LatencyRecorder()
+        latency = latency_recorder(conf["LATENCY"])
         embedded = EmbeddedHost(
             lambda: _load(spec)(),
             name="django",
