@@ -28,7 +28,20 @@ from collections.abc import Callable
 
 import tenacity
 
-__all__ = ["exponential_backoff", "stop_after_failures_in_window", "wait_after", "wait_random_from"]
+from ._validate import describe, to_seconds
+from .exceptions import ConfigurationError
+
+#: What a back-off option holds: a tenacity wait strategy, or any function of the call state.
+Wait = tenacity.wait.wait_base | Callable[[tenacity.RetryCallState], float]
+
+__all__ = [
+    "Wait",
+    "exponential_backoff",
+    "stop_after_failures_in_window",
+    "wait_after",
+    "wait_or_seconds",
+    "wait_random_from",
+]
 
 
 class wait_random_from(tenacity.wait_random):
@@ -59,6 +72,22 @@ def exponential_backoff(first: float, multiplier: float, cap: float) -> tenacity
     if multiplier == 1:
         return tenacity.wait_fixed(min(first, cap))
     return tenacity.wait_exponential(multiplier=first, exp_base=multiplier, max=cap)
+
+
+def wait_or_seconds(value: object, what: str, *, default: Wait) -> Wait:
+    """A back-off option's value as a tenacity wait: a strategy as it is, seconds fixed, ``None`` the default.
+
+    Raises:
+        ConfigurationError: neither, naming ``what``.
+    """
+    if value is None:
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return tenacity.wait_fixed(to_seconds(value, what))
+    if not callable(value):
+        msg = f"{what} must be a tenacity wait strategy or seconds, not: {describe(value)}"
+        raise ConfigurationError(msg)
+    return value  # type: ignore[return-value,unused-ignore]
 
 
 def wait_after(wait: tenacity.wait.wait_base | Callable[[tenacity.RetryCallState], float], attempt: int) -> float:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import tenacity
 from loguru import logger
 
-from .._backoff import wait_after
+from .._backoff import wait_after, wait_or_seconds
 from .._di import Scope, ServiceCollection, ServiceProvider
 from .._services import BackgroundService
 from .._summary import format_failure, summarize_exception
@@ -46,7 +46,7 @@ from .._validate import describe, to_seconds
 from ..exceptions import ConfigurationError
 from ..health import HealthCheckResult, HealthChecks
 from ._base import Message, Queue, check_positive_int
-from ._outage import DETAIL_PREFIXES, Link, default_reconnect, describe_failure
+from ._outage import DETAIL_PREFIXES, Link, default_reconnect
 
 if TYPE_CHECKING:
     from .._host import Host
@@ -60,19 +60,6 @@ _ACK_DELAY = 0.05
 
 #: A message handler: ``handler(message, scope)``; raise to fail the delivery.
 Handler = Callable[[Message, Scope], object]
-
-
-def _default_backoff() -> tenacity.wait.wait_base:
-    return tenacity.wait_exponential(multiplier=1, min=1, max=60)
-
-
-def _wait_strategy(value: object, what: str) -> tenacity.wait.wait_base:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return tenacity.wait_fixed(to_seconds(value, what))
-    if not callable(value):
-        msg = f"{what} must be a tenacity wait strategy or seconds, not: {describe(value)}"
-        raise ConfigurationError(msg)
-    return value  # type: ignore[return-value]
 
 
 class QueueConsumer(BackgroundService):
@@ -152,10 +139,10 @@ class QueueConsumer(BackgroundService):
         if self.max_deliveries < self.max_attempts:
             msg = f"max_deliveries ({self.max_deliveries}) must be >= max_attempts ({self.max_attempts})"
             raise ConfigurationError(msg)
-        self.backoff = _default_backoff() if backoff is None else _wait_strategy(backoff, "backoff")
-        self.reconnect_backoff = (
-            default_reconnect() if reconnect_backoff is None else _wait_strategy(reconnect_backoff, "reconnect_backoff")
+        self.backoff = wait_or_seconds(
+            backoff, "backoff", default=tenacity.wait_exponential(multiplier=1, min=1, max=60)
         )
+        self.reconnect_backoff = wait_or_seconds(reconnect_backoff, "reconnect_backoff", default=default_reconnect())
         self.drain_timeout = to_seconds(drain_timeout, "drain_timeout")
         self.poll_interval = to_seconds(poll_interval, "poll_interval")
         self.name = name or f"queue-{queue.name}"
@@ -209,19 +196,7 @@ class QueueConsumer(BackgroundService):
         link = self._link
         if link is None:
             return HealthCheckResult.unhealthy(f"queue consumer {self.name!r} is not running", state="stopped")
-        snap = link.snapshot()
-        data: dict[str, Any] = {"queue": self.queue.name, "state": snap.state}
-        if snap.state == "up":
-            return HealthCheckResult.healthy(f"consuming from queue {self.queue.name!r}", **data)
-        if snap.error is None:
-            return HealthCheckResult.unhealthy(f"connecting to the broker of queue {self.queue.name!r}", **data)
-        data.update(
-            error=summarize_exception(snap.error),
-            tries=snap.tries,
-            failing_for_s=round(snap.down_for, 3),
-            next_try_in_s=None if snap.next_try_in is None else round(snap.next_try_in, 3),
-        )
-        return HealthCheckResult.unhealthy(describe_failure(snap.error, snap.outage, snap.next_try_in), **data)
+        return link.readiness()
 
     def _hostkit_attach_host(self, host: Host) -> None:
         # The host hands itself to its services when it is built: register the

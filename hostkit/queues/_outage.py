@@ -29,8 +29,10 @@ from typing import Any, Literal
 
 import tenacity
 
+from .._backoff import Wait
 from .._summary import summarize_exception
 from .._token import CancellationToken
+from ..health import HealthCheckResult
 from ._base import Message, Queue
 
 __all__ = ["DETAIL_PREFIXES", "Jittered", "Link", "LinkSnapshot", "LinkState", "default_reconnect", "describe_failure"]
@@ -86,7 +88,7 @@ class Link:
     def __init__(
         self,
         queue: Queue,
-        wait: tenacity.wait.wait_base,
+        wait: Wait,
         name: str,
         on_change: Callable[[str | None], None] | None = None,
     ) -> None:
@@ -137,6 +139,22 @@ class Link:
                 self._down_since = time.monotonic()
             self._error = error
             return True
+
+    def readiness(self) -> HealthCheckResult:
+        """Healthy while up; else unhealthy, with why and when the next try is."""
+        snap = self.snapshot()
+        data: dict[str, Any] = {"queue": self.queue.name, "state": snap.state}
+        if snap.state == "up":
+            return HealthCheckResult.healthy(f"consuming from queue {self.queue.name!r}", **data)
+        if snap.error is None:
+            return HealthCheckResult.unhealthy(f"connecting to the broker of queue {self.queue.name!r}", **data)
+        data.update(
+            error=summarize_exception(snap.error),
+            tries=snap.tries,
+            failing_for_s=round(snap.down_for, 3),
+            next_try_in_s=None if snap.next_try_in is None else round(snap.next_try_in, 3),
+        )
+        return HealthCheckResult.unhealthy(describe_failure(snap.error, snap.outage, snap.next_try_in), **data)
 
     def wake(self) -> None:
         """Wake the threads waiting for the link (the consumer is stopping)."""
