@@ -50,7 +50,7 @@ APP = textwrap.dedent(
     from flask import Flask, jsonify
     from hostkit import BackgroundService, HostBuilder
     from hostkit.contention import LagProbe
-    from hostkit.flask import HostKit
+    from hostkit.flask import Hostkit
 
     MODE = os.environ["BENCH_MODE"]
     COUNT_FILE = os.environ["BENCH_COUNT_FILE"]
@@ -85,7 +85,7 @@ APP = textwrap.dedent(
     # The probe's window covers the measured load only (it is read right after it).
     probe = LagProbe(window=float(os.environ["BENCH_WINDOW"]))
     app.config.update(HOSTKIT_START="manual", HOSTKIT_CONTENTION={"interval": 1.0, "log_every": None, "probe": probe})
-    hostkit = HostKit(app, builder=make_builder)
+    hostkit = Hostkit(app, builder=make_builder)
 
     @app.get("/")
     def index():
@@ -94,7 +94,7 @@ APP = textwrap.dedent(
 
     @app.get("/_stats")
     def stats():
-        monitor = HostKit.state(app).embedded.monitor
+        monitor = Hostkit.state(app).embedded.monitor
         probe = monitor.probe
         return jsonify(
             lag=probe.summary(),

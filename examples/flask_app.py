@@ -26,7 +26,7 @@ from flask import Flask, jsonify, request
 from hostkit import BackgroundService, CancellationToken, HostBuilder, OncePerDeployment
 from hostkit.channels import Channel, QueuedWorkService
 from hostkit.exceptions import ChannelClosedError, ChannelFullError
-from hostkit.flask import HostKit
+from hostkit.flask import Hostkit
 
 # One channel per process: each worker's requests feed that worker's consumers.
 jobs: Channel[int] = Channel(100, full_mode="raise", name="jobs")
@@ -58,14 +58,14 @@ class NightlyReport(BackgroundService):
 def make_builder() -> HostBuilder:
     builder = HostBuilder()
     builder.options.shutdown_timeout = 10
-    builder.add_hosted_service(QueuedWorkService(jobs, handle, consumers=2, drain_timeout=5))
+    builder.add_hosted_service(QueuedWorkService(jobs, handle, concurrency=2, drain_timeout=5))
     builder.add_hosted_service(WorkerHeartbeat())
     builder.add_hosted_service(OncePerDeployment(NightlyReport(), poll_interval=1.0), name="NightlyReport")
     return builder
 
 
 app = Flask(__name__)
-hostkit = HostKit(app, builder=make_builder)
+hostkit = Hostkit(app, builder=make_builder)
 
 
 @app.post("/jobs")

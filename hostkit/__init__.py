@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from ._status import ServiceState as ServiceState
     from ._status import ServiceStatus as ServiceStatus
     from ._token import CancellationToken as CancellationToken
+    from ._token import CancellationTokenRegistration as CancellationTokenRegistration
     from ._token import CancellationTokenSource as CancellationTokenSource
-    from ._token import Registration as Registration
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,7 @@ __all__ = [
     "ApplicationLifetime",
     "BackgroundService",
     "CancellationToken",
+    "CancellationTokenRegistration",
     "CancellationTokenSource",
     "ExitCode",
     "Host",
@@ -61,7 +62,6 @@ __all__ = [
     "OncePerDeployment",
     "PeriodicTimer",
     "Placement",
-    "Registration",
     "RestartPolicy",
     "Scope",
     "ServiceCollection",
@@ -78,6 +78,7 @@ _SOURCES: dict[str, str] = {
     "ApplicationLifetime": "._lifetime",
     "BackgroundService": "._services",
     "CancellationToken": "._token",
+    "CancellationTokenRegistration": "._token",
     "CancellationTokenSource": "._token",
     "ExitCode": "._host",
     "Host": "._host",
@@ -92,7 +93,6 @@ _SOURCES: dict[str, str] = {
     "OncePerDeployment": "._once",
     "PeriodicTimer": "._periodic",
     "Placement": "._services",
-    "Registration": "._token",
     "RestartPolicy": "._options",
     "Scope": "._di",
     "ServiceCollection": "._di",
@@ -101,6 +101,9 @@ _SOURCES: dict[str, str] = {
     "ServiceStatus": "._status",
     "configure_logging": "._logging",
 }
+
+#: Old public spellings, kept for one release: each use warns and names the new one.
+_DEPRECATED: dict[str, str] = {"Registration": "CancellationTokenRegistration"}
 
 
 def _load(source: str) -> None:
@@ -123,6 +126,16 @@ def _load(source: str) -> None:
 if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> Any:
+        new = _DEPRECATED.get(name)
+        if new is not None:
+            import warnings
+
+            warnings.warn(
+                f"hostkit.{name} is deprecated and will be removed in the next release: use hostkit.{new}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return __getattr__(new)
         source = _SOURCES.get(name)
         if source is not None:
             _load(source)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from ._util import describe, to_seconds
+from ._validate import describe, to_seconds
 from .exceptions import ConfigurationError, ConfigurationTypeError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import tenacity
 
 __all__ = ["BackgroundErrorBehavior", "HostOptions", "RestartPolicy"]
 
@@ -18,24 +23,11 @@ _START_METHODS = ("forkserver", "spawn", "fork")
 
 
 def _seconds(value: float | timedelta | None, what: str) -> float | None:
-    if value is None:
-        return None
-    return seconds_option(value, what)
+    return to_seconds(value, what, allow_none=True)
 
 
-def seconds_option(value: float | timedelta, what: str) -> float:
-    """:func:`to_seconds` with hostkit's errors: wrong type or wrong value, naming ``what``.
-
-    Raises:
-        ConfigurationTypeError: not a number or a timedelta (also a ``TypeError``).
-        ConfigurationError: negative or NaN (also a ``ValueError``).
-    """
-    try:
-        return to_seconds(value, what)
-    except TypeError as err:
-        raise ConfigurationTypeError(str(err)) from None
-    except ValueError as err:
-        raise ConfigurationError(str(err)) from None
+#: The name other modules import; durations are checked in :mod:`hostkit._validate`.
+seconds_option = to_seconds
 
 
 @dataclass
@@ -138,12 +130,23 @@ class RestartPolicy:
 
     A failure is an exception from ``execute`` (or, for a process-placed service,
     its child dying, passing its memory ceiling or missing its heartbeat). The
-    service is restarted after an exponential back-off with jitter, at most
+    service is restarted after a back-off, at most
     ``max_restarts`` times within any ``window`` seconds; one more failure than
     that and the policy gives up, and the host applies ``on_background_error``.
     A run that lasted ``reset_after`` seconds or more resets the back-off.
     The back-off wait ends at once when a stop is requested, and no restart
     begins after that.
+
+    The back-off is a tenacity wait strategy, called with the number of
+    consecutive failures as its attempt number. By default it is exponential with
+    jitter, built from ``backoff``, ``multiplier``, ``backoff_max`` and ``jitter``::
+
+        tenacity.wait_exponential(multiplier=backoff, exp_base=multiplier, max=backoff_max)
+            + tenacity.wait_random(0, jitter)
+
+    Pass ``wait=`` to use any other tenacity strategy instead, e.g.
+    ``RestartPolicy(wait=tenacity.wait_fixed(1))`` or
+    ``RestartPolicy(wait=tenacity.wait_exponential_jitter(initial=1, max=60))``.
 
     With ``max_restarts=None`` the service is restarted after every failure, with
     no end: the back-off grows to ``backoff_max`` and stays there, however many
@@ -156,14 +159,19 @@ class RestartPolicy:
         backoff_max: the longest back-off, in seconds.
         multiplier: the back-off grows by this factor per consecutive failure (>= 1).
         jitter: up to this many seconds of random delay added to each back-off.
-        reset_after: a run at least this long resets the back-off to ``backoff``.
+        reset_after: a run at least this long resets the back-off to its first step.
+        wait: a tenacity wait strategy that replaces the one built from
+            ``backoff``, ``backoff_max``, ``multiplier`` and ``jitter`` (which must
+            then keep their defaults); ``None`` (default) builds that one.
 
     Raises:
         ConfigurationError: a value is of the wrong type, negative, not finite,
-            longer than 365 days (the durations), or ``backoff`` is longer than
-            ``backoff_max``.
+            longer than 365 days (the durations), ``backoff`` is longer than
+            ``backoff_max``, or ``wait`` is not callable or comes with back-off numbers.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``wait=`` takes any tenacity wait strategy; the default is built from tenacity's.
     """
 
     max_restarts: int | None = 5
@@ -173,6 +181,7 @@ class RestartPolicy:
     multiplier: float = 2.0
     jitter: float = 0.25
     reset_after: float = 60.0
+    wait: tenacity.wait.wait_base | Callable[[tenacity.RetryCallState], float] | None = None
 
     def __post_init__(self) -> None:
         if self.max_restarts is not None and (
@@ -199,22 +208,51 @@ class RestartPolicy:
                 f"RestartPolicy(backoff={self.backoff:g}, backoff_max={max(self.backoff, 30.0):g})"
             )
             raise ConfigurationError(msg)
+        if self.wait is not None:
+            self._check_wait()
+
+    def _check_wait(self) -> None:
+        if not callable(self.wait):
+            msg = (
+                f"RestartPolicy.wait must be a tenacity wait strategy (e.g. tenacity.wait_fixed(1)), "
+                f"not: {describe(self.wait)}"
+            )
+            raise ConfigurationError(msg)
+        defaults = RestartPolicy()
+        numbers = ("backoff", "backoff_max", "multiplier", "jitter")
+        given = [n for n in numbers if getattr(self, n) != getattr(defaults, n)]
+        if given:
+            # Both would be a silent choice of one: the wait strategy replaces these numbers.
+            msg = f"RestartPolicy.wait replaces {', '.join(given)}: give either wait= or the back-off numbers, not both"
+            raise ConfigurationError(msg)
+
+    def strategy(
+        self, rng: Callable[[], float] | None = None
+    ) -> tenacity.wait.wait_base | Callable[[tenacity.RetryCallState], float]:
+        """The back-off as a tenacity wait strategy: ``wait``, or the one built from the numbers.
+
+        Args:
+            rng: the random source of the jitter (``random.random`` by default).
+        """
+        if self.wait is not None:
+            return self.wait
+        # Imported here: a host without restart policies never loads tenacity.
+        from ._backoff import exponential_backoff, wait_random_from
+
+        grown = exponential_backoff(self.backoff, self.multiplier, self.backoff_max)
+        if self.jitter == 0:
+            return grown
+        return grown + (wait_random_from(0, self.jitter) if rng is None else wait_random_from(0, self.jitter, rng))
 
     def delay(self, consecutive_failures: int, random_fraction: float) -> float:
         """The back-off before restart number ``consecutive_failures`` (1-based).
 
+        What :meth:`strategy` answers when its random source returns
+        ``random_fraction`` (a ``wait=`` strategy is asked as it is). By default
         ``backoff * multiplier ** (consecutive_failures - 1)``, capped at
-        ``backoff_max``, plus ``jitter * random_fraction``. Never overflows: the
-        power is only computed while it is below the cap.
+        ``backoff_max``, plus ``jitter * random_fraction``. Never overflows,
+        however many failures.
         """
-        steps = max(consecutive_failures - 1, 0)
-        base, cap = self.backoff, self.backoff_max
-        if base == 0 or steps == 0 or self.multiplier == 1:
-            grown = base
-        elif steps >= math.log(cap / base, self.multiplier):
-            # Compared in logarithms first: multiplier ** steps overflows a float (about 1,024
-            # doublings), long before a policy without max_restarts stops failing.
-            grown = cap
-        else:
-            grown = base * self.multiplier**steps
-        return min(grown, cap) + self.jitter * random_fraction
+        from ._backoff import wait_after
+
+        return wait_after(self.strategy(lambda: random_fraction), max(consecutive_failures, 1))

@@ -8,10 +8,9 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import cast
 
-from ._options import seconds_option
 from ._token import CancellationToken
-from ._util import describe
-from .exceptions import ConfigurationError, ConfigurationTypeError
+from ._validate import describe, to_seconds
+from .exceptions import ConfigurationTypeError
 
 __all__ = ["PeriodicTimer"]
 
@@ -45,15 +44,7 @@ class PeriodicTimer:
         immediate: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        try:
-            self.interval = seconds_option(interval, "PeriodicTimer interval")
-        except ConfigurationTypeError:
-            raise
-        except ConfigurationError:
-            self.interval = -1.0  # negative or NaN: reported below with the "> 0" rule
-        if not self.interval > 0:
-            msg = f"PeriodicTimer interval must be > 0 seconds, not: {describe(interval)}"
-            raise ConfigurationError(msg)
+        self.interval = to_seconds(interval, "PeriodicTimer interval", allow_zero=False)
         if not isinstance(cast("object", token), threading.Event):
             msg = f"PeriodicTimer needs a CancellationToken to end the iteration, not: {describe(token)}"
             raise ConfigurationTypeError(msg)

@@ -2,12 +2,29 @@
 
 One :class:`Supervisor` per run of a background service. It calls ``run_once``
 (``execute`` in a thread, or one child process) and, under a
-:class:`~hostkit.RestartPolicy`, runs it again after a failure. tenacity drives the
-loop; two strategies are ours because tenacity has no equivalent: a stop after
-more than N failures within a sliding window, and a back-off that resets after a
-healthy run. The back-off sleeps on the service's ``stopping`` token, so a stop
-request ends it at once (measured ~8 ms), and no attempt begins after a stop
-was requested.
+:class:`~hostkit.RestartPolicy`, runs it again after a failure::
+
+    run_once raises ──► retry?  an Exception, and no stop requested ──no──► re-raise
+                          │ yes
+                          ▼
+                        stop?   stop_when_event_set(stopping)
+                          │     | more than max_restarts failures within window ──yes──► re-raise
+                          │ no
+                          ▼
+                        wait    the policy's tenacity strategy, attempt = consecutive failures
+                          │     (before_sleep: status RESTARTING, one log line with the traceback)
+                          ▼
+                        sleep   stopping.wait(seconds): a stop request ends it at once
+                          │
+                          └──► run_once again, unless a stop was requested meanwhile
+
+tenacity drives the loop; its attempt number is the number of consecutive
+failures. A failed run that lasted ``reset_after`` or more begins a new streak: a
+new ``tenacity.Retrying`` whose first attempt is that same failure, replayed, so
+the back-off starts again at its first step. One strategy is ours, because
+tenacity has no equivalent: the stop after more than N failures within a sliding
+window. The back-off sleeps on the service's ``stopping`` token (measured ~8 ms
+from a stop request to the loop's end).
 
 A failure of the service and a failure of this machinery are told apart: the
 first is the policy's to handle, the second is a bug in hostkit, raised as
@@ -19,14 +36,13 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from ._status import ServiceRecord, ServiceState
+from ._summary import format_failure
 from ._token import CancellationToken
 from .exceptions import OperationCancelledError, SupervisorError
 
@@ -36,26 +52,15 @@ if TYPE_CHECKING:
 __all__ = ["Supervisor", "format_failure"]
 
 
-def format_failure(exc: BaseException) -> tuple[str, str]:
-    """``("Type: message", traceback text)`` for an exception, chained causes included.
-
-    Never raises: an exception whose ``__str__`` raises is shown as the standard
-    library shows it, since this runs where an error would end the supervising thread.
-    """
-    try:
-        message = str(exc)
-    except Exception:
-        message = "<exception str() failed>"
-    summary = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return summary, "".join(traceback.format_exception(exc))
-
-
 class Supervisor:
     """Runs ``run_once`` under the record's restart policy until it ends for good.
 
     :meth:`run` returns when the service completed or stopped on request, and
     raises the last failure when it failed for good (no policy, or the policy
     gave up).
+
+    Attributes:
+        wait: the tenacity wait strategy between runs: the policy's, ``None`` without one.
     """
 
     def __init__(
@@ -71,13 +76,16 @@ class Supervisor:
         self.stopping = stopping
         self._run_once = run_once
         self._clock = clock
-        self._rng = rng
         self._attempts = 0
-        self._consecutive = 0
-        self._failures: deque[float] = deque()
+        policy = record.restart
+        self.wait: tenacity.wait.wait_base | Callable[[tenacity.RetryCallState], float] | None = (
+            None if policy is None else policy.strategy(rng)
+        )
         #: The service's last failure, as raised by ``run_once``: anything else that
         #: escapes the retry loop came from the loop itself.
         self._last_failure: BaseException | None = None
+        #: The last failure ended a run of at least ``reset_after``: begin a new streak.
+        self._reset = False
 
     def run(self) -> None:
         """Run until the service ends for good.
@@ -95,16 +103,37 @@ class Supervisor:
         # and its share of interpreter teardown cost milliseconds a plain host does not need).
         import tenacity
 
-        retrying = tenacity.Retrying(
-            stop=self._give_up,
-            wait=self._wait,
-            retry=tenacity.retry_if_exception(self._retryable),
-            sleep=self._sleep,
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
+        from ._backoff import stop_after_failures_in_window
+
+        wait = self.wait
+        assert wait is not None  # set from the policy when made
+
+        stop: tenacity.stop.stop_base = tenacity.stop_when_event_set(self.stopping)
+        if policy.max_restarts is not None:
+            # Only a limited policy counts failures in its window; one without a limit
+            # keeps no history, so restarting for months costs no memory.
+            stop = stop | stop_after_failures_in_window(policy.max_restarts, policy.window, self._clock)
+        replay: BaseException | None = None
         try:
-            retrying(self._attempt)
+            while True:
+                retrying = tenacity.Retrying(
+                    stop=stop,
+                    wait=wait,
+                    retry=tenacity.retry_if_exception(self._retryable),
+                    sleep=tenacity.sleep_using_event(self.stopping),
+                    before_sleep=self._before_sleep,
+                    reraise=True,
+                )
+                try:
+                    retrying(self._streak_attempt, [replay] if replay is not None else [])
+                    return
+                except Exception as exc:
+                    if not (self._reset and exc is self._last_failure):
+                        raise
+                    # The failure that ended the healthy run opens the next streak as its
+                    # first attempt: the back-off follows it from the first step.
+                    self._reset = False
+                    replay = exc
         except BaseException as exc:
             if exc is self._last_failure:
                 raise
@@ -116,6 +145,11 @@ class Supervisor:
             raise SupervisorError(msg) from exc
 
     # -- one attempt -------------------------------------------------------------
+
+    def _streak_attempt(self, replay: list[BaseException]) -> None:
+        if replay:
+            raise replay.pop()
+        self._attempt()
 
     def _attempt(self) -> None:
         if self._attempts and self.stopping.is_set():
@@ -138,40 +172,14 @@ class Supervisor:
 
     def _failed(self, began: float, exc: BaseException) -> None:
         self._last_failure = exc
-        now = self._clock()
         policy = self.record.restart
-        if policy is not None and now - began >= policy.reset_after:
-            self._consecutive = 0
-        self._consecutive += 1
-        if policy is not None and policy.max_restarts is not None:
-            # Only a limited policy counts failures in its window; one without a limit
-            # keeps no history, so restarting for months costs no memory.
-            self._failures.append(now)
+        self._reset = policy is not None and self._clock() - began >= policy.reset_after
         self.record.update(last_failure_at=time.time())
 
     # -- tenacity strategies -----------------------------------------------------
 
     def _retryable(self, exc: BaseException) -> bool:
-        return isinstance(exc, Exception) and not self.stopping.is_set()
-
-    def _give_up(self, retry_state: tenacity.RetryCallState) -> bool:
-        policy = self.record.restart
-        if policy is None or self.stopping.is_set():
-            return True
-        if policy.max_restarts is None:
-            return False
-        horizon = self._clock() - policy.window
-        while self._failures and self._failures[0] < horizon:
-            self._failures.popleft()
-        return len(self._failures) > policy.max_restarts
-
-    def _wait(self, retry_state: tenacity.RetryCallState) -> float:
-        policy = self.record.restart
-        assert policy is not None
-        return policy.delay(self._consecutive, self._rng())
-
-    def _sleep(self, seconds: float) -> None:
-        self.stopping.wait(seconds)
+        return isinstance(exc, Exception) and not self.stopping.is_set() and not self._reset
 
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None

@@ -21,11 +21,18 @@ from ._options import seconds_option
 from ._util import describe
 from .exceptions import OperationCancelledError
 
-__all__ = ["CancellationToken", "CancellationTokenSource", "Registration"]
+__all__ = ["CancellationToken", "CancellationTokenRegistration", "CancellationTokenSource"]
 
 
-class Registration:
-    """The handle of a callback registered on a token; :meth:`unregister` removes it."""
+class CancellationTokenRegistration:
+    """The handle of a callback registered on a token; :meth:`unregister` removes it.
+
+    Returned by :meth:`CancellationToken.register`; a context manager that
+    unregisters the callback on exit.
+
+    .. versionchanged:: 0.2
+       Renamed from ``Registration``, which stays a deprecated alias for one release.
+    """
 
     __slots__ = ("_callback", "_token")
 
@@ -40,11 +47,16 @@ class Registration:
             return False
         return token._unregister(self)
 
-    def __enter__(self) -> Registration:
+    def __enter__(self) -> CancellationTokenRegistration:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.unregister()
+
+
+#: The name sibling modules imported before the rename (not public: ``hostkit.Registration``
+#: is the deprecated public spelling, and warns).
+Registration = CancellationTokenRegistration
 
 
 class _Cancelling:
@@ -71,7 +83,7 @@ class CancellationToken(threading.Event):
     def __init__(self, *, name: str = "") -> None:
         super().__init__()
         self.name = name
-        self._callbacks: list[Registration] | None = []
+        self._callbacks: list[CancellationTokenRegistration] | None = []
         self._callbacks_lock = threading.Lock()
         # Set by CancellationTokenSource.cancel_after. The deadline is enforced by
         # wait() and is_set() themselves; a timer thread (_arm) is started only when
@@ -159,11 +171,11 @@ class CancellationToken(threading.Event):
             msg = f"the operation was cancelled (token {self.name!r})" if self.name else ("the operation was cancelled")
             raise OperationCancelledError(msg)
 
-    def register(self, callback: Callable[[], object]) -> Registration:
+    def register(self, callback: Callable[[], object]) -> CancellationTokenRegistration:
         """Run ``callback()`` when the token is cancelled (at once if it already is).
 
         Returns:
-            a :class:`Registration`; call ``unregister()`` when the callback is no
+            a :class:`CancellationTokenRegistration`; call ``unregister()`` when the callback is no
             longer wanted (a long-lived token otherwise keeps it alive).
         """
         # The annotation says callable, but users call this from untyped code: check anyway,
@@ -177,12 +189,12 @@ class CancellationToken(threading.Event):
             arm()  # the callback must run at the deadline even if nobody waits
         return registration
 
-    def _watch(self, callback: Callable[[], object]) -> Registration:
+    def _watch(self, callback: Callable[[], object]) -> CancellationTokenRegistration:
         """Like :meth:`register`, but without starting a deadline timer.
 
         For callers that bound their own wait with :meth:`_remaining`.
         """
-        registration = Registration(self, callback)
+        registration = CancellationTokenRegistration(self, callback)
         if not self.is_set():
             with self._callbacks_lock:
                 if self._callbacks is not None:
@@ -211,7 +223,7 @@ class CancellationToken(threading.Event):
             return None
         return cancelling.thread
 
-    def _unregister(self, registration: Registration) -> bool:
+    def _unregister(self, registration: CancellationTokenRegistration) -> bool:
         with self._callbacks_lock:
             if self._callbacks is None:
                 return False
@@ -250,7 +262,7 @@ class CancellationTokenSource:
         self.token = CancellationToken(name=name)
         self._timer: threading.Timer | None = None
         self._timer_lock = threading.Lock()
-        self._links: list[Registration] = []
+        self._links: list[CancellationTokenRegistration] = []
         for parent in linked:
             # A plain threading.Event cannot tell anyone it was set, so a link to one could
             # only be checked once, here: refuse it rather than link it silently badly.

@@ -1,48 +1,19 @@
-"""Small helpers shared by several modules."""
+"""Small helpers shared by several modules.
+
+The duration and error-message helpers live in :mod:`hostkit._validate`; they are
+re-exported here for the modules that import them from this one.
+"""
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 import traceback
 from collections.abc import Iterable
-from datetime import timedelta
+
+from ._validate import MAX_SECONDS, describe, to_seconds
 
 __all__ = ["MAX_SECONDS", "close_match", "describe", "thread_stack", "to_seconds"]
-
-#: The longest duration any option accepts: 365 days. A wait longer than that is a
-#: mistake, not a timeout, and past about 292 years (``threading.TIMEOUT_MAX``) every
-#: ``Event.wait`` raises ``OverflowError``, in the middle of a stop.
-MAX_SECONDS = 365 * 24 * 3600.0
-
-
-def describe(value: object) -> str:
-    """``repr`` plus type, for error messages: ``'-1' (str)``."""
-    return f"{value!r} ({type(value).__name__})"
-
-
-def to_seconds(value: float | timedelta, what: str, *, allow_none: bool = False) -> float:
-    """Turn a duration into seconds, rejecting negatives, NaN, infinity, absurd lengths and wrong types.
-
-    Raises:
-        TypeError: ``value`` is not a number or a timedelta.
-        ValueError: ``value`` is negative, NaN, infinite or longer than :data:`MAX_SECONDS`.
-    """
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        msg = f"{what} must be a number of seconds or a timedelta, not: {describe(value)}"
-        raise TypeError(msg)
-    if math.isnan(seconds) or seconds < 0:
-        msg = f"{what} must be >= 0 seconds, not: {describe(value)}"
-        raise ValueError(msg)
-    if seconds > MAX_SECONDS:
-        msg = f"{what} must be a finite number of seconds, at most {MAX_SECONDS:.0f} (365 days), not: {describe(value)}"
-        raise ValueError(msg)
-    return seconds
 
 
 def thread_stack(thread: threading.Thread | None) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -26,12 +27,13 @@ from loguru import logger
 
 from ._services import BackgroundService
 from ._token import CancellationToken
-from ._util import describe, to_seconds
+from ._validate import describe, positive_int, to_seconds
 from .exceptions import ChannelClosedError, ChannelFullError, ConfigurationError
 
 __all__ = ["Channel", "ChannelStats", "FullMode", "QueuedWorkService"]
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 #: What :meth:`Channel.put` does when the channel is full.
 FullMode = Literal["wait", "drop_oldest", "drop_newest", "raise"]
@@ -284,6 +286,21 @@ def _call(handler: Callable[[Any], object], item: Any) -> None:
     handler(item)
 
 
+def _renamed(old: str, old_value: V | None, new: str, new_value: V | None, default: V) -> V:
+    """The value of an option given by its new name or its deprecated one (warning), or ``default``."""
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        msg = f"{old}= is the deprecated spelling of {new}=: give {new}= only"
+        raise ConfigurationError(msg)
+    warnings.warn(
+        f"QueuedWorkService({old}=) is deprecated and will be removed in the next release: use {new}=",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
+
+
 class QueuedWorkService(BackgroundService, Generic[T]):
     """Consumes a :class:`Channel`: each item goes to ``handler(item)``.
 
@@ -293,18 +310,25 @@ class QueuedWorkService(BackgroundService, Generic[T]):
     Args:
         channel: the channel to consume.
         handler: called with each item. Defaults to :meth:`process` (override it).
-        consumers: how many items are worked on at once (>= 1).
-        workers: ``"thread"``: ``consumers`` threads call the handler; ``"process"``:
-            ``consumers`` threads hand each item to a pool of as many child
+        concurrency: how many items are worked on at once (>= 1), as for
+            :class:`~hostkit.queues.QueueConsumer`.
+        placement: where the handler runs, as for a service's registration:
+            ``"thread"``: ``concurrency`` threads call it; ``"process"``:
+            ``concurrency`` threads hand each item to a pool of as many child
             processes (for CPU-heavy handlers; handler and items must pickle with dill).
         drain_timeout: at stop, how long to keep working through the items already
             accepted; what is left then is counted as dropped and logged.
-        start_method: the process pool's start method (``workers="process"``).
+        start_method: the process pool's start method (``placement="process"``).
+        consumers: deprecated spelling of ``concurrency``.
+        workers: deprecated spelling of ``placement``.
 
     A handler that raises is logged with its traceback and counted as failed; the
     consumers go on with the next item.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``concurrency=`` and ``placement=`` replace ``consumers=`` and ``workers=``,
+       which stay deprecated aliases for one release.
     """
 
     def __init__(
@@ -312,32 +336,46 @@ class QueuedWorkService(BackgroundService, Generic[T]):
         channel: Channel[T],
         handler: Callable[[T], object] | None = None,
         *,
-        consumers: int = 1,
-        workers: Literal["thread", "process"] = "thread",
+        concurrency: int | None = None,
+        placement: Literal["thread", "process"] | None = None,
         drain_timeout: float | timedelta = 5.0,
         start_method: str = "forkserver",
+        consumers: int | None = None,
+        workers: Literal["thread", "process"] | None = None,
     ) -> None:
         if not isinstance(channel, Channel):  # type: ignore[redundant-expr,unused-ignore]
             msg = f"channel must be a hostkit.channels.Channel, not: {describe(channel)}"  # type: ignore[unreachable]
             raise ConfigurationError(msg)
-        if not isinstance(consumers, int) or isinstance(consumers, bool) or consumers < 1:
-            msg = f"consumers must be an int >= 1, not: {describe(consumers)}"
-            raise ConfigurationError(msg)
-        if workers not in ("thread", "process"):
-            msg = f"workers must be 'thread' or 'process', not: {describe(workers)}"
+        concurrency = _renamed("consumers", consumers, "concurrency", concurrency, 1)
+        placement = _renamed("workers", workers, "placement", placement, "thread")
+        positive_int(concurrency, "concurrency")
+        if placement not in ("thread", "process"):
+            msg = f"placement must be 'thread' or 'process', not: {describe(placement)}"
             raise ConfigurationError(msg)
         if handler is not None and not callable(handler):
             msg = f"handler must be callable, not: {describe(handler)}"  # type: ignore[unreachable]
             raise ConfigurationError(msg)
         self.channel = channel
         self._handler = handler
-        self.consumers = consumers
-        self.workers = workers
+        self.concurrency = concurrency
+        self.placement = placement
         self.drain_timeout = to_seconds(drain_timeout, "drain_timeout")
         self.start_method = start_method
         self._count_lock = threading.Lock()
         self._done = 0
         self._failed = 0
+
+    @property
+    def consumers(self) -> int:
+        """Deprecated: :attr:`concurrency`."""
+        warnings.warn("QueuedWorkService.consumers is deprecated: use .concurrency", DeprecationWarning, stacklevel=2)
+        return self.concurrency
+
+    @property
+    def workers(self) -> str:
+        """Deprecated: :attr:`placement`."""
+        warnings.warn("QueuedWorkService.workers is deprecated: use .placement", DeprecationWarning, stacklevel=2)
+        return self.placement
 
     def process(self, item: T) -> None:
         """Work on one item; override it, or pass ``handler=``."""
@@ -356,10 +394,10 @@ class QueuedWorkService(BackgroundService, Generic[T]):
         log = logger.bind(service=name)
         handler: Callable[[T], object] = self._handler if self._handler is not None else self.process
         pool: Any = None
-        if self.workers == "process":
+        if self.placement == "process":
             import multiprocess
 
-            pool = multiprocess.get_context(self.start_method).Pool(self.consumers)
+            pool = multiprocess.get_context(self.start_method).Pool(self.concurrency)
         # Set when the drain deadline passes: consumers stop taking items.
         give_up = threading.Event()
 
@@ -395,7 +433,7 @@ class QueuedWorkService(BackgroundService, Generic[T]):
 
         threads = [
             threading.Thread(target=consume, name=f"hostkit-{name}-consumer-{n + 1}", daemon=True)
-            for n in range(self.consumers)
+            for n in range(self.concurrency)
         ]
         try:
             for t in threads:
@@ -447,6 +485,6 @@ class QueuedWorkService(BackgroundService, Generic[T]):
     def __repr__(self) -> str:
         s = self.stats()
         return (
-            f"<QueuedWorkService {self.channel.name!r} consumers={self.consumers} workers={self.workers!r} "
+            f"<QueuedWorkService {self.channel.name!r} concurrency={self.concurrency} placement={self.placement!r} "
             f"done={s['done']} failed={s['failed']} waiting={s['size']}>"
         )

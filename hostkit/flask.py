@@ -2,9 +2,9 @@
 
 ::
 
-    from hostkit.flask import HostKit
+    from hostkit.flask import Hostkit
 
-    hostkit = HostKit()
+    hostkit = Hostkit()
 
     def create_app():
         app = Flask(__name__)
@@ -34,6 +34,10 @@ Config keys (all optional):
   when stdlib logging has no handler). ``False`` turns them off.
 
 .. versionadded:: 0.1
+.. versionchanged:: 0.2
+   ``HostKit`` and ``HostKitState`` are now :class:`Hostkit` and :class:`HostkitState`,
+   cased like every other hostkit name; the old names stay deprecated aliases for
+   one release.
 """
 
 from __future__ import annotations
@@ -46,19 +50,22 @@ from flask import Flask, current_app
 
 from ._builder import HostBuilder
 from ._embed import EmbeddedHost, load_factory
+from ._framework import contention_options, latency_recorder
 from ._host import Host
-from ._options import seconds_option
-from ._util import describe
+from ._validate import describe, to_seconds
 from .exceptions import ConfigurationError
 
-__all__ = ["HostKit", "HostKitState"]
+__all__ = ["Hostkit", "HostkitState"]
+
+#: Old spellings, kept for one release: each use warns and names the new one.
+_DEPRECATED = {"HostKit": "Hostkit", "HostKitState": "HostkitState"}
 
 BuilderFactory = Callable[..., "HostBuilder | Host"]
 _STARTS = ("request", "manual")
 
 
-class HostKitState:
-    """What :class:`HostKit` keeps per app, in ``app.extensions["hostkit"]``.
+class HostkitState:
+    """What :class:`Hostkit` keeps per app, in ``app.extensions["hostkit"]``.
 
     Attributes:
         embedded: the :class:`~hostkit._embed.EmbeddedHost` (one host per process).
@@ -76,11 +83,11 @@ class HostKitState:
         self.latency = latency
 
     def __repr__(self) -> str:
-        return f"<HostKitState start={self.start!r} enabled={self.enabled} {self.embedded!r}>"
+        return f"<HostkitState start={self.start!r} enabled={self.enabled} {self.embedded!r}>"
 
 
-class HostKit:
-    """The Flask extension: ``HostKit(app, builder=...)`` or ``HostKit()`` + :meth:`init_app`.
+class Hostkit:
+    """The Flask extension: ``Hostkit(app, builder=...)`` or ``Hostkit()`` + :meth:`init_app`.
 
     Args:
         app: the Flask app, or ``None`` to call :meth:`init_app` later.
@@ -100,13 +107,13 @@ class HostKit:
     def init_app(self, app: Flask, *, builder: HostBuilder | BuilderFactory | None = None) -> None:
         """Attach to ``app``: read ``HOSTKIT_*`` config, register the lazy start. Starts nothing."""
         if "hostkit" in app.extensions:
-            msg = f"HostKit.init_app() was called twice for app {app.name!r}; attach the extension once per app"
+            msg = f"Hostkit.init_app() was called twice for app {app.name!r}; attach the extension once per app"
             raise ConfigurationError(msg)
         config = app.config
         spec = builder or self._builder or config.get("HOSTKIT_BUILDER")
         if spec is None:
             msg = (
-                f"HostKit for app {app.name!r} has no builder: pass builder= (a HostBuilder or a callable "
+                f"Hostkit for app {app.name!r} has no builder: pass builder= (a HostBuilder or a callable "
                 f"returning one) or set app.config['HOSTKIT_BUILDER'] = 'package.module:make_builder'"
             )
             raise ConfigurationError(msg)
@@ -115,31 +122,19 @@ class HostKit:
         if start not in _STARTS:
             msg = f"HOSTKIT_START must be one of {', '.join(map(repr, _STARTS))}, not: {describe(start)}"
             raise ConfigurationError(msg)
-        contention = config.get("HOSTKIT_CONTENTION", False)
-        if contention is True:
-            contention = {}
-        if contention is not False and not isinstance(contention, dict):
-            msg = (
-                f"HOSTKIT_CONTENTION must be True, False or a dict of ContentionMonitor options, "
-                f"not: {describe(contention)}"
-            )
-            raise ConfigurationError(msg)
+        contention = contention_options(config.get("HOSTKIT_CONTENTION", False), "HOSTKIT_CONTENTION")
         shutdown_timeout = config.get("HOSTKIT_SHUTDOWN_TIMEOUT")
         if shutdown_timeout is not None:
-            shutdown_timeout = seconds_option(shutdown_timeout, "HOSTKIT_SHUTDOWN_TIMEOUT")
+            shutdown_timeout = to_seconds(shutdown_timeout, "HOSTKIT_SHUTDOWN_TIMEOUT")
         embedded_logging = config.get("HOSTKIT_EMBEDDED_LOGGING")
         if embedded_logging is not None and not isinstance(embedded_logging, bool):
             msg = f"HOSTKIT_EMBEDDED_LOGGING must be True or False, not: {describe(embedded_logging)}"
             raise ConfigurationError(msg)
-        latency = None
-        if config.get("HOSTKIT_LATENCY", False):
-            from .contention import LatencyRecorder
-
-            latency = LatencyRecorder()
+        latency = latency_recorder(config.get("HOSTKIT_LATENCY", False))
         embedded = EmbeddedHost(
             _bind_app(factory, app),
             name=f"flask:{app.name}",
-            contention=contention if isinstance(contention, dict) else None,
+            contention=contention,
             latency=latency,
             shutdown_timeout=shutdown_timeout,
             enabled=bool(config.get("HOSTKIT_ENABLED", True)),
@@ -150,7 +145,7 @@ class HostKit:
             from .contention import LatencyMiddleware
 
             app.wsgi_app = LatencyMiddleware(app.wsgi_app, latency)  # type: ignore[method-assign]
-        state = HostKitState(embedded, start=start, enabled=embedded.enabled, latency=latency)
+        state = HostkitState(embedded, start=start, enabled=embedded.enabled, latency=latency)
         app.extensions["hostkit"] = state
         if start == "request" and state.enabled:
 
@@ -161,13 +156,13 @@ class HostKit:
             app.before_request(_start_host)
 
     @staticmethod
-    def state(app: Flask | None = None) -> HostKitState:
+    def state(app: Flask | None = None) -> HostkitState:
         """The extension's state for ``app`` (default: ``current_app``)."""
         target = app if app is not None else current_app
         try:
-            state: HostKitState = target.extensions["hostkit"]
+            state: HostkitState = target.extensions["hostkit"]
         except KeyError:
-            msg = f"HostKit is not attached to app {target.name!r}; call HostKit().init_app(app) first"
+            msg = f"Hostkit is not attached to app {target.name!r}; call Hostkit().init_app(app) first"
             raise ConfigurationError(msg) from None
         return state
 
@@ -188,7 +183,7 @@ class HostKit:
         return self.state(app).embedded.host
 
     def __repr__(self) -> str:
-        return "<HostKit>"
+        return "<Hostkit>"
 
 
 def _bind_app(factory: Any, app: Flask) -> Any:
@@ -203,3 +198,18 @@ def _bind_app(factory: Any, app: Flask) -> Any:
     if len(params) >= 1:
         return lambda: factory(app)
     return factory
+
+
+def __getattr__(name: str) -> Any:
+    new = _DEPRECATED.get(name)
+    if new is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    import warnings
+
+    warnings.warn(
+        f"hostkit.flask.{name} is deprecated and will be removed in the next release: use hostkit.flask.{new}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return globals()[new]

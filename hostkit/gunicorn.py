@@ -4,7 +4,7 @@ In ``gunicorn.conf.py``::
 
     from hostkit.gunicorn import post_worker_init, worker_exit  # noqa: F401  (gunicorn reads them)
 
-Every host made through :class:`hostkit.flask.HostKit`, the Django app, or
+Every host made through :class:`hostkit.flask.Hostkit`, the Django app, or
 :func:`embed` (for any other WSGI app) is an :class:`~hostkit._embed.EmbeddedHost`;
 ``post_worker_init`` starts them in the worker (after the app is loaded, so with
 or without ``--preload``), ``worker_exit`` stops them within their budget. No

@@ -129,7 +129,7 @@ class TestQueuedWorkService:
             with lock:
                 seen.append((item, threading.current_thread().name))
 
-        service = QueuedWorkService(ch, handle, consumers=3)
+        service = QueuedWorkService(ch, handle, concurrency=3)
         host = HostBuilder().add_hosted_service(service).build()
         with host:
             for i in range(30):
@@ -149,7 +149,7 @@ class TestQueuedWorkService:
             gate.wait(10)
             done.append(item)
 
-        service = QueuedWorkService(ch, handle, consumers=1, drain_timeout=20)
+        service = QueuedWorkService(ch, handle, concurrency=1, drain_timeout=20)
         host = HostBuilder().add_hosted_service(service).build()
         host.start()
         for i in range(10):
@@ -176,7 +176,7 @@ class TestQueuedWorkService:
             started.set()
             release.wait(10)
 
-        service = QueuedWorkService(ch, handle, consumers=1, drain_timeout=0.3)
+        service = QueuedWorkService(ch, handle, concurrency=1, drain_timeout=0.3)
         host = HostBuilder().add_hosted_service(service).build()
         host.start()
         for i in range(5):
@@ -218,18 +218,18 @@ class TestQueuedWorkService:
 
     @pytest.mark.timeout(90)
     def test_process_workers(self) -> None:
-        """workers='process' runs each item's handler in a child process and counts them done."""
+        """placement='process' runs each item's handler in a child process and counts them done."""
         ch: Channel[int] = Channel(10, name="cpu")
-        service = QueuedWorkService(ch, _square, consumers=2, workers="process")
+        service = QueuedWorkService(ch, _square, concurrency=2, placement="process")
         with HostBuilder().add_hosted_service(service).build():
             for i in range(6):
                 ch.put(i)
             assert wait_until(lambda: service.stats()["done"] == 6, timeout=60)
 
     def test_bad_arguments(self) -> None:
-        """Wrong consumers/workers are refused with the value in the message."""
+        """Wrong concurrency/placement are refused with the value in the message."""
         ch: Channel[int] = Channel(1)
-        with pytest.raises(ConfigurationError, match=r"consumers must be an int >= 1, not: 0"):
-            QueuedWorkService(ch, print, consumers=0)
-        with pytest.raises(ConfigurationError, match=r"workers must be 'thread' or 'process', not: 'fiber'"):
-            QueuedWorkService(ch, print, workers="fiber")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match=r"concurrency must be an int >= 1, not: 0"):
+            QueuedWorkService(ch, print, concurrency=0)
+        with pytest.raises(ConfigurationError, match=r"placement must be 'thread' or 'process', not: 'fiber'"):
+            QueuedWorkService(ch, print, placement="fiber")  # type: ignore[arg-type]

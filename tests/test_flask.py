@@ -22,7 +22,7 @@ from tests.subproc import python
 
 flask = pytest.importorskip("flask")
 EXAMPLES = Path(PROJECT_ROOT) / "examples"
-from hostkit.flask import HostKit  # noqa: E402
+from hostkit.flask import Hostkit  # noqa: E402
 
 
 class Ticker(BackgroundService):
@@ -61,7 +61,7 @@ class TestExtension:
             services.append(t)
             return HostBuilder().add_hosted_service(t)
 
-        ext = HostKit()
+        ext = Hostkit()
         app = make_app()
         before = set(threading.enumerate())
         ext.init_app(app, builder=builder)
@@ -83,7 +83,7 @@ class TestExtension:
     def test_builder_from_config_string(self) -> None:
         """HOSTKIT_BUILDER='module:attr' names the factory; HOSTKIT_START='manual' waits for start()."""
         app = make_app(HOSTKIT_BUILDER="tests.test_flask:_factory", HOSTKIT_START="manual")
-        ext = HostKit(app)
+        ext = Hostkit(app)
         app.test_client().get("/")
         assert ext.host(app) is None
         with app.app_context():
@@ -95,7 +95,7 @@ class TestExtension:
     def test_disabled_never_starts(self) -> None:
         """HOSTKIT_ENABLED=False: requests run, no host starts, start() says why."""
         app = make_app(HOSTKIT_ENABLED=False)
-        ext = HostKit(app, builder=_factory)
+        ext = Hostkit(app, builder=_factory)
         app.test_client().get("/")
         assert ext.host(app) is None
         with pytest.raises(ConfigurationError, match="HOSTKIT_ENABLED is False"):
@@ -108,7 +108,7 @@ class TestExtension:
 
         monkeypatch.setattr(_embed, "_registry", [])
         on, off = make_app(), make_app(HOSTKIT_ENABLED=False)
-        ext_on, ext_off = HostKit(on, builder=_factory), HostKit(off, builder=_factory)
+        ext_on, ext_off = Hostkit(on, builder=_factory), Hostkit(off, builder=_factory)
         try:
             started = _embed.start_all()
             assert started == [ext_on.host(on)]
@@ -121,25 +121,25 @@ class TestExtension:
     def test_configuration_errors(self) -> None:
         """Missing builder, a wrong HOSTKIT_START, a bad import string and a second init_app are refused clearly."""
         with pytest.raises(ConfigurationError, match=r"has no builder: pass builder= .*HOSTKIT_BUILDER"):
-            HostKit(make_app())
+            Hostkit(make_app())
         with pytest.raises(ConfigurationError, match=r"HOSTKIT_START must be one of 'request', 'manual', not: 'now'"):
-            HostKit(make_app(HOSTKIT_START="now"), builder=_factory)
+            Hostkit(make_app(HOSTKIT_START="now"), builder=_factory)
         with pytest.raises(ConfigurationError, match=r"must look like 'package.module:attr', not: 'nope'"):
-            HostKit(make_app(HOSTKIT_BUILDER="nope"))
+            Hostkit(make_app(HOSTKIT_BUILDER="nope"))
         with pytest.raises(ConfigurationError, match=r"'tests.test_flask:missing' could not be loaded"):
-            HostKit(make_app(HOSTKIT_BUILDER="tests.test_flask:missing"))
+            Hostkit(make_app(HOSTKIT_BUILDER="tests.test_flask:missing"))
         with pytest.raises(ConfigurationError, match=r"could not be loaded: .*; did you mean '_factory'\?"):
-            HostKit(make_app(HOSTKIT_BUILDER="tests.test_flask:_factroy"))
+            Hostkit(make_app(HOSTKIT_BUILDER="tests.test_flask:_factroy"))
         with pytest.raises(ConfigurationError, match=r"HOSTKIT_SHUTDOWN_TIMEOUT must be >= 0 seconds, not: -1 \(int\)"):
-            HostKit(make_app(HOSTKIT_SHUTDOWN_TIMEOUT=-1), builder=_factory)
+            Hostkit(make_app(HOSTKIT_SHUTDOWN_TIMEOUT=-1), builder=_factory)
         with pytest.raises(ConfigurationError, match=r"unknown contention monitor option\(s\) \['intervall'\]"):
-            HostKit(make_app(HOSTKIT_CONTENTION={"intervall": 1}), builder=_factory)
+            Hostkit(make_app(HOSTKIT_CONTENTION={"intervall": 1}), builder=_factory)
         app = make_app()
-        HostKit(app, builder=_factory)
+        Hostkit(app, builder=_factory)
         with pytest.raises(ConfigurationError, match="init_app\\(\\) was called twice for app 'testapp'"):
-            HostKit(app, builder=_factory)
-        with pytest.raises(ConfigurationError, match="HostKit is not attached to app 'other'"):
-            HostKit.state(flask.Flask("other"))
+            Hostkit(app, builder=_factory)
+        with pytest.raises(ConfigurationError, match="Hostkit is not attached to app 'other'"):
+            Hostkit.state(flask.Flask("other"))
 
     def test_factory_receives_the_app(self) -> None:
         """A one-argument builder factory is called with the app (for its config)."""
@@ -150,7 +150,7 @@ class TestExtension:
             return _factory()
 
         app = make_app()
-        ext = HostKit(app, builder=builder)
+        ext = Hostkit(app, builder=builder)
         app.test_client().get("/")
         ext.stop(app)
         assert seen == [app]
@@ -158,11 +158,11 @@ class TestExtension:
     def test_latency_and_contention(self) -> None:
         """HOSTKIT_LATENCY records each request; HOSTKIT_CONTENTION attaches a monitor that sees them."""
         app = make_app(HOSTKIT_LATENCY=True, HOSTKIT_CONTENTION={"interval": 0.05, "probe": False})
-        ext = HostKit(app, builder=_factory)
+        ext = Hostkit(app, builder=_factory)
         client = app.test_client()
         for _ in range(5):
             client.get("/").close()  # a WSGI server closes the body: that ends the request
-        state = HostKit.state(app)
+        state = Hostkit.state(app)
         try:
             assert state.latency.summary()["count"] == 5
             monitor = state.embedded.monitor
@@ -176,7 +176,7 @@ class TestExtension:
         watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
         before = {sig: signal.getsignal(sig) for sig in watched}
         app = make_app()
-        ext = HostKit(app, builder=_factory)
+        ext = Hostkit(app, builder=_factory)
         app.test_client().get("/").close()
         assert ext.host(app) is not None
         assert {sig: signal.getsignal(sig) for sig in watched} == before
@@ -190,7 +190,7 @@ EMBEDDED_APP = textwrap.dedent(
     from loguru import logger
     from flask import Flask
     from hostkit import BackgroundService, HostBuilder, HostOptions
-    from hostkit.flask import HostKit
+    from hostkit.flask import Hostkit
 
     READY = os.environ["READY_FILE"]
     MODE = os.environ["MODE"]
@@ -255,7 +255,7 @@ EMBEDDED_APP = textwrap.dedent(
         def index():
             return "ok"
 
-        kit = HostKit(app, builder=make_builder)
+        kit = Hostkit(app, builder=make_builder)
         before = repr(logger)
         assert app.test_client().get("/").status_code == 200
         during = repr(logger)
@@ -341,7 +341,7 @@ class TestEmbeddedLogging:
 
     def test_bad_setting_is_refused(self) -> None:
         with pytest.raises(ConfigurationError, match=r"HOSTKIT_EMBEDDED_LOGGING must be True or False, not: 'no'"):
-            HostKit(make_app(HOSTKIT_EMBEDDED_LOGGING="no"), builder=_factory)
+            Hostkit(make_app(HOSTKIT_EMBEDDED_LOGGING="no"), builder=_factory)
 
 
 class TestFlaskExample:
@@ -393,7 +393,7 @@ DEV_APP = textwrap.dedent(
     import os, threading
     from flask import Flask, jsonify
     from hostkit import BackgroundService, HostBuilder
-    from hostkit.flask import HostKit
+    from hostkit.flask import Hostkit
 
     class Ticker(BackgroundService):
         def execute(self, stopping):
@@ -410,7 +410,7 @@ DEV_APP = textwrap.dedent(
         return builder
 
     app = Flask(__name__)
-    ext = HostKit(app, builder=make_builder)
+    ext = Hostkit(app, builder=make_builder)
 
     @app.get("/threads")
     def threads():

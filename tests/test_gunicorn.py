@@ -26,7 +26,7 @@ APP = textwrap.dedent(
     from flask import Flask
     import hostkit
     from hostkit import BackgroundService, HostBuilder, OncePerDeployment
-    from hostkit.flask import HostKit
+    from hostkit.flask import Hostkit
 
     EVENTS = os.environ["EVENTS_FILE"]
     LOGS = os.environ.get("LOGS", "configured")
@@ -77,7 +77,7 @@ APP = textwrap.dedent(
 
     app = Flask(__name__)
     app.config["HOSTKIT_EMBEDDED_LOGGING"] = LOGS != "off"
-    HostKit(app, builder=make_builder)
+    Hostkit(app, builder=make_builder)
     note(f"imported {os.getpid()}")
     """
 )

@@ -59,13 +59,13 @@ class Done(BaseException):
 def record_waits(sup: Supervisor) -> list[float]:
     """Record every back-off the supervisor computes."""
     seen: list[float] = []
-    original = sup._wait
+    original = sup.wait
 
     def wait(state: object) -> float:
         seen.append(original(state))  # type: ignore[arg-type]
         return seen[-1]
 
-    sup._wait = wait  # type: ignore[method-assign]
+    sup.wait = wait
     return seen
 
 
@@ -353,9 +353,12 @@ class TestSupervisorBug:
         """
         from hostkit.exceptions import SupervisorError
 
+        def broken(retry_state: object) -> float:
+            raise ZeroDivisionError("bug in the back-off")
+
         class BrokenPolicy(RestartPolicy):
-            def delay(self, consecutive_failures: int, random_fraction: float) -> float:
-                raise ZeroDivisionError("bug in the back-off")
+            def strategy(self, rng: object = None) -> Callable[[object], float]:  # type: ignore[override]
+                return broken
 
         class Crashes(BackgroundService):
             def execute(self, stopping: CancellationToken) -> None:

@@ -10,6 +10,7 @@ import sys
 import urllib.parse
 from typing import Any
 
+from .._validate import to_seconds
 from . import CliError, debug_option
 
 __all__ = ["probe", "register"]
@@ -44,9 +45,10 @@ def register(subparsers: Any) -> None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    if not args.timeout > 0:
-        msg = f"--timeout must be > 0 seconds, not: {args.timeout}"
-        raise CliError(msg)
+    try:
+        to_seconds(args.timeout, "--timeout", allow_zero=False)
+    except ValueError as err:
+        raise CliError(str(err)) from None
     healthy, line = probe(args.url, timeout=args.timeout)
     if not args.quiet:
         print(line, file=sys.stdout if healthy else sys.stderr)

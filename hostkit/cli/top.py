@@ -26,6 +26,7 @@ import time
 from typing import Any, TextIO
 
 from .._util import pid_alive
+from .._validate import to_seconds
 from ..exceptions import UnsafePathError
 from . import CliError, debug_option
 
@@ -217,9 +218,10 @@ def _command(args: argparse.Namespace) -> int:
     if args.file is None and args.pid is None:
         msg = "give the host's PID or --file PATH"
         raise CliError(msg)
-    if not args.interval > 0:
-        msg = f"--interval must be > 0 seconds, not: {args.interval}"
-        raise CliError(msg)
+    try:
+        to_seconds(args.interval, "--interval", allow_zero=False)
+    except ValueError as err:
+        raise CliError(str(err)) from None
     if args.file is not None:
         path = args.file
         owners = {os.geteuid(), 0}

@@ -34,8 +34,8 @@ import psutil
 from loguru import logger
 
 from .._rundir import runtime_dir
-from .._util import describe, to_seconds
-from ..exceptions import ConfigurationError, HostStateError
+from .._validate import to_seconds
+from ..exceptions import HostStateError
 from ._latency import LatencyRecorder
 from ._probe import LagProbe
 
@@ -247,10 +247,7 @@ class ContentionMonitor:
         lag_threshold_ms: float = 10.0,
         request_factor: float = 2.0,
     ) -> None:
-        self.interval = to_seconds(interval, "interval")
-        if self.interval <= 0:
-            msg = f"interval must be > 0 seconds, not: {describe(interval)}"
-            raise ConfigurationError(msg)
+        self.interval = to_seconds(interval, "interval", allow_zero=False)
         self.host = host
         self.probe: LagProbe | None = LagProbe() if probe is True else (probe or None)
         self.latency = latency

@@ -17,8 +17,8 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from .._util import describe, to_seconds
-from ..exceptions import ConfigurationError, HostStateError
+from .._validate import positive_int, to_seconds
+from ..exceptions import HostStateError
 from ._stats import WindowedSamples
 
 __all__ = ["LagProbe"]
@@ -38,14 +38,8 @@ class LagProbe:
     SLEEP = 0.001
 
     def __init__(self, *, interval: float | timedelta = 1.0, samples: int = 10, window: float = 30.0) -> None:
-        self.interval = to_seconds(interval, "interval")
-        if self.interval <= 0:
-            msg = f"interval must be > 0 seconds, not: {describe(interval)}"
-            raise ConfigurationError(msg)
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            msg = f"samples must be an int >= 1, not: {describe(samples)}"
-            raise ConfigurationError(msg)
-        self.samples = samples
+        self.interval = to_seconds(interval, "interval", allow_zero=False)
+        self.samples = positive_int(samples, "samples")
         self.lateness = WindowedSamples(window)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -42,8 +42,8 @@ from django.conf import settings  # type: ignore[import-untyped,import-not-found
 from django.core.signals import request_started  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from .._embed import EmbeddedHost, load_factory
-from .._options import seconds_option
-from .._util import describe
+from .._framework import contention_options, latency_recorder
+from .._validate import describe, to_seconds
 from ..exceptions import ConfigurationError
 
 __all__ = ["HostkitConfig", "embedded_host", "host_settings"]
@@ -87,16 +87,12 @@ def host_settings() -> dict[str, Any]:
         raise ConfigurationError(msg)
     if conf["SHUTDOWN_TIMEOUT"] is not None:
         # Checked here, at ready(), not at the first stop; `manage.py hostkit_run` uses it too.
-        conf["SHUTDOWN_TIMEOUT"] = seconds_option(conf["SHUTDOWN_TIMEOUT"], "settings.HOSTKIT['SHUTDOWN_TIMEOUT']")
+        conf["SHUTDOWN_TIMEOUT"] = to_seconds(conf["SHUTDOWN_TIMEOUT"], "settings.HOSTKIT['SHUTDOWN_TIMEOUT']")
     if conf["EMBEDDED_LOGGING"] is not None and not isinstance(conf["EMBEDDED_LOGGING"], bool):
         msg = f"settings.HOSTKIT['EMBEDDED_LOGGING'] must be True or False, not: {describe(conf['EMBEDDED_LOGGING'])}"
         raise ConfigurationError(msg)
-    contention = conf["CONTENTION"]
-    if contention is True:
-        conf["CONTENTION"] = {}
-    elif contention is not False and not isinstance(contention, dict):
-        msg = f"settings.HOSTKIT['CONTENTION'] must be True, False or a dict, not: {describe(contention)}"
-        raise ConfigurationError(msg)
+    options = contention_options(conf["CONTENTION"], "settings.HOSTKIT['CONTENTION']")
+    conf["CONTENTION"] = False if options is None else options
     return conf
 
 
@@ -137,11 +133,7 @@ class HostkitConfig(AppConfig):  # type: ignore[misc,unused-ignore]
         if not conf["ENABLED"]:
             return
         spec = conf["BUILDER"]
-        latency = None
-        if conf["LATENCY"]:
-            from ..contention import LatencyRecorder
-
-            latency = LatencyRecorder()
+        latency = latency_recorder(conf["LATENCY"])
         embedded = EmbeddedHost(
             lambda: _load(spec)(),
             name="django",

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from .._util import describe, to_seconds
+from .._validate import describe, positive_int, to_seconds
 from ..exceptions import ConfigurationError
 from ._codec import Codec, CodecName, resolve_codec
 
@@ -84,11 +84,8 @@ class QueueStats:
         return asdict(self)
 
 
-def check_positive_int(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        msg = f"{what} must be an int >= 1, not: {describe(value)}"
-        raise ConfigurationError(msg)
-    return value
+#: The queue modules' name for :func:`hostkit._validate.positive_int`.
+check_positive_int = positive_int
 
 
 def check_name(name: object) -> str:
@@ -119,10 +116,7 @@ class Queue(abc.ABC):
     def __init__(self, name: str, *, codec: CodecName | Codec = "json", lease_time: float | timedelta = 30.0) -> None:
         self.name = check_name(name)
         self.codec = resolve_codec(codec)
-        self.lease_time = to_seconds(lease_time, "lease_time")
-        if self.lease_time <= 0:
-            msg = f"lease_time must be > 0 seconds, not: {describe(lease_time)}"
-            raise ConfigurationError(msg)
+        self.lease_time = to_seconds(lease_time, "lease_time", allow_zero=False)
 
     # -- producers -------------------------------------------------------------------
 

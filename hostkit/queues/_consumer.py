@@ -37,15 +37,16 @@ from typing import TYPE_CHECKING, Any
 import tenacity
 from loguru import logger
 
+from .._backoff import wait_after, wait_or_seconds
 from .._di import Scope, ServiceCollection, ServiceProvider
 from .._services import BackgroundService
-from .._supervisor import format_failure
+from .._summary import format_failure, summarize_exception
 from .._token import CancellationToken, CancellationTokenSource
-from .._util import describe, to_seconds
+from .._validate import describe, to_seconds
 from ..exceptions import ConfigurationError
 from ..health import HealthCheckResult, HealthChecks
 from ._base import Message, Queue, check_positive_int
-from ._outage import DETAIL_PREFIXES, Link, default_reconnect, describe_failure
+from ._outage import DETAIL_PREFIXES, Link, default_reconnect
 
 if TYPE_CHECKING:
     from .._host import Host
@@ -59,19 +60,6 @@ _ACK_DELAY = 0.05
 
 #: A message handler: ``handler(message, scope)``; raise to fail the delivery.
 Handler = Callable[[Message, Scope], object]
-
-
-def _default_backoff() -> tenacity.wait.wait_base:
-    return tenacity.wait_exponential(multiplier=1, min=1, max=60)
-
-
-def _wait_strategy(value: object, what: str) -> tenacity.wait.wait_base:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return tenacity.wait_fixed(to_seconds(value, what))
-    if not callable(value):
-        msg = f"{what} must be a tenacity wait strategy or seconds, not: {describe(value)}"
-        raise ConfigurationError(msg)
-    return value  # type: ignore[return-value]
 
 
 class QueueConsumer(BackgroundService):
@@ -151,10 +139,10 @@ class QueueConsumer(BackgroundService):
         if self.max_deliveries < self.max_attempts:
             msg = f"max_deliveries ({self.max_deliveries}) must be >= max_attempts ({self.max_attempts})"
             raise ConfigurationError(msg)
-        self.backoff = _default_backoff() if backoff is None else _wait_strategy(backoff, "backoff")
-        self.reconnect_backoff = (
-            default_reconnect() if reconnect_backoff is None else _wait_strategy(reconnect_backoff, "reconnect_backoff")
+        self.backoff = wait_or_seconds(
+            backoff, "backoff", default=tenacity.wait_exponential(multiplier=1, min=1, max=60)
         )
+        self.reconnect_backoff = wait_or_seconds(reconnect_backoff, "reconnect_backoff", default=default_reconnect())
         self.drain_timeout = to_seconds(drain_timeout, "drain_timeout")
         self.poll_interval = to_seconds(poll_interval, "poll_interval")
         self.name = name or f"queue-{queue.name}"
@@ -208,19 +196,7 @@ class QueueConsumer(BackgroundService):
         link = self._link
         if link is None:
             return HealthCheckResult.unhealthy(f"queue consumer {self.name!r} is not running", state="stopped")
-        snap = link.snapshot()
-        data: dict[str, Any] = {"queue": self.queue.name, "state": snap.state}
-        if snap.state == "up":
-            return HealthCheckResult.healthy(f"consuming from queue {self.queue.name!r}", **data)
-        if snap.error is None:
-            return HealthCheckResult.unhealthy(f"connecting to the broker of queue {self.queue.name!r}", **data)
-        data.update(
-            error=f"{type(snap.error).__name__}: {snap.error}",
-            tries=snap.tries,
-            failing_for_s=round(snap.down_for, 3),
-            next_try_in_s=None if snap.next_try_in is None else round(snap.next_try_in, 3),
-        )
-        return HealthCheckResult.unhealthy(describe_failure(snap.error, snap.outage, snap.next_try_in), **data)
+        return link.readiness()
 
     def attach_host(self, host: Host) -> None:
         """:class:`~hostkit.HostAware`: add the broker readiness check to the host's health checks.
@@ -247,11 +223,9 @@ class QueueConsumer(BackgroundService):
 
     def backoff_for(self, attempts: int) -> float:
         """Seconds before a message that failed its ``attempts``-th delivery is delivered again."""
-        # tenacity strategies read the attempt number from a call state; build one
-        # standalone so the same strategy objects users know from tenacity work here.
-        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = attempts
-        return max(float(self.backoff(state)), 0.0)
+        # The queue counts a message's deliveries, across processes: no retry loop is
+        # alive to ask, so the strategy is asked for that attempt number directly.
+        return wait_after(self.backoff, attempts)
 
     # -- the service -----------------------------------------------------------------
 
@@ -282,7 +256,7 @@ class QueueConsumer(BackgroundService):
             self._set_detail(None)
         if self._crash is not None:
             thread_name, exc = self._crash
-            msg = f"queue consumer {self.name!r}: thread {thread_name} died: {type(exc).__name__}: {exc}"
+            msg = f"queue consumer {self.name!r}: thread {thread_name} died: {summarize_exception(exc)}"
             raise RuntimeError(msg) from exc
         log.info("Queue consumer {!r} stopped: {}", self.name, self.stats())
 
@@ -609,7 +583,7 @@ class QueueConsumer(BackgroundService):
             # outage, which every thread's calls then hit: the link logs the rest.
             link = self._link
             news = link.notice(exc) if link is not None else True
-            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            text = summarize_exception(exc)
             log.log("WARNING" if news else "DEBUG", message + ": {}", *args, text)
             log.opt(exception=exc).debug("Queue consumer {!r}: the traceback of that failure", self.name)
         else:

@@ -29,7 +29,10 @@ from typing import Any, Literal
 
 import tenacity
 
+from .._backoff import Wait
+from .._summary import summarize_exception
 from .._token import CancellationToken
+from ..health import HealthCheckResult
 from ._base import Message, Queue
 
 __all__ = ["DETAIL_PREFIXES", "Jittered", "Link", "LinkSnapshot", "LinkState", "default_reconnect", "describe_failure"]
@@ -85,7 +88,7 @@ class Link:
     def __init__(
         self,
         queue: Queue,
-        wait: tenacity.wait.wait_base,
+        wait: Wait,
         name: str,
         on_change: Callable[[str | None], None] | None = None,
     ) -> None:
@@ -136,6 +139,22 @@ class Link:
                 self._down_since = time.monotonic()
             self._error = error
             return True
+
+    def readiness(self) -> HealthCheckResult:
+        """Healthy while up; else unhealthy, with why and when the next try is."""
+        snap = self.snapshot()
+        data: dict[str, Any] = {"queue": self.queue.name, "state": snap.state}
+        if snap.state == "up":
+            return HealthCheckResult.healthy(f"consuming from queue {self.queue.name!r}", **data)
+        if snap.error is None:
+            return HealthCheckResult.unhealthy(f"connecting to the broker of queue {self.queue.name!r}", **data)
+        data.update(
+            error=summarize_exception(snap.error),
+            tries=snap.tries,
+            failing_for_s=round(snap.down_for, 3),
+            next_try_in_s=None if snap.next_try_in is None else round(snap.next_try_in, 3),
+        )
+        return HealthCheckResult.unhealthy(describe_failure(snap.error, snap.outage, snap.next_try_in), **data)
 
     def wake(self) -> None:
         """Wake the threads waiting for the link (the consumer is stopping)."""
@@ -218,13 +237,10 @@ class Link:
             # No blocking wait: a probe should answer now, and bring the link up at once.
             return attempt(0.0)
 
-        def sleep(seconds: float) -> None:
-            stopping.wait(seconds)  # a stop ends the back-off at once
-
         retrying = tenacity.Retrying(
             wait=self.wait,
             stop=tenacity.stop_when_event_set(stopping),
-            sleep=sleep,
+            sleep=tenacity.sleep_using_event(stopping),  # a stop ends the back-off at once
             retry=tenacity.retry_if_exception_type(Exception),
             before_sleep=lambda state: self._report(state, log),
             reraise=True,
@@ -259,7 +275,7 @@ class Link:
         detail = describe_failure(exc, outage, delay)
         if self.on_change is not None:
             self.on_change(detail)
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        text = summarize_exception(exc)
         if outage or retry_state.attempt_number > 1:
             log.warning(
                 "Queue consumer {!r}: {}leasing from {!r} failed with {}; next try in {:.1f} s "
