@@ -273,6 +273,13 @@ class ServiceCollection:
         new.hosted = list(self.hosted)
         return new
 
+    def without(self, *keys: Any) -> ServiceCollection:
+        """A copy of this collection without the registrations of ``keys`` (absent keys are ignored)."""
+        new = self.copy()
+        for key in keys:
+            new._descriptors.pop(key, None)
+        return new
+
     def add_singleton(
         self,
         key: Any,

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from ._options import RestartPolicy, check_start_method, seconds_option
+from ._process.options import ProcessOptions
 from ._services import PLACEMENTS, BackgroundService, HostedService, Placement
 from ._util import describe
 from .exceptions import ConfigurationError, ConfigurationTypeError, InvalidServiceError
@@ -40,7 +41,7 @@ class HostedServiceRegistration:
     placement: Placement | None
     restart: RestartPolicy | None = None
     heartbeat_timeout: float | None = None
-    process_options: dict[str, Any] = field(default_factory=dict)
+    process_options: ProcessOptions = field(default_factory=ProcessOptions)
 
     @property
     def display_name(self) -> str:
@@ -145,7 +146,7 @@ def make_registration(
             f"{cls.__qualname__} is registered with placement={resolved_placement!r}"
         )
         raise ConfigurationError(msg)
-    _check_process_options(options)
+    checked = _check_process_options(options)
     if not isinstance(service, type):
         for reg in existing:
             if reg.service is service:
@@ -169,18 +170,20 @@ def make_registration(
             msg = f"a hosted service named {name!r} is already registered; give each registration its own name="
             raise ConfigurationError(msg)
         final = name
-    return HostedServiceRegistration(service, final, resolved_placement, restart, beat, options)  # type: ignore[arg-type]
+    return HostedServiceRegistration(service, final, resolved_placement, restart, beat, checked)  # type: ignore[arg-type]
 
 
-def _check_process_options(options: dict[str, Any]) -> None:
-    if "start_method" in options:
-        check_start_method(options["start_method"], "start_method")
-    if "nice" in options:
-        nice = options["nice"]
-        if not isinstance(nice, int) or isinstance(nice, bool) or not -20 <= nice <= 19:
-            msg = f"nice must be an int from -20 to 19, not: {describe(nice)}"
-            raise ConfigurationError(msg)
-    if "cpu_affinity" in options:
+def _check_process_options(options: dict[str, Any]) -> ProcessOptions:
+    """The given (not ``None``) ``placement="process"`` keywords, validated, as :class:`ProcessOptions`."""
+    start_method = options.get("start_method")
+    if start_method is not None:
+        check_start_method(start_method, "start_method")
+    nice = options.get("nice")
+    if nice is not None and (not isinstance(nice, int) or isinstance(nice, bool) or not -20 <= nice <= 19):
+        msg = f"nice must be an int from -20 to 19, not: {describe(nice)}"
+        raise ConfigurationError(msg)
+    affinity: tuple[int, ...] | None = None
+    if options.get("cpu_affinity") is not None:
         cpus = options["cpu_affinity"]
         if isinstance(cpus, (str, bytes)) or not isinstance(cpus, Iterable):
             msg = f"cpu_affinity must be a non-empty set of CPU numbers, like {{0, 1}}, not: {describe(cpus)}"
@@ -192,6 +195,8 @@ def _check_process_options(options: dict[str, Any]) -> None:
                 f"not: {describe(options['cpu_affinity'])}"
             )
             raise ConfigurationError(msg)
-        options["cpu_affinity"] = cpus
-    if "memory_limit" in options:
-        options["memory_limit"] = parse_bytes(options["memory_limit"], "memory_limit")
+        affinity = tuple(cpus)
+    memory_limit = options.get("memory_limit")
+    if memory_limit is not None:
+        memory_limit = parse_bytes(memory_limit, "memory_limit")
+    return ProcessOptions(start_method=start_method, nice=nice, cpu_affinity=affinity, memory_limit=memory_limit)
