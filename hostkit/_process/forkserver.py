@@ -36,7 +36,12 @@ _SERVER_COMMAND = "from multiprocess.forkserver import main"
 
 
 def in_fork_server() -> bool:
-    """``True`` in the fork server process itself (its interpreter was started to run the server)."""
+    """``True`` in an interpreter started to run multiprocess's fork server.
+
+    Its forks share the command line, so this is also ``True`` in every child the
+    server forks; the guard below runs only when the server preloads this module,
+    and a child finds it already imported.
+    """
     return any(arg.startswith(_SERVER_COMMAND) for arg in sys.orig_argv)
 
 
