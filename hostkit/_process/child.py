@@ -40,6 +40,7 @@ from typing import Any
 
 import dill
 
+from .._runners._base import attach_runner, detach_runner
 from .._token import CancellationToken
 from .logbridge import ChildLog
 from .orphan import Ending, arm_pdeathsig, parent_gone, watch
@@ -226,8 +227,6 @@ def _describe_error(exc: BaseException) -> Failed:
 
 def child_main(payload: bytes, settings: ChildSettings, results: Any, control: Any, shared_array: Any) -> None:
     """Run one service's ``execute`` in this (child) process; report the result to the parent."""
-    from .._runners._base import attach_runner, detach_runner
-
     token = CancellationToken(name=settings.name)
     shared = SharedState(shared_array)
     channel = _Channel(results)

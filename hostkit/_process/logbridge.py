@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from .._logging import InterceptHandler
 from .protocol import LogRecord
 
 __all__ = ["ChildLog", "capture", "reemit"]
@@ -88,8 +89,6 @@ class ChildLog:
 
     def install(self, stdlib_level: int) -> None:
         """Forward every loguru record; route stdlib records through loguru, as in the host."""
-        from .._logging import InterceptHandler
-
         # Under fork the parent's sinks were copied into the child: writing to them here
         # would bypass the parent (and its in-memory sinks would swallow the lines).
         logger.remove()
