@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 from .._token import CancellationToken
-from .protocol import STOP, ChildSettings
+from .protocol import ChildSettings
 
 __all__ = ["ORPHAN_EXIT_CODE", "ORPHAN_GRACE", "PARENT_DIED_BYTE", "Ending", "arm_pdeathsig", "parent_gone", "watch"]
 
@@ -100,15 +100,14 @@ def watch(control: Any, token: CancellationToken, wake_r: int, settings: ChildSe
             token.set()
         if control in ready:
             try:
-                request = control.recv_bytes()
+                control.recv_bytes()  # STOP: the one message the host sends on this pipe
             except (EOFError, OSError):
                 # The parent closes the control pipe only after this child ended:
                 # EOF while we run means the parent died.
                 orphaned = True
             else:
-                if request == STOP:
-                    token.set()
-                    waitables.remove(control)
+                token.set()
+                waitables.remove(control)
         if sentinel is not None and sentinel in ready:
             orphaned = True
     ending.orphaned.set()
