@@ -298,7 +298,7 @@ def main() -> int:
     duration = args.duration or (4.0 if args.quick else 10.0)
 
     try:
-        import hostkit._runners.process  # noqa: F401
+        import hostkit._process.runner  # noqa: F401
 
         have_process = True
     except ImportError:

@@ -110,7 +110,7 @@ def serve(server: str, scenario: str) -> None:
         builder.services.add_hosted_service(Burner, placement="thread")
     else:
         try:
-            from hostkit._runners import process  # noqa: F401
+            from hostkit._process import runner  # noqa: F401
 
             builder.services.add_hosted_service(Burner, placement="process")
         except ImportError:

@@ -186,7 +186,7 @@ class Host:
             elif reg.placement == "process":
                 # Built in its child by the child's own container (singletons are per
                 # process): the host never constructs it nor holds what it opens.
-                from ._runners.process import DeferredService
+                from ._process.deferred import DeferredService
 
                 service = DeferredService(reg, services)
                 _warn_own_singletons(reg, services)
@@ -197,11 +197,9 @@ class Host:
                 name=reg.name,
                 placement=reg.placement,
                 restart=reg.restart,
-                process_options=reg.process_options,
+                process_options=reg.process_options.with_default_start_method(options.start_method),
                 heartbeat_timeout=reg.heartbeat_timeout,
             )
-            if reg.placement == "process":
-                record.process_options.setdefault("start_method", options.start_method)
             if isinstance(service, BackgroundService):
                 runner = create_runner(service, record)
                 runner.on_end = self._on_service_end

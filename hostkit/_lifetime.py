@@ -46,6 +46,10 @@ class ApplicationLifetime:
         logger.bind(service="host").debug("Stop requested through ApplicationLifetime.stop_application()")
         self.stopping.set()
 
+    def set_stop_handler(self, handler: Callable[[], None] | None) -> None:
+        """Call ``handler`` (the host's, or a child's link to it) whenever ``stopping`` is set."""
+        self._on_stop_requested = handler
+
     def _notify_host(self) -> None:
         callback = self._on_stop_requested
         if callback is not None:

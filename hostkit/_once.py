@@ -230,7 +230,9 @@ class OncePerDeployment(BackgroundService):
         if self._given_path is not None:
             check_shared_location(path, "deployment lock")
         lock = DeploymentLock(path)
-        runner = self.__dict__.get("_hostkit_runner")
+        from ._runners._base import runner_for
+
+        runner = runner_for(self) or self.__dict__.get("_hostkit_runner")
         report = _LockReporter(runner)
         try:
             waiting_logged = False

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from ._options import RestartPolicy, check_start_method, seconds_option
+from ._process.options import ProcessOptions
 from ._services import PLACEMENTS, BackgroundService, HostedService, Placement
 from ._util import describe
 from .exceptions import ConfigurationError, ConfigurationTypeError, InvalidServiceError
@@ -41,7 +42,7 @@ class HostedServiceRegistration:
     placement: Placement | None
     restart: RestartPolicy | None = None
     heartbeat_timeout: float | None = None
-    process_options: dict[str, Any] = field(default_factory=dict)
+    process_options: ProcessOptions = field(default_factory=ProcessOptions)
 
     @property
     def display_name(self) -> str:
@@ -179,7 +180,7 @@ def _heartbeat_timeout(cls: type, value: float | timedelta | None, *, is_backgro
     return beat
 
 
-def _process_options(cls: type, given: dict[str, Any], placement: Placement | None) -> dict[str, Any]:
+def _process_options(cls: type, given: dict[str, Any], placement: Placement | None) -> ProcessOptions:
     """The process options that were given, checked and normalised; only ``placement="process"`` takes them."""
     options = {k: v for k, v in given.items() if v is not None}
     if options and placement != "process":
@@ -188,8 +189,7 @@ def _process_options(cls: type, given: dict[str, Any], placement: Placement | No
             f"{cls.__qualname__} is registered with placement={placement!r}"
         )
         raise ConfigurationError(msg)
-    _check_process_options(options)
-    return options
+    return _check_process_options(options)
 
 
 def _check_not_registered(service: object, cls: type, existing: list[HostedServiceRegistration]) -> None:
@@ -223,16 +223,20 @@ def _unique_name(cls: type, name: object, existing: list[HostedServiceRegistrati
     return name
 
 
-def _check_process_options(options: dict[str, Any]) -> None:
-    """Check each given process option; ``cpu_affinity`` and ``memory_limit`` are normalised in place."""
-    if "start_method" in options:
-        check_start_method(options["start_method"], "start_method")
-    if "nice" in options:
-        _check_nice(options["nice"])
-    if "cpu_affinity" in options:
-        options["cpu_affinity"] = _cpu_set(options["cpu_affinity"])
-    if "memory_limit" in options:
-        options["memory_limit"] = parse_bytes(options["memory_limit"], "memory_limit")
+def _check_process_options(options: dict[str, Any]) -> ProcessOptions:
+    """The given (not ``None``) ``placement="process"`` keywords, validated, as :class:`ProcessOptions`."""
+    start_method = options.get("start_method")
+    if start_method is not None:
+        check_start_method(start_method, "start_method")
+    nice = options.get("nice")
+    if nice is not None:
+        _check_nice(nice)
+    cpus = options.get("cpu_affinity")
+    affinity = None if cpus is None else tuple(_cpu_set(cpus))
+    memory_limit = options.get("memory_limit")
+    if memory_limit is not None:
+        memory_limit = parse_bytes(memory_limit, "memory_limit")
+    return ProcessOptions(start_method=start_method, nice=nice, cpu_affinity=affinity, memory_limit=memory_limit)
 
 
 def _check_nice(nice: object) -> None:

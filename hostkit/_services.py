@@ -78,6 +78,12 @@ class BackgroundService(HostedService):
         Services registered with a ``heartbeat_timeout`` call this from their
         loop; a heartbeat older than the timeout counts as a hang.
         """
+        from ._runners._base import runner_for
+
+        attached = runner_for(self)
+        if attached is not None:
+            attached.heartbeat()
+            return
         runner = self.__dict__.get("_hostkit_runner")
         if runner is not None:
             runner.beat()

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._process.options import ProcessOptions
+
 if TYPE_CHECKING:
     from ._options import RestartPolicy
     from ._services import HostedService, Placement
@@ -187,14 +189,14 @@ class ServiceRecord:
         name: str,
         placement: Placement | None,
         restart: RestartPolicy | None = None,
-        process_options: dict[str, Any] | None = None,
+        process_options: ProcessOptions | None = None,
         heartbeat_timeout: float | None = None,
     ) -> None:
         self.service = service
         self.name = name
         self.placement = placement
         self.restart = restart
-        self.process_options: dict[str, Any] = dict(process_options or {})
+        self.process_options: ProcessOptions = process_options or ProcessOptions()
         self.heartbeat_timeout = heartbeat_timeout
         self._lock = threading.Lock()
         self.state = ServiceState.CREATED

@@ -143,8 +143,8 @@ class CancellationToken(threading.Event):
                 try:
                     registration._callback()
                 except Exception:
-                    # Imported here: a process-placed service's child imports this module but
-                    # loads loguru only if its own code uses it (see hostkit._child).
+                    # Imported here: a service's module imports this one, and importing it
+                    # must not load loguru (see "What a child imports" in the docs).
                     from loguru import logger
 
                     logger.opt(exception=True).warning(

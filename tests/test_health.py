@@ -162,7 +162,7 @@ class TestBuiltinChecks:
     @pytest.mark.timeout(90)
     def test_killed_child_is_unhealthy(self) -> None:
         """A process-placed service whose child is killed turns liveness unhealthy, naming it."""
-        pytest.importorskip("hostkit._runners.process")
+        pytest.importorskip("hostkit._process.runner")
         builder = HostBuilder(options=HostOptions(shutdown_timeout=10, on_background_error="ignore"))
         builder.services.add_hosted_service(Idle, placement="process")
         checks = use_health(builder)

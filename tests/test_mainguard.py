@@ -63,7 +63,7 @@ class TestUnguardedMainModule:
 
     def test_no_hint_outside_a_re_import(self) -> None:
         """Any other RuntimeError of a start, and any other error, gets no hint."""
-        from hostkit._mainguard import explain_main_reimport
+        from hostkit._process.mainguard import explain_main_reimport
 
         assert explain_main_reimport(RuntimeError("something else")) is None
         assert explain_main_reimport(OSError("no more processes")) is None

@@ -17,7 +17,7 @@ __all__ = ["Runner", "create_runner"]
 def create_runner(service: BackgroundService, record: ServiceRecord) -> Runner:
     """The runner for ``record.placement``."""
     if record.placement == "process":
-        from .process import ProcessRunner
+        from .._process.runner import ProcessRunner
 
         return ProcessRunner(service, record)
     from .thread import ThreadRunner

@@ -15,7 +15,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from loguru import logger
 
@@ -27,7 +27,7 @@ from ..exceptions import HostStateError, SupervisorError
 if TYPE_CHECKING:
     from .._services import BackgroundService
 
-__all__ = ["Runner"]
+__all__ = ["Runner", "RunnerLike", "attach_runner", "detach_runner", "runner_for"]
 
 
 class Runner(ABC):
@@ -187,3 +187,47 @@ class Runner(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.record.name!r} {self.record.state.value}>"
+
+
+# -- runner lookup: which runner runs a service, kept off the user's object ------------------
+#
+# The service object belongs to the user: hostkit keeps what it knows about it here,
+# keyed by id(service). The entry holds the service itself too, so its id cannot be
+# reused by another object while the entry exists; detach_runner drops both.
+
+
+class RunnerLike(Protocol):
+    """What a service's code reaches through its runner: the host's runner, or a child's stand-in."""
+
+    @property
+    def record(self) -> ServiceRecord | None: ...
+
+    def heartbeat(self) -> None: ...
+
+    def report_detail(self, text: str | None) -> None: ...
+
+    def report_lock(self, status: LockStatus | None) -> None: ...
+
+
+_attached: dict[int, tuple[object, RunnerLike]] = {}
+_attached_lock = threading.Lock()
+
+
+def attach_runner(service: object, runner: RunnerLike) -> None:
+    """Record that ``runner`` runs ``service`` (replacing any runner recorded before)."""
+    with _attached_lock:
+        _attached[id(service)] = (service, runner)
+
+
+def detach_runner(service: object, runner: RunnerLike) -> None:
+    """Forget ``runner`` for ``service``; a no-op if another runner was attached since."""
+    with _attached_lock:
+        entry = _attached.get(id(service))
+        if entry is not None and entry[1] is runner:
+            del _attached[id(service)]
+
+
+def runner_for(service: object) -> RunnerLike | None:
+    """The runner attached to ``service``, or ``None``."""
+    entry = _attached.get(id(service))
+    return None if entry is None else entry[1]

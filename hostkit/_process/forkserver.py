@@ -18,27 +18,34 @@ SIGINT is ignored here, not only by the server's own loop: that loop gives its
 children the handler it found, and a child must not die of Ctrl+C before it has
 its own handlers.
 
-The guard makes importing this module anywhere else a no-op.
+The fork server is recognised by its command line, which multiprocess builds
+itself (``python -c 'from multiprocess.forkserver import main; main(...)'``):
+importing this module anywhere else does nothing. Its children never import it
+again (it is already in their copy of ``sys.modules``), so they are unaffected.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from types import FrameType
+
+__all__ = ["in_fork_server"]
+
+#: How multiprocess's fork server command line begins (the argument of ``-c``).
+_SERVER_COMMAND = "from multiprocess.forkserver import main"
 
 
-def _in_fork_server() -> bool:
-    frame: FrameType | None = sys._getframe()
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "main" and code.co_filename.endswith("forkserver.py"):
-            return True
-        frame = frame.f_back
-    return False
+def in_fork_server() -> bool:
+    """``True`` in an interpreter started to run multiprocess's fork server.
+
+    Its forks share the command line, so this is also ``True`` in every child the
+    server forks; the guard below runs only when the server preloads this module,
+    and a child finds it already imported.
+    """
+    return any(arg.startswith(_SERVER_COMMAND) for arg in sys.orig_argv)
 
 
-if _in_fork_server():
+if in_fork_server():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})

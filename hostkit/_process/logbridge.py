@@ -1,0 +1,198 @@
+"""The log bridge: a child's records travel to the host, which writes them through its own loguru sinks.
+
+Child side: at bootstrap the child routes stdlib ``logging`` into loguru (as the
+host does), replaces the sinks it may have inherited through fork with one
+forwarding sink, and sends each record over the result pipe as a
+:class:`~hostkit._process.protocol.LogRecord`, built by :func:`capture` only.
+
+Host side: the supervising thread reads the records in the order the child wrote
+them and :func:`reemit` logs each one through loguru, with the child's time,
+module, function, line, thread and process, so the host's sinks and filters treat
+it as one of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from loguru import logger
+
+from .._logging import InterceptHandler
+from .protocol import LogRecord
+
+__all__ = ["ChildLog", "capture", "reemit"]
+
+
+class _Sender(Protocol):
+    def send(self, message: Any) -> None: ...
+
+
+def capture(
+    *,
+    level: str,
+    levelno: int,
+    message: str,
+    time: datetime | float,
+    name: str,
+    function: str,
+    line: int,
+    file_path: str,
+    process_name: str,
+    extra: dict[str, object],
+    exception: str | None = None,
+) -> LogRecord:
+    """The one place a :class:`LogRecord` is made; thread and file fields come from here."""
+    base = os.path.basename(file_path)
+    thread = threading.current_thread()
+    return LogRecord(
+        level=level,
+        levelno=levelno,
+        message=message,
+        time=time,
+        name=name,
+        function=function,
+        line=line,
+        module=os.path.splitext(base)[0],
+        file_name=base,
+        file_path=file_path,
+        thread_id=thread.ident,
+        thread_name=thread.name,
+        process_name=process_name,
+        extra=extra,
+        exception=exception,
+    )
+
+
+def _plain(value: object) -> object:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+class ChildLog:
+    """The child's end of the bridge: every loguru and stdlib record goes to the host, in order."""
+
+    def __init__(self, channel: _Sender, service: str, process_name: str) -> None:
+        self.channel = channel
+        self.service = service
+        self.pid = os.getpid()
+        # Named once: every record carries it, and it does not change in this process.
+        self.process_name = process_name
+
+    def install(self, stdlib_level: int) -> None:
+        """Forward every loguru record; route stdlib records through loguru, as in the host."""
+        # Under fork the parent's sinks were copied into the child: writing to them here
+        # would bypass the parent (and its in-memory sinks would swallow the lines).
+        logger.remove()
+        logger.add(self._sink, level=0, format="{message}", enqueue=False, catch=True)
+        logger.configure(extra={"service": self.service, "pid": self.pid})
+        # hostkit disables its own logger; the parent filters by module name when it
+        # re-emits, so enable everything here and let the parent's settings decide.
+        logger.enable("")
+        root = logging.getLogger()
+        root.handlers = [InterceptHandler()]
+        root.setLevel(stdlib_level)
+
+    def _sink(self, message: Any) -> None:
+        record = message.record
+        exc_text = None
+        if record["exception"] is not None:
+            etype, evalue, etb = record["exception"]
+            exc_text = "".join(traceback.format_exception(etype, evalue, etb))
+        self.channel.send(
+            capture(
+                level=record["level"].name,
+                levelno=record["level"].no,
+                message=record["message"],
+                time=record["time"],
+                name=record["name"] or "__main__",
+                function=record["function"],
+                line=record["line"],
+                file_path=record["file"].path,
+                process_name=self.process_name,
+                extra={str(k): _plain(v) for k, v in record["extra"].items()},
+                exception=exc_text,
+            )
+        )
+
+    def warning(self, message: str, exc: BaseException | None = None) -> None:
+        """hostkit's own line from the child, named after the caller."""
+        caller = sys._getframe(1)
+        self.channel.send(
+            capture(
+                level="WARNING",
+                levelno=logging.WARNING,
+                message=message,
+                time=time.time(),
+                name=__name__,
+                function=caller.f_code.co_name,
+                line=caller.f_lineno,
+                file_path=__file__,
+                process_name=self.process_name,
+                extra={"service": self.service, "pid": self.pid},
+                exception="".join(traceback.format_exception(exc)) if exc is not None else None,
+            )
+        )
+
+    def complete(self) -> None:
+        logger.complete()
+
+
+# -- host side ----------------------------------------------------------------------------
+
+_EMIT_SOURCE = "def emit(log, level, message):\n    log.log(level, message)\n"
+_emitters: dict[str, Callable[[Any, Any, str], None]] = {}
+
+
+def _emitter(module_name: str) -> Callable[[Any, Any, str], None]:
+    """A function whose module is ``module_name``.
+
+    loguru's ``enable``/``disable`` filter on the calling frame's ``__name__``; calling
+    ``logger.log`` from a function with the child's module name keeps those settings
+    working for a child's records exactly as for the host's own.
+    """
+    fn = _emitters.get(module_name)
+    if fn is None:
+        namespace: dict[str, Any] = {"__name__": module_name}
+        exec(compile(_EMIT_SOURCE, f"<hostkit child {module_name}>", "exec"), namespace)
+        fn = namespace["emit"]
+        _emitters[module_name] = fn
+    return fn
+
+
+def reemit(record: LogRecord, pid: int, service: str) -> None:
+    """Log a child's record in the host, with its own fields, ``service`` and the child's ``pid``."""
+    when = record.time
+
+    def patch(target: Any) -> None:
+        if isinstance(when, float):  # a stdlib record's timestamp
+            target["time"] = type(target["time"]).fromtimestamp(when, tz=target["time"].tzinfo)
+        else:
+            target["time"] = when
+        target["function"] = record.function
+        target["line"] = record.line
+        target["module"] = record.module
+        target["name"] = record.name
+        target["file"] = type(target["file"])(record.file_name, record.file_path)
+        target["thread"] = type(target["thread"])(record.thread_id, record.thread_name)
+        target["process"] = type(target["process"])(pid, record.process_name)
+
+    extra = dict(record.extra)
+    extra.setdefault("service", service)
+    extra["pid"] = pid
+    try:
+        level: Any = logger.level(record.level).name
+    except ValueError:
+        level = record.levelno
+    message = record.message
+    if record.exception:
+        message = f"{message}\n{record.exception.rstrip()}"
+    _emitter(record.name or "__main__")(logger.patch(patch).bind(**extra), level, message)
