@@ -152,12 +152,14 @@ class Runner(ABC):
                 # The host logs this event once, at ERROR, with where the service was stuck and
                 # what was done to it (Host._escalate); here it is only the run's end.
                 self._log.debug("Background service {!r} {}", self.record.name, self.timed_out_detail)
+            # The line first, then the state: whoever sees the state (a test, a probe) finds
+            # the line already written.
             elif self.stopping.is_set() or (self.host_stopping is not None and self.host_stopping.is_set()):
-                self.record.mark(ServiceState.STOPPED, detail=None)
                 self._log.info("Background service {!r} stopped", self.record.name)
+                self.record.mark(ServiceState.STOPPED, detail=None)
             else:
-                self.record.mark(ServiceState.COMPLETED, detail=None)
                 self._log.info("Background service {!r} completed", self.record.name)
+                self.record.mark(ServiceState.COMPLETED, detail=None)
 
     def _finish(self) -> None:
         self.ended.set()
