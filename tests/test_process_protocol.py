@@ -10,7 +10,7 @@ from typing import Any
 import dill
 import pytest
 
-from hostkit import BackgroundService, CancellationToken, HostBuilder, HostOptions, LockStatus, ServiceCollection
+from hostkit import BackgroundService, CancellationToken, HostBuilder, HostOptions, HostServiceCollection, LockStatus
 from hostkit._process import protocol
 from hostkit._process.options import ProcessOptions
 from tests.conftest import wait_until
@@ -37,7 +37,7 @@ class Idle(BackgroundService):
 class TestProcessOptions:
     def test_registration_makes_validated_frozen_options(self) -> None:
         """The keywords stay as they were; the registration holds one frozen, normalised ProcessOptions."""
-        services = ServiceCollection()
+        services = HostServiceCollection()
         reg = services.add_hosted_service(
             Idle, placement="process", start_method="spawn", nice=5, cpu_affinity={1, 0, 1}, memory_limit=4096
         )
