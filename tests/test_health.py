@@ -511,7 +511,9 @@ class TestSlowClients:
     def test_at_max_connections_the_oldest_unfinished_makes_room(self) -> None:
         """At max_connections a new connection closes the oldest one still unfinished, so
         silent clients can never fill the listener; the probe behind them is answered."""
-        with ProbeListener(HealthChecks(), port=0, max_connections=4) as listener:
+        # A long request_timeout: only the cap may drop a connection here, not the deadline
+        # (a loaded machine can take seconds between the connects and the checks).
+        with ProbeListener(HealthChecks(), port=0, max_connections=4, request_timeout=120) as listener:
             silent = [socket.create_connection(("127.0.0.1", listener.port), timeout=5) for _ in range(7)]
             try:
                 status, _ = timed_get(listener.port, "/health/live", timeout=5)

@@ -271,7 +271,8 @@ class TestSQLiteOutage:
         from hostkit.exceptions import ConfigurationError
         from hostkit.queues import QueueConsumer
 
-        consumer = QueueConsumer(SQLiteQueue(tmp_path / "q.db"), lambda m, s: None)
+        queues = [SQLiteQueue(tmp_path / "q.db") for _ in range(3)]
+        consumer = QueueConsumer(queues[0], lambda m, s: None)
         state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
         for attempt in range(1, 12):
             state.attempt_number = attempt
@@ -279,10 +280,12 @@ class TestSQLiteOutage:
             waits = {consumer.reconnect_backoff(state) for _ in range(20)}
             assert all(0.8 * full <= w <= full for w in waits), (attempt, waits)
             assert len(waits) > 1, "jittered: not every consumer of a fleet waits the same"
-        fixed = QueueConsumer(SQLiteQueue(tmp_path / "q.db"), lambda m, s: None, reconnect_backoff=2)
+        fixed = QueueConsumer(queues[1], lambda m, s: None, reconnect_backoff=2)
         assert fixed.reconnect_backoff(state) == 2
         with pytest.raises(ConfigurationError, match="reconnect_backoff must be a tenacity wait strategy or seconds"):
-            QueueConsumer(SQLiteQueue(tmp_path / "q.db"), lambda m, s: None, reconnect_backoff="5s")  # type: ignore[arg-type]
+            QueueConsumer(queues[2], lambda m, s: None, reconnect_backoff="5s")  # type: ignore[arg-type]
+        for queue in queues:  # closed here, not by the garbage collector in some later test
+            queue.close()
 
     def test_a_failed_lease_that_is_no_outage_keeps_its_traceback(self, tmp_path: Path, logs: Any) -> None:
         """A lease failing with a bug, not an outage: ERROR with its traceback on try 1, then one line per try."""
