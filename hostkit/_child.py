@@ -158,8 +158,14 @@ class _Beat:
         self._shared = shared
         self._channel = channel
 
-    def beat(self) -> None:
+    #: A child has no record of the service: the host keeps it.
+    record = None
+
+    def heartbeat(self) -> None:
         self._shared.beat = time.time()
+
+    def report_detail(self, text: str | None) -> None:
+        """Dropped: a child has no record to show it on; its log lines reach the host."""
 
     def report_lock(self, status: Any) -> None:
         # Plain values: the parent rebuilds the LockStatus, so nothing of hostkit is pickled by reference.
@@ -596,7 +602,7 @@ def _load(payload: bytes, token: CancellationToken, channel: _Channel) -> tuple[
         if not token.is_set():
             channel.send(("stop_application",))
 
-    lifetime._on_stop_requested = ask_host
+    lifetime.set_stop_handler(ask_host)
     own = ServiceDescriptor(ApplicationLifetime, "singleton", instance=lifetime)
     collection._descriptors[ApplicationLifetime] = own
     provider = ServiceProvider(collection, validate=False)
@@ -651,7 +657,10 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
         try:
             _apply_resources(settings)
             service, close = _load(payload, token, channel)
-            service.__dict__["_hostkit_runner"] = _Beat(shared, channel)
+            from ._runner_table import attach_runner
+
+            beat = _Beat(shared, channel)  # the table holds it weakly: kept alive here while execute runs
+            attach_runner(service, beat)
             shared.executing = time.time()
             service.execute(token)
         finally:

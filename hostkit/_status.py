@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from ._options import RestartPolicy
+    from ._runners import Runner
     from ._services import HostedService, Placement
 
 __all__ = ["HostState", "HostStatus", "LockStatus", "ServiceRecord", "ServiceState", "ServiceStatus"]
@@ -211,6 +212,8 @@ class ServiceRecord:
         self.healthy = True
         self.lock: LockStatus | None = None
         self.exception: BaseException | None = None
+        #: What runs a background service in its placement (``None`` for a hosted service).
+        self.runner: Runner | None = None
 
     @classmethod
     def standalone(cls, service: HostedService) -> ServiceRecord:

@@ -433,7 +433,7 @@ def _children_check(host: Host) -> HealthCheckResult:
 
 def _heartbeats_check(host: Host) -> HealthCheckResult:
     # The timeouts live on the host's records (the snapshot has the beat, not the limit).
-    timeouts = {r.name: r.heartbeat_timeout for r in getattr(host, "_records", ()) if r.heartbeat_timeout}
+    timeouts = {r.name: r.heartbeat_timeout for r in host.service_records() if r.heartbeat_timeout}
     if not timeouts:
         return HealthCheckResult.healthy("no service has a heartbeat_timeout")
     now = time.time()

@@ -246,7 +246,7 @@ class TestHttpListener:
         use_health(builder, port=0)
         host = builder.build()
         with host:
-            service = next(r.service for r in host._records if r.name == "health")
+            service = next(r.service for r in host.service_records() if r.name == "health")
             status, body = get(service.listener.port, "/metrics")
         assert status == 200
         assert 'hostkit_service_state{service="Idle",state="running"} 1.0' in body
@@ -301,7 +301,7 @@ class TestHttpListener:
         use_health(builder, port=0)
         host = builder.build()
         host.start()
-        port = next(r.service for r in host._records if r.name == "health").listener.port
+        port = next(r.service for r in host.service_records() if r.name == "health").listener.port
         stopper = threading.Thread(target=host.stop)
         stopper.start()
         try:

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+# The table of which runner runs which service lives in a module that imports nothing
+# heavy: a spawned child attaches its stand-in without loading loguru. Published here too.
+from .._runner_table import RunnerLike, attach_runner, detach_runner, runner_for
 from .._status import LockStatus, ServiceRecord, ServiceState
 from .._supervisor import Supervisor, format_failure
 from .._token import CancellationToken
@@ -27,7 +30,7 @@ from ..exceptions import HostStateError, SupervisorError
 if TYPE_CHECKING:
     from .._services import BackgroundService
 
-__all__ = ["Runner"]
+__all__ = ["Runner", "RunnerLike", "attach_runner", "detach_runner", "runner_for"]
 
 
 class Runner(ABC):
@@ -69,6 +72,10 @@ class Runner(ABC):
     def running(self) -> bool:
         return self._thread is not None and not self.ended.is_set()
 
+    def runs_on(self, thread: threading.Thread) -> bool:
+        """``True`` if ``thread`` is the one that runs (and supervises) the service."""
+        return self._thread is thread
+
     def request_stop(self) -> None:
         """Set the service's ``stopping`` token (idempotent)."""
         if self.running and not self.stopping.is_set():
@@ -80,10 +87,10 @@ class Runner(ABC):
         if self._thread is None or self.ended.is_set():
             return True
         gate = threading.Event()
-        # _watch, not register: the wait is bounded by the token's own deadline, so no
-        # timer thread is needed to end it (see CancellationToken._deadline).
-        with self.ended.register(gate.set), token._watch(gate.set):
-            gate.wait(token._remaining())
+        # watch, not register: the wait is bounded by the token's own deadline, so no
+        # timer thread is needed to end it.
+        with self.ended.register(gate.set), token.watch(gate.set):
+            gate.wait(token.remaining())
         return self.ended.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -92,9 +99,13 @@ class Runner(ABC):
             return True
         return self.ended.wait(timeout)
 
-    def beat(self) -> None:
+    def heartbeat(self) -> None:
         """Record a heartbeat from the service."""
         self.record.update(last_heartbeat_at=time.time())
+
+    def report_detail(self, text: str | None) -> None:
+        """Show ``text`` as the service's status detail (``None`` clears it)."""
+        self.record.update(detail=text)
 
     def report_lock(self, status: LockStatus | None) -> None:
         """Record where the service stands with its deployment lock (``None``: it has none now)."""

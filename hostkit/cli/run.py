@@ -127,7 +127,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _find(host: Host, cls: type[Any]) -> Any:
-    for record in getattr(host, "_records", ()):
+    for record in host.service_records():
         if isinstance(record.service, cls):
             return record.service
     return None
