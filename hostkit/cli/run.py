@@ -8,12 +8,12 @@ import os
 import sys
 from typing import Any
 
-from .._builder import HostBuilder
 from .._host import Host
 from .._logging import configure_logging
+from .._resolve import resolve_host
 from .._token import CancellationToken
-from .._util import close_match, describe, to_seconds
-from ..exceptions import HostkitError, ProbeListenerError, SystemdNotifyError
+from .._util import close_match, to_seconds
+from ..exceptions import ConfigurationError, HostkitError, ProbeListenerError, SystemdNotifyError
 from ..health import HealthChecks, HealthService, ProbeListener
 from ..systemd import Notifier, SystemdService
 from . import CliError, debug_option
@@ -217,30 +217,7 @@ def load_host(target: str, *, shutdown_timeout: float | None = None) -> Host:
             hint = f"; did you mean {guess!r}? It has: " if guess is not None else "; it has: "
             msg = f"{owner} has no attribute {part!r}{hint}{', '.join(public) or 'nothing public'}"
             raise CliError(msg) from None
-    return _to_host(value, target, shutdown_timeout)
-
-
-def _to_host(value: Any, target: str, shutdown_timeout: float | None) -> Host:
-    if not isinstance(value, (Host, HostBuilder)) and callable(value) and not isinstance(value, type):
-        try:
-            value = value()
-        except Exception as err:
-            msg = f"calling {target}() failed: {type(err).__name__}: {err}"
-            raise CliError(msg) from err
-        if not isinstance(value, (Host, HostBuilder)):
-            msg = f"{target}() returned {describe(value)}; it must return a hostkit.Host or a hostkit.HostBuilder"
-            raise CliError(msg)
-    if isinstance(value, HostBuilder):
-        try:
-            if shutdown_timeout is not None:
-                value.configure_options(shutdown_timeout=shutdown_timeout)
-            value = value.build()
-        except HostkitError as err:
-            msg = f"building the host from {target} failed: {err}"
-            raise CliError(msg) from err
-    if not isinstance(value, Host):
-        msg = f"{target} is {describe(value)}, not a hostkit.Host, a hostkit.HostBuilder, or a callable returning one"
-        raise CliError(msg)
-    if shutdown_timeout is not None:
-        value.options.shutdown_timeout = shutdown_timeout
-    return value
+    try:
+        return resolve_host(value, name=target, shutdown_timeout=shutdown_timeout, explain_failures=True)
+    except ConfigurationError as err:
+        raise CliError(str(err)) from err
