@@ -14,6 +14,14 @@ deadline. A hook we did not write runs on a helper thread so a hung one cannot
 keep the others from being attempted. At the deadline, every service still
 running is logged with where it is stuck, and escalated (a child process is
 terminated, then killed; a thread is abandoned). Then ``lifetime.stopped``.
+
+The Host holds the state and the order; each step has its own module::
+
+    Host.__init__  records (+ runner per background service, in the runner table)
+    Host.run       SignalWatch; signals_read_meanwhile() while start() may block  (_signals)
+    Host.start     StartPhases: starting / start / started, the culprit of a failure (_starting)
+                   every call through LifecycleCalls: deadline, helper thread         (_calls)
+    Host.stop      await_stopping_callbacks, stop_services: the budget's slices     (_stopping)
 """
 
 from __future__ import annotations

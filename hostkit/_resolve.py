@@ -23,30 +23,54 @@ from .exceptions import ConfigurationError, HostkitError
 __all__ = ["import_target", "resolve_host", "target_name"]
 
 
-def import_target(spec: object, what: str) -> Any:
+def import_target(spec: object, what: str | None = None, *, searched: str = "on sys.path") -> Any:
     """``"package.module:attr"`` -> the object; anything else is returned as is.
 
-    ``what`` names the setting the spec came from, for the error message.
+    Args:
+        spec: the import string (or the object itself).
+        what: the setting the spec came from (``settings.HOSTKIT['BUILDER']``), named in
+            the error message; ``None`` for the command line, whose errors name only the spec.
+        searched: where modules were looked for, for the "no module named" message.
+
+    Raises:
+        ConfigurationError: the spec is malformed, its module cannot be imported, or it
+            has no such attribute (with a did-you-mean hint and what it has instead).
     """
     if not isinstance(spec, str):
         return spec
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        msg = f"{what} must look like 'package.module:attr', not: {spec!r}"
+        if what is None:
+            msg = f"expected MODULE:ATTR (like 'myworker.app:create_builder'), not: {spec!r}"
+        else:
+            msg = f"{what} must look like 'package.module:attr', not: {spec!r}"
         raise ConfigurationError(msg)
+
+    def failed(reason: str) -> ConfigurationError:
+        return ConfigurationError(reason if what is None else f"{what}={spec!r} could not be loaded: {reason}")
+
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        msg = f"{what}={spec!r} could not be loaded: {err}"
-        raise ConfigurationError(msg) from err
-    for part in attr.split("."):
+    except ModuleNotFoundError as err:
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            reason = f"no module named {err.name!r} (looked {searched})"
+        else:
+            reason = f"importing {module_name!r} failed: {type(err).__name__}: {err}"
+        raise failed(reason) from err
+    except Exception as err:
+        reason = f"importing {module_name!r} failed: {type(err).__name__}: {err}"
+        raise failed(reason) from err
+    parts = attr.split(".")
+    for i, part in enumerate(parts):
         try:
             obj = getattr(obj, part)
-        except AttributeError as err:
-            guess = close_match(part, (n for n in dir(obj) if part.startswith("_") or not n.startswith("_")))
-            hint = f"; did you mean {guess!r}?" if guess is not None else ""
-            msg = f"{what}={spec!r} could not be loaded: {err}{hint}"
-            raise ConfigurationError(msg) from err
+        except AttributeError:
+            owner = f"module {module_name!r}" if i == 0 else repr(f"{module_name}:{'.'.join(parts[:i])}")
+            public = sorted(n for n in dir(obj) if not n.startswith("_"))
+            guess = close_match(part, dir(obj) if part.startswith("_") else public)
+            hint = f"; did you mean {guess!r}? It has: " if guess is not None else "; it has: "
+            reason = f"{owner} has no attribute {part!r}{hint}{', '.join(public) or 'nothing public'}"
+            raise failed(reason) from None
     return obj
 
 
@@ -63,7 +87,8 @@ def resolve_host(
     target: object,
     *,
     name: str | None = None,
-    what: str = "the host factory",
+    what: str | None = None,
+    searched: str = "on sys.path",
     shutdown_timeout: float | None = None,
     explain_failures: bool = False,
 ) -> Host:
@@ -73,7 +98,8 @@ def resolve_host(
         target: a Host, a HostBuilder, a callable returning either, or a
             ``"package.module:attr"`` string naming one.
         name: how messages name the target (default: :func:`target_name`).
-        what: the setting a string target came from, for import errors.
+        what: the setting a string target came from, for import errors (see :func:`import_target`).
+        searched: where modules were looked for (see :func:`import_target`).
         shutdown_timeout: set on the builder before ``build()`` and on the host.
         explain_failures: wrap an exception raised by the factory or by ``build()`` in a
             :class:`~hostkit.exceptions.ConfigurationError` that says which step failed
@@ -82,7 +108,7 @@ def resolve_host(
     Raises:
         ConfigurationError: ``target`` gives no Host, naming what it gave.
     """
-    value = import_target(target, what)
+    value = import_target(target, what, searched=searched)
     label = name if name is not None else (target if isinstance(target, str) else target_name(value))
     # A class is called only if it makes builders: `hostkit run app:SomeService` must say
     # that a service class is no host, not construct one and complain about the instance.
