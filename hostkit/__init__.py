@@ -107,19 +107,16 @@ _DEPRECATED: dict[str, str] = {"Registration": "CancellationTokenRegistration"}
 
 
 def _load(source: str) -> None:
-    """Import ``source`` and publish every public name it defines, as ``hostkit.<name>``."""
+    """Import ``source`` and publish every public name it defines, as ``hostkit.<name>``.
+
+    The objects keep the ``__module__`` of the module that defines them (so
+    ``inspect.getsource`` and pickling find them there); the docs document them
+    under ``hostkit`` (``automodule:: hostkit`` with ``:imported-members:``).
+    """
     module = importlib.import_module(source, __name__)
     for name, where in _SOURCES.items():
-        if where != source:
-            continue
-        obj = getattr(module, name)
-        # Documented (and shown in reprs) where users import them from.
-        if isinstance(obj, type) or callable(obj):
-            try:
-                obj.__module__ = "hostkit"
-            except (AttributeError, TypeError):
-                pass
-        globals()[name] = obj
+        if where == source:
+            globals()[name] = getattr(module, name)
 
 
 # Hidden from type checkers: they see the names imported above, and flag any other.

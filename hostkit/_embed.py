@@ -18,9 +18,10 @@ code path (one path for 1 and N workers, for every server):
 from __future__ import annotations
 
 import atexit
-import importlib
+import itertools
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -31,8 +32,9 @@ from ._builder import HostBuilder
 from ._host import Host
 from ._logging import attach_embedded_logging, detach_embedded_logging
 from ._options import seconds_option
+from ._resolve import import_target, resolve_host
 from ._status import HostState
-from ._util import close_match, describe
+from ._util import describe
 from .exceptions import ConfigurationError
 
 __all__ = ["EmbeddedHost", "HostFactory", "load_factory", "start_all", "stop_all"]
@@ -41,17 +43,25 @@ __all__ = ["EmbeddedHost", "HostFactory", "load_factory", "start_all", "stop_all
 HostFactory = Callable[[], "HostBuilder | Host"]
 
 _log = logger.bind(service="host")
-# Strong references: an embedded host made by `hostkit.gunicorn.embed()` and not kept by the
-# caller must still be started by the post-fork hook, not vanish silently.
-_registry: list[EmbeddedHost] = []
+# What the server's hooks (start_all, stop_all) act on: every embedded host alive in this
+# process, in the order they were made. Weak: the registry keeps none alive; their owners
+# do (the Flask extension, the Django app config, hostkit.gunicorn.embed(), and, once a
+# host started, the hook that stops it at interpreter exit). A dropped one is forgotten.
+_registry: weakref.WeakValueDictionary[int, EmbeddedHost] = weakref.WeakValueDictionary()
+_made = itertools.count()
 _registry_lock = threading.Lock()
+
+
+def _registered() -> list[EmbeddedHost]:
+    with _registry_lock:
+        return list(_registry.values())
 
 
 def _reinit_after_fork() -> None:
     # A lock held by another thread at fork() time stays held forever in the child.
     global _registry_lock
     _registry_lock = threading.Lock()
-    for embedded in list(_registry):
+    for embedded in list(_registry.values()):
         embedded._lock = threading.Lock()
 
 
@@ -120,7 +130,7 @@ class EmbeddedHost:
         # The process whose embedded logging route this object holds open, if any.
         self._route_pid: int | None = None
         with _registry_lock:
-            _registry.append(self)
+            _registry[next(_made)] = self
 
     @property
     def host(self) -> Host | None:
@@ -202,15 +212,7 @@ class EmbeddedHost:
             detach_embedded_logging()
 
     def _build(self) -> Host:
-        made: object = self._factory
-        if not isinstance(made, HostBuilder) and callable(made):
-            made = made()
-        if isinstance(made, HostBuilder):
-            made = made.build()
-        if not isinstance(made, Host):
-            msg = f"the host factory of {self.name!r} returned {describe(made)}; it must return a HostBuilder or a Host"
-            raise ConfigurationError(msg)
-        return made
+        return resolve_host(self._factory)
 
     def stop(self, timeout: float | timedelta | None = None) -> None:
         """Stop this process's host within its budget (idempotent; a no-op if it never started here)."""
@@ -253,15 +255,13 @@ def _check_monitor_options(options: dict[str, Any]) -> None:
 
 def start_all() -> list[Host]:
     """Start every embedded host made in this process (gunicorn's post-fork hook calls it)."""
-    with _registry_lock:
-        hosts = [h for h in _registry if h.enabled]
+    hosts = [h for h in _registered() if h.enabled]
     return [h.start() for h in hosts]
 
 
 def stop_all(timeout: float | timedelta | None = None) -> None:
     """Stop every embedded host started in this process, last made first."""
-    with _registry_lock:
-        hosts = list(_registry)
+    hosts = _registered()
     for embedded in reversed(hosts):
         try:
             embedded.stop(timeout)
@@ -269,28 +269,8 @@ def stop_all(timeout: float | timedelta | None = None) -> None:
             _log.opt(exception=True).error("{}: stopping the host failed", embedded.name)
 
 
-def load_factory(spec: object, what: str) -> Any:
-    """``"package.module:attr"`` -> the object; anything else is returned as is."""
-    if not isinstance(spec, str):
-        return spec
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        msg = f"{what} must look like 'package.module:attr', not: {spec!r}"
-        raise ConfigurationError(msg)
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        msg = f"{what}={spec!r} could not be loaded: {err}"
-        raise ConfigurationError(msg) from err
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as err:
-            guess = close_match(part, (n for n in dir(obj) if part.startswith("_") or not n.startswith("_")))
-            hint = f"; did you mean {guess!r}?" if guess is not None else ""
-            msg = f"{what}={spec!r} could not be loaded: {err}{hint}"
-            raise ConfigurationError(msg) from err
-    return obj
+#: ``"package.module:attr"`` -> the object (the integrations' settings accept both).
+load_factory = import_target
 
 
 def _at_interpreter_exit(callback: Callable[[], None]) -> None:

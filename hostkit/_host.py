@@ -14,23 +14,30 @@ deadline. A hook we did not write runs on a helper thread so a hung one cannot
 keep the others from being attempted. At the deadline, every service still
 running is logged with where it is stuck, and escalated (a child process is
 terminated, then killed; a thread is abandoned). Then ``lifetime.stopped``.
+
+The Host holds the state and the order; each step has its own module::
+
+    Host.__init__  records (+ runner per background service, in the runner table)
+    Host.run       SignalWatch; signals_read_meanwhile() while start() may block  (_signals)
+    Host.start     StartPhases: starting / start / started, the culprit of a failure (_starting)
+                   every call through LifecycleCalls: deadline, helper thread         (_calls)
+    Host.stop      await_stopping_callbacks, stop_services: the budget's slices     (_stopping)
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from loguru import logger
 
+from ._calls import LifecycleCalls
 from ._di import ServiceProvider
 from ._hostaware import HostAware
 from ._lifetime import ApplicationLifetime
@@ -38,12 +45,14 @@ from ._logging import attach_embedded_logging, configure_logging, detach_embedde
 from ._options import HostOptions, seconds_option
 from ._registration import HostedServiceRegistration
 from ._runners import Runner, create_runner
+from ._runners._base import attach_runner, detach_runner
 from ._services import BackgroundService, HostedService, is_overridden
-from ._signals import FORCED_EXIT_CODE, SignalWatch
+from ._signals import FORCED_EXIT_CODE, SignalWatch, signals_read_meanwhile
+from ._singleton_warning import warn_own_singletons
+from ._starting import StartPhases, report_start_failure, startup_error
 from ._status import HostState, HostStatus, ServiceRecord, ServiceState
-from ._supervisor import format_failure
-from ._token import CancellationToken, CancellationTokenSource
-from ._util import thread_stack
+from ._stopping import await_stopping_callbacks, stop_services
+from ._token import CancellationTokenSource
 from .exceptions import HostStartupError, HostStateError, StartupTimeoutError
 
 __all__ = ["ExitCode", "Host"]
@@ -69,76 +78,6 @@ class ExitCode(enum.IntEnum):
 
 def _budget(timeout: float | timedelta) -> float:
     return seconds_option(timeout, "Host.stop(timeout=...)")
-
-
-def _warn_own_singletons(registration: HostedServiceRegistration, services: ServiceProvider) -> None:
-    """One WARNING if a process-placed class depends on singletons: its child builds its own.
-
-    The mistake it catches: a hosted service warms a singleton cache in the host,
-    and a loop moved to ``placement="process"`` reads an empty one in its child.
-    Singletons registered ``per_process=True`` are meant to be one per process,
-    and are not named.
-    """
-    chains = services.singleton_chains(registration)
-    if not chains:
-        return
-    names = [chain[-1] for chain in chains]
-    if len(names) == 1:
-        what, built, inside = "a singleton", "of it, not the one", "in it"
-        fix = f"register it with add_singleton({names[0]}, per_process=True)"
-    else:
-        what, built, inside = "singletons", "of each, not the ones", "in them"
-        fix = f"register each with add_singleton(..., per_process=True): {', '.join(names)}"
-    message = (
-        f"{registration.name} runs in a child process (placement='process') and depends on {what}: "
-        f"{', '.join(' -> '.join(c) for c in chains)}. The child builds its own instance {built} this process "
-        f"uses: what this process puts {inside} (a warm-up, a cache) is not there, and what the child changes "
-        f"does not come back. Pass what the child needs as constructor arguments of a registered instance "
-        f"(pickled at start), or share it through a queue or a store both processes open; if one instance per "
-        f"process is what you want, {fix}"
-    )
-    # Attributed to the code that called build() (as warnings.warn(stacklevel=...) would):
-    # the mistake is in its registrations, and a record from outside the "hostkit"
-    # package reaches loguru's sinks although the library's own logger is disabled
-    # until run() or configure_logging(), which come after build().
-    logger.opt(depth=_depth_outside_hostkit()).bind(service=registration.name).warning(message)
-
-
-def _depth_outside_hostkit() -> int:
-    """The loguru ``depth`` (seen from the caller) of the first frame outside the hostkit package."""
-    frame = sys._getframe(1)
-    depth = 0
-    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).partition(".")[0] == "hostkit":
-        frame = frame.f_back
-        depth += 1
-    return depth
-
-
-class _Call:
-    """One lifecycle call on a helper thread, so a hung call can be left behind."""
-
-    def __init__(self, fn: Callable[[CancellationToken], None], token: CancellationToken, name: str) -> None:
-        self.error: BaseException | None = None
-        self._fn = fn
-        self._token = token
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._fn(self._token)
-        except BaseException as exc:
-            self.error = exc
-
-    def join(self, timeout: float) -> bool:
-        self.thread.join(max(timeout, 0.0))
-        return not self.thread.is_alive()
-
-
-class _Hung(Exception):
-    def __init__(self, call: _Call) -> None:
-        super().__init__(call.thread.name)
-        self.call = call
 
 
 class Host:
@@ -172,9 +111,9 @@ class Host:
         self._signals: SignalWatch | None = None
         self._run_waiting = False
         self._start_done = threading.Event()
-        # Marks the threads that run this host's own lifecycle calls (start/stop and the
+        # Runs the lifecycle calls, and marks the threads that run them (start/stop and the
         # hooks): a stop() from one of them must not wait for the start or stop it is part of.
-        self._local = threading.local()
+        self._calls = LifecycleCalls()
         self._started: list[ServiceRecord] = []
         self._records: list[ServiceRecord] = []
         # Whether this host holds the embedded logging route open (see start()).
@@ -189,7 +128,7 @@ class Host:
                 from ._process.deferred import DeferredService
 
                 service = DeferredService(reg, services)
-                _warn_own_singletons(reg, services)
+                warn_own_singletons(reg, services)
             else:
                 service = services.get(reg)
             record = ServiceRecord(
@@ -204,9 +143,12 @@ class Host:
                 runner = create_runner(service, record)
                 runner.on_end = self._on_service_end
                 runner.host_stopping = lifetime.stopping
-                service.__dict__["_hostkit_runner"] = runner
+                # The record owns the runner; the service finds it (for heartbeat(), or a
+                # start() called on it directly) through the runner table.
+                record.runner = runner
+                attach_runner(service, runner)
             self._records.append(record)
-        lifetime._on_stop_requested = self._on_stop_requested
+        lifetime.set_stop_handler(self._on_stop_requested)
         # Services are registered before the host exists; those that want it (HostAware:
         # hostkit.health, hostkit.systemd, a queue consumer, a user's own) get it now.
         for record in self._records:
@@ -230,7 +172,10 @@ class Host:
         return HostStatus(self._state, int(self._exit_code), tuple(r.snapshot() for r in self._records))
 
     def service_records(self) -> tuple[ServiceRecord, ...]:
-        """Every registered service's record, in registration order (read-only view)."""
+        """The host's live record of every service, in registration order (for hostkit's integrations).
+
+        Unlike :meth:`status`, the records change as the services run: read, never write.
+        """
         return tuple(self._records)
 
     def run(self) -> int:
@@ -258,7 +203,13 @@ class Host:
             self._run_waiting = True
             try:
                 try:
-                    with self._signals_during_start(watch):
+                    if watch.installed and self._start_can_block():
+                        # The main thread is busy inside start(): a helper turns a signal into
+                        # stop_application(), which cancels the start-up token, so that run()
+                        # stops what started instead of waiting for every start() to finish.
+                        with signals_read_meanwhile(watch, self._on_signals_during_start(watch)):
+                            self.start()
+                    else:
                         self.start()
                 except HostStartupError:
                     return self.exit_code
@@ -286,48 +237,16 @@ class Host:
         watch.stopping = True
         self.lifetime.stop_application()
 
-    @contextlib.contextmanager
-    def _signals_during_start(self, watch: SignalWatch) -> Iterator[None]:
-        """Read the signal pipe on a helper thread while the main thread is busy starting.
-
-        Without it, SIGTERM during a slow start (a database that is not up yet) would
-        wait for every start() to finish. The helper turns the signal into
-        ``stop_application()``, which cancels the start-up token: cooperative start()
-        calls return, the remaining ones are skipped, and run() stops what started.
-        The main thread cannot do this itself: it is inside start().
-
-        Skipped when no start-up code can block: every service is a thread-placed
-        background service whose ``starting``/``start``/``started`` are hostkit's
-        own (they only start a thread). Then start-up takes microseconds, a signal
-        waits in the pipe until it is over, and no helper thread is worth starting.
-        """
-        if not watch.installed or not self._start_can_block():
-            yield
-            return
-        done = threading.Event()
-
-        def read() -> None:
-            # Handle what was read before looking at `done`, so that no signal read here is
-            # lost; bytes not read yet stay in the pipe for _wait_for_stop_request.
-            while True:
-                self._handle_signals(watch, watch.wait(), during=" during start-up")
-                if done.is_set():
-                    return
-
-        reader = threading.Thread(target=read, name="hostkit-host-signals", daemon=True)
-        reader.start()
-        try:
-            yield
-        finally:
-            done.set()
-            watch.wake()
-            reader.join()
+    def _on_signals_during_start(self, watch: SignalWatch) -> Callable[[list[int]], None]:
+        return lambda signals: self._handle_signals(watch, signals, during=" during start-up")
 
     def _start_can_block(self) -> bool:
         """``True`` if some service's start-up runs code that may take a while.
 
         User code (an overridden ``starting``/``start``/``started``) can wait on
         anything; a process-placed service starts a child (tens of milliseconds each).
+        When none can, start-up takes microseconds, a signal waits in the pipe until
+        it is over, and no helper thread is worth starting to read it.
         """
         return any(
             record.placement == "process"
@@ -361,12 +280,19 @@ class Host:
         _log.info("Host starting {} service(s) (pid {})", len(self._records), os.getpid())
         timeout = self.options.startup_seconds
         deadline = None if timeout is None else began + timeout
+        phases = StartPhases(
+            self._records,
+            self._calls,
+            self._started,
+            concurrently=self.options.start_concurrently,
+            stop_requested=self._stop_requested_early,
+        )
         try:
             try:
                 with CancellationTokenSource(self.lifetime.stopping, cancel_after=timeout, name="startup") as source:
-                    self._start_all(source.token, deadline)
+                    phases.run(source.token, deadline)
             except BaseException as exc:
-                self._start_failed(exc, deadline)
+                self._start_failed(exc, phases.culprit(exc))
                 raise
             with self._lock:
                 self._state = HostState.RUNNING
@@ -429,14 +355,12 @@ class Host:
     def _inside_own_call(self) -> bool:
         """``True`` on a thread that runs one of this host's lifecycle calls, a service's ``execute``,
         or the ``lifetime.stopping`` callbacks (which the stop waits for)."""
-        if getattr(self._local, "in_call", False):
+        if self._calls.inside():
             return True
         current = threading.current_thread()
-        if self.lifetime.stopping._running_callbacks() is current:
+        if self.lifetime.stopping.running_callbacks() is current:
             return True
-        return any(
-            runner is not None and runner._thread is current for runner in (self._runner(r) for r in self._records)
-        )
+        return any(r.runner is not None and r.runner.runs_on(current) for r in self._records)
 
     def __enter__(self) -> Host:
         self.start()
@@ -462,73 +386,9 @@ class Host:
     def _stop_requested_early(self) -> bool:
         return self.lifetime.stopping.is_set()
 
-    def _start_all(self, token: CancellationToken, deadline: float | None) -> None:
-        for phase in ("starting", "start", "started"):
-            if self.options.start_concurrently:
-                self._start_phase_concurrently(phase, token, deadline)
-                continue
-            for record in self._records:
-                if self._stop_requested_early():
-                    return
-                self._start_one(record, phase, token, deadline)
-
-    def _start_one(self, record: ServiceRecord, phase: str, token: CancellationToken, deadline: float | None) -> None:
-        if phase == "start":
-            record.mark(ServiceState.STARTING)
-        try:
-            self._invoke(record, phase, token, deadline)
-        except BaseException as exc:
-            exc.__dict__.setdefault("_hostkit_service", record)
-            raise
-        if phase == "start":
-            self._started.append(record)
-            if record.kind == "hosted":
-                record.mark(ServiceState.RUNNING, pid=os.getpid())
-
-    def _start_phase_concurrently(self, phase: str, token: CancellationToken, deadline: float | None) -> None:
-        errors: list[BaseException] = []
-        lock = threading.Lock()
-
-        def one(record: ServiceRecord) -> None:
-            try:
-                self._start_one(record, phase, token, deadline)
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-
-        threads = [
-            threading.Thread(target=one, args=(r,), name=f"hostkit-{r.name}-{phase}", daemon=True)
-            for r in self._records
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-
-    def _start_failed(self, exc: BaseException, deadline: float | None) -> None:
-        record: ServiceRecord | None = exc.__dict__.get("_hostkit_service") if hasattr(exc, "__dict__") else None
-        name = record.name if record else "?"
+    def _start_failed(self, exc: BaseException, record: ServiceRecord | None) -> None:
         self._exit_code = ExitCode.START_FAILED
-        if isinstance(exc, _Hung):
-            where = thread_stack(exc.call.thread)
-            summary = f"start-up did not finish within startup_timeout={self.options.startup_seconds} s"
-            if record is not None:
-                record.mark(ServiceState.TIMED_OUT, error=summary, detail="start() did not return in time")
-            _log.bind(service=name).critical(
-                "Hosted service {!r} did not finish starting within startup_timeout ({} s); it is stuck at:\n{}",
-                name,
-                self.options.startup_seconds,
-                where.rstrip(),
-            )
-        else:
-            summary, text = format_failure(exc)
-            if record is not None:
-                record.mark(ServiceState.FAULTED, error=summary, traceback=text, exception=exc)
-            _log.bind(service=name).critical(
-                "Hosted service {!r} failed to start: {}\n{}", name, summary, text.rstrip()
-            )
+        summary = report_start_failure(exc, record, self.options.startup_seconds)
         started = len(self._started)
         _log.info("Rolling back start-up: stopping the {} service(s) already started", started)
         with self._lock:
@@ -536,61 +396,8 @@ class Host:
         self._stop_started(self.options.shutdown_seconds, reason="start-up failed")
         if not isinstance(exc, Exception):
             return  # KeyboardInterrupt, SystemExit: rolled back; start() re-raises it unchanged
-        if isinstance(exc, _Hung):
-            err: HostStartupError = StartupTimeoutError(
-                f"hosted service {name!r} did not finish starting within startup_timeout="
-                f"{self.options.startup_seconds} s; the {started} service(s) already started were stopped. "
-                f"Make its start() return promptly (move long work to a BackgroundService) or raise startup_timeout",
-                service=name,
-            )
-        else:
-            err = HostStartupError(
-                f"hosted service {name!r} failed to start: {summary}; "
-                f"the {started} service(s) already started were stopped",
-                service=name,
-            )
-        raise err from (None if isinstance(exc, _Hung) else exc)
-
-    # -- invoking lifecycle methods ----------------------------------------------------
-
-    def _invoke(self, record: ServiceRecord, method: str, token: CancellationToken, deadline: float | None) -> None:
-        """Call ``record.service.<method>(token)``, bounded by ``deadline`` when it is user code.
-
-        Raises what the call raised, or ``_Hung`` if it was still running at the deadline.
-        """
-        service = record.service
-        if method in ("starting", "started", "stopping", "stopped") and not is_overridden(service, method):
-            return
-        fn: Callable[[CancellationToken], None] = getattr(service, method)
-
-        def bound(token: CancellationToken) -> None:
-            previous = getattr(self._local, "in_call", False)
-            self._local.in_call = True
-            try:
-                with logger.contextualize(service=record.name):
-                    fn(token)
-            finally:
-                self._local.in_call = previous
-
-        if deadline is None or not is_overridden(service, method):
-            bound(token)
-            return
-        try:
-            call = _Call(bound, token, f"hostkit-{record.name}-{method}")
-        except RuntimeError:
-            # No new threads at interpreter shutdown (Python 3.12), where an embedded
-            # host stops: run the call here, unbounded, rather than not at all.
-            _log.bind(service=record.name).warning(
-                "{}() of {!r} runs without its deadline: no thread can start at interpreter shutdown",
-                method,
-                record.name,
-            )
-            bound(token)
-            return
-        if not call.join(deadline - time.monotonic()):
-            raise _Hung(call)
-        if call.error is not None:
-            raise call.error
+        err = startup_error(exc, record, summary, started, self.options.startup_seconds)
+        raise err from (None if isinstance(err, StartupTimeoutError) else exc)
 
     # -- stop ----------------------------------------------------------------------
 
@@ -660,30 +467,19 @@ class Host:
         self._on_stop_requested()
         started = list(reversed(self._started))
         _log.info("Host stopping {} service(s) ({}; budget {:.1f} s)", len(started), reason, budget)
-        self._await_stopping_callbacks(began, cancel_at)
-        # Signal every background service first, before the rest of the bookkeeping: they
-        # wind down in parallel with each other and with this stop, and no service's stop
-        # adds to another's.
-        for record in started:
-            runner = self._runner(record)
-            if runner is not None:
-                runner.request_stop()
-        with CancellationTokenSource(cancel_after=max(cancel_at - time.monotonic(), 0.0), name="shutdown") as src:
-            for phase in ("stopping", "stop", "stopped"):
-                if self.options.stop_concurrently:
-                    self._stop_phase_concurrently(started, phase, src.token, wait_end)
-                else:
-                    for record in started:
-                        self._stop_one(record, phase, src.token, wait_end)
-        for record in started:
-            runner = self._runner(record)
-            # A background service's default stop() returns when the token fires; give its
-            # thread or child the rest of the waiting slice before escalating.
-            if runner is not None and not runner.join(max(wait_end - time.monotonic(), 0.0)):
-                self._escalate(record, runner, budget, deadline)
-            elif record.kind == "hosted" and record.state in (ServiceState.RUNNING, ServiceState.STOPPING):
-                record.mark(ServiceState.STOPPED)
-                _log.bind(service=record.name).info("Hosted service {!r} stopped", record.name)
+        await_stopping_callbacks(self.lifetime.stopping, began, cancel_at)
+        stop_services(
+            started,
+            self._calls,
+            concurrently=self.options.stop_concurrently,
+            budget=budget,
+            cancel_at=cancel_at,
+            wait_end=wait_end,
+            deadline=deadline,
+        )
+        for record in self._records:
+            if record.runner is not None:
+                detach_runner(record.service, record.runner)
         try:
             self.services.close()
         except Exception:
@@ -695,82 +491,3 @@ class Host:
             self._logging_route = False
             detach_embedded_logging()
         self.lifetime.stopped.set()
-
-    def _await_stopping_callbacks(self, began: float, until: float) -> None:
-        """Let the ``lifetime.stopping`` callbacks finish before any service is stopped (.NET's order).
-
-        They run on the thread that set ``stopping``: when that was another thread
-        (``stop_application()`` from a service or a request handler), this one was woken
-        as the token was set, and would otherwise stop the services, fire ``stopped``
-        and let ``run()`` return while a callback is still at work. The wait is part of
-        the one budget: a callback still running when the shutdown token is due is
-        named with its stack, and the stop goes on without it.
-        """
-        stopping = self.lifetime.stopping
-        if stopping._callbacks_finished(max(until - time.monotonic(), 0.0)):
-            return
-        thread = stopping._running_callbacks()
-        if thread is None:
-            return  # it returned just as the wait ended
-        _log.error(
-            "A lifetime.stopping callback was still running {:.1f} s into the stop (on thread {}); the services "
-            "are stopped without waiting for it any longer. It is at:\n{}",
-            time.monotonic() - began,
-            thread.name,
-            thread_stack(thread).rstrip(),
-        )
-
-    @staticmethod
-    def _runner(record: ServiceRecord) -> Runner | None:
-        runner: Runner | None = record.service.__dict__.get("_hostkit_runner")
-        return runner
-
-    def _stop_one(self, record: ServiceRecord, phase: str, token: CancellationToken, deadline: float) -> None:
-        if phase == "stop" and record.kind == "hosted" and record.state is ServiceState.RUNNING:
-            record.mark(ServiceState.STOPPING)
-        try:
-            self._invoke(record, phase, token, deadline)
-        except _Hung as hung:
-            record.mark(ServiceState.TIMED_OUT, detail=f"{phase}() did not return within the shutdown budget")
-            _log.bind(service=record.name).error(
-                "Hosted service {!r}: {}() did not return within the shutdown budget; moving on. It is stuck at:\n{}",
-                record.name,
-                phase,
-                thread_stack(hung.call.thread).rstrip(),
-            )
-        except Exception as exc:
-            summary, text = format_failure(exc)
-            record.mark(ServiceState.FAULTED, error=summary, traceback=text, exception=exc)
-            _log.bind(service=record.name).warning(
-                "Hosted service {!r}: {}() raised; the other services still stop: {}\n{}",
-                record.name,
-                phase,
-                summary,
-                text.rstrip(),
-            )
-
-    def _stop_phase_concurrently(
-        self, records: list[ServiceRecord], phase: str, token: CancellationToken, deadline: float
-    ) -> None:
-        threads = [
-            threading.Thread(
-                target=self._stop_one, args=(r, phase, token, deadline), name=f"hostkit-{r.name}-{phase}", daemon=True
-            )
-            for r in records
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(max(deadline - time.monotonic(), 0.0))
-
-    def _escalate(self, record: ServiceRecord, runner: Runner, budget: float, deadline: float) -> None:
-        where = runner.where()
-        grace = max(deadline - time.monotonic(), 0.05)
-        action = runner.escalate(grace)
-        _log.bind(service=record.name).error(
-            "Background service {!r} did not stop within the shutdown budget ({:.1f} s): {}; {}",
-            record.name,
-            budget,
-            action,
-            where.rstrip(),
-        )

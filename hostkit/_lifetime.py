@@ -27,11 +27,11 @@ class ApplicationLifetime:
     .. versionadded:: 0.1
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_stop_requested: Callable[[], None] | None = None) -> None:
         self.started = CancellationToken(name="started")
         self.stopping = CancellationToken(name="stopping")
         self.stopped = CancellationToken(name="stopped")
-        self._on_stop_requested: Callable[[], None] | None = None
+        self._on_stop_requested = on_stop_requested
         # However `stopping` gets set (stop_application(), or code that calls
         # lifetime.stopping.set() directly), the host hears of it: run() may be asleep in
         # select() on the signal pipe and would otherwise never notice.
@@ -47,7 +47,11 @@ class ApplicationLifetime:
         self.stopping.set()
 
     def set_stop_handler(self, handler: Callable[[], None] | None) -> None:
-        """Call ``handler`` (the host's, or a child's link to it) whenever ``stopping`` is set."""
+        """Call ``handler()`` whenever ``stopping`` is set (``None`` removes it).
+
+        For whoever drives the stop (the host, or a child process that passes the
+        request on to its host): it is told on the thread that set ``stopping``.
+        """
         self._on_stop_requested = handler
 
     def _notify_host(self) -> None:

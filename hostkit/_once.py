@@ -28,7 +28,7 @@ import fcntl
 import hashlib
 import os
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -38,6 +38,9 @@ from ._status import LockStatus
 from ._token import CancellationToken
 from ._util import describe, to_seconds
 from .exceptions import ConfigurationError, InvalidServiceError
+
+if TYPE_CHECKING:
+    from ._runners._base import RunnerLike
 
 __all__ = ["DeploymentLock", "OncePerDeployment", "default_lock_path"]
 
@@ -145,7 +148,7 @@ class _LockReporter:
     host's own runner for a thread, a stand-in that writes to the parent in a child.
     """
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: RunnerLike | None) -> None:
         self._runner = runner
         self._last: LockStatus | None = None
 
@@ -230,9 +233,9 @@ class OncePerDeployment(BackgroundService):
         if self._given_path is not None:
             check_shared_location(path, "deployment lock")
         lock = DeploymentLock(path)
-        from ._runners._base import runner_for
+        from ._runners._base import attach_runner, detach_runner, runner_for
 
-        runner = runner_for(self) or self.__dict__.get("_hostkit_runner")
+        runner = runner_for(self)
         report = _LockReporter(runner)
         try:
             waiting_logged = False
@@ -253,11 +256,13 @@ class OncePerDeployment(BackgroundService):
             report(LockStatus("holder", path, os.getpid()))
             # The inner service's heartbeat() reaches the runner of the wrapper.
             if runner is not None:
-                self.service.__dict__["_hostkit_runner"] = runner
+                attach_runner(self.service, runner)
             log.info("{!r} took the deployment lock {} (pid {}); running it here", name, path, os.getpid())
             try:
                 self.service.execute(stopping)
             finally:
+                if runner is not None:
+                    detach_runner(self.service, runner)
                 self.holding = False
                 lock.release()
                 log.info("{!r} released the deployment lock {}", name, path)

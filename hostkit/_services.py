@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
-    from ._runners._base import Runner
+    from ._runners import Runner
     from ._token import CancellationToken
 
 __all__ = ["LIFECYCLE_HOOKS", "BackgroundService", "HostedService", "Placement", "is_overridden"]
@@ -13,6 +13,11 @@ __all__ = ["LIFECYCLE_HOOKS", "BackgroundService", "HostedService", "Placement",
 #: Where a background service's ``execute`` runs.
 Placement = Literal["thread", "process"]
 PLACEMENTS: tuple[Placement, ...] = ("thread", "process")
+
+#: Runners of background services started by hand (``service.start(token)``, no host), by
+#: ``id(service)``: kept until ``stop()`` sees the run over. The runner holds its service,
+#: so the id names no other object while it is listed.
+_started_by_hand: dict[int, Runner] = {}
 
 #: The lifecycle hooks, in the order the host calls them at start and at stop.
 LIFECYCLE_HOOKS = ("starting", "started", "stopping", "stopped")
@@ -80,13 +85,9 @@ class BackgroundService(HostedService):
         """
         from ._runners._base import runner_for
 
-        attached = runner_for(self)
-        if attached is not None:
-            attached.heartbeat()
-            return
-        runner = self.__dict__.get("_hostkit_runner")
+        runner = runner_for(self)
         if runner is not None:
-            runner.beat()
+            runner.heartbeat()
 
     def start(self, token: CancellationToken) -> None:
         """Launch ``execute`` in its placement and return at once.
@@ -119,25 +120,36 @@ class BackgroundService(HostedService):
 
         The wait ends early when ``token`` is set (the shutdown budget ran out).
         """
-        runner: Runner | None = self.__dict__.get("_hostkit_runner")
-        if runner is None:
+        from ._runners import Runner
+        from ._runners._base import detach_runner, runner_for
+
+        runner = runner_for(self)
+        if not isinstance(runner, Runner):
             return
         runner.request_stop()
-        runner.wait(token)
+        if runner.wait(token) and _started_by_hand.get(id(self)) is runner:
+            # The run is over: nothing asks for this runner any more; let it and the service go.
+            detach_runner(self, runner)
+            _started_by_hand.pop(id(self), None)
 
     def _runner(self) -> Runner:
-        runner: Runner | None = self.__dict__.get("_hostkit_runner")
-        if runner is None:
-            from ._runners import create_runner
-            from ._status import ServiceRecord
+        from ._runners import Runner, create_runner
+        from ._runners._base import attach_runner, runner_for
+        from ._status import ServiceRecord
 
+        runner = runner_for(self)
+        if not isinstance(runner, Runner):
+            # Started by hand, without a host: this module owns the runner until stop()
+            # sees the run over (a host owns its runners through its records).
             runner = create_runner(self, ServiceRecord.standalone(self))
-            self.__dict__["_hostkit_runner"] = runner
+            _started_by_hand[id(self)] = runner
+            attach_runner(self, runner)
         return runner
 
     def __getstate__(self) -> dict[str, Any]:
-        # The runner holds threads, locks and pipes: never send it to a child.
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_hostkit_")}
+        # Explicit (the default protocol's state, a copy of __dict__) so that subclasses can
+        # narrow it with super().__getstate__(): the host pickles the service for its child.
+        return dict(self.__dict__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -21,10 +21,11 @@ import os
 import select
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["FORCED_EXIT_CODE", "SignalWatch"]
+__all__ = ["FORCED_EXIT_CODE", "SignalWatch", "signals_read_meanwhile"]
 
 FORCED_EXIT_CODE = 130
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -85,3 +86,31 @@ class SignalWatch:
             except BlockingIOError:
                 continue
             return [b for b in data if b]
+
+
+@contextlib.contextmanager
+def signals_read_meanwhile(watch: SignalWatch, handle: Callable[[list[int]], None]) -> Iterator[None]:
+    """Read ``watch``'s pipe on a helper thread while the main thread is busy in the block.
+
+    Without it, SIGTERM during a slow start (a database that is not up yet) would
+    wait for every start() to finish: the main thread, which normally reads the
+    pipe, is inside start(). ``handle`` gets each batch of signals read.
+    """
+    done = threading.Event()
+
+    def read() -> None:
+        # Handle what was read before looking at `done`, so that no signal read here is
+        # lost; bytes not read yet stay in the pipe for the main thread's next wait.
+        while True:
+            handle(watch.wait())
+            if done.is_set():
+                return
+
+    reader = threading.Thread(target=read, name="hostkit-host-signals", daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watch.wake()
+        reader.join()

@@ -13,6 +13,7 @@ from ._process.options import ProcessOptions
 
 if TYPE_CHECKING:
     from ._options import RestartPolicy
+    from ._runners import Runner
     from ._services import HostedService, Placement
 
 __all__ = ["HostState", "HostStatus", "LockStatus", "ServiceRecord", "ServiceState", "ServiceStatus"]
@@ -213,6 +214,8 @@ class ServiceRecord:
         self.healthy = True
         self.lock: LockStatus | None = None
         self.exception: BaseException | None = None
+        #: What runs a background service in its placement (``None`` for a hosted service).
+        self.runner: Runner | None = None
 
     @classmethod
     def standalone(cls, service: HostedService) -> ServiceRecord:

@@ -114,8 +114,12 @@ class CancellationToken(threading.Event):
             return True
         return self.is_set() or super().wait(max(deadline - time.monotonic(), 0.0))
 
-    def _remaining(self) -> float | None:
-        """Seconds until the deadline (``None`` without one)."""
+    def remaining(self) -> float | None:
+        """Seconds until this token's ``cancel_after`` deadline (``None`` without one; ``0.0`` once passed).
+
+        With :meth:`watch`, bounds a wait by the token without a timer thread:
+        ``with token.watch(event.set): event.wait(token.remaining())``.
+        """
         deadline = self._deadline
         return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
@@ -183,16 +187,18 @@ class CancellationToken(threading.Event):
         if not callable(cast("object", callback)):
             msg = f"register() needs a callable taking no arguments, not: {describe(callback)}"
             raise TypeError(msg)
-        registration = self._watch(callback)
+        registration = self.watch(callback)
         arm = self._arm
         if arm is not None and registration._token is not None:
             arm()  # the callback must run at the deadline even if nobody waits
         return registration
 
-    def _watch(self, callback: Callable[[], object]) -> CancellationTokenRegistration:
+    def watch(self, callback: Callable[[], object]) -> CancellationTokenRegistration:
         """Like :meth:`register`, but without starting a deadline timer.
 
-        For callers that bound their own wait with :meth:`_remaining`.
+        The callback runs when the token is set by a call to ``set()``/``cancel()``
+        (or when a check finds the deadline passed), not by the deadline alone: for
+        callers that bound their own wait with :meth:`remaining`.
         """
         registration = CancellationTokenRegistration(self, callback)
         if not self.is_set():
@@ -204,7 +210,7 @@ class CancellationToken(threading.Event):
         callback()
         return registration
 
-    def _callbacks_finished(self, timeout: float) -> bool:
+    def callbacks_finished(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the callbacks run by setting the token to return.
 
         ``True`` once they have (or if the token is not set); ``True`` at once on the
@@ -216,7 +222,7 @@ class CancellationToken(threading.Event):
             return True
         return cancelling.done.wait(timeout)
 
-    def _running_callbacks(self) -> threading.Thread | None:
+    def running_callbacks(self) -> threading.Thread | None:
         """The thread running this token's callbacks now, or ``None``."""
         cancelling = self._cancelling
         if cancelling is None or cancelling.done.is_set():

@@ -6,6 +6,7 @@ re-exported here for the modules that import them from this one.
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import traceback
@@ -20,7 +21,17 @@ def thread_stack(thread: threading.Thread | None) -> str:
     """The current stack of a live thread, most recent call last, or a note why not."""
     if thread is None or thread.ident is None:
         return "  (thread not started)\n"
-    frame = sys._current_frames().get(thread.ident)
+    # No garbage collection while the interpreter lists its threads: on Python 3.11 it holds
+    # its thread-list lock while it builds the answer, and a collection that frees a
+    # threading.local there waits for that same lock, forever (seen as a hang of a host's
+    # stop that was naming a hung hook). Later versions pause collection themselves.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        frame = sys._current_frames().get(thread.ident)
+    finally:
+        if paused:
+            gc.enable()
     if frame is None:
         return "  (thread has ended)\n"
     stack = traceback.extract_stack(frame)

@@ -37,6 +37,10 @@ from ._embed import EmbeddedHost, HostFactory, start_all, stop_all
 __all__ = ["embed", "post_worker_init", "worker_exit"]
 
 _log = logger.bind(service="host")
+# What embed() made, kept for the process's life: a gunicorn config module often calls
+# embed() without keeping the result, and the post-fork hook must still start it (the
+# embed registry only holds weak references).
+_embedded: list[EmbeddedHost] = []
 
 
 def embed(factory: HostFactory | HostBuilder, **options: Any) -> EmbeddedHost:
@@ -46,7 +50,9 @@ def embed(factory: HostFactory | HostBuilder, **options: Any) -> EmbeddedHost:
         factory: a builder or a callable returning a builder or a host (called once per worker).
         options: passed to :class:`~hostkit._embed.EmbeddedHost` (``contention``, ``shutdown_timeout``...).
     """
-    return EmbeddedHost(factory, name=options.pop("name", "gunicorn"), **options)
+    embedded = EmbeddedHost(factory, name=options.pop("name", "gunicorn"), **options)
+    _embedded.append(embedded)
+    return embedded
 
 
 def post_worker_init(worker: Any) -> None:

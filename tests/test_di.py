@@ -690,7 +690,7 @@ class TestRunInScope:
         builder.add_hosted_service(Flusher)
         host = builder.build()
         with host:
-            worker = next(r.service for r in host._records)
+            worker = next(r.service for r in host.service_records())
             assert isinstance(worker, Flusher)
             assert wait_until(lambda: len(worker.sessions) >= 5, timeout=20)
         sessions = list(worker.sessions)

@@ -91,7 +91,7 @@ builder.services.add_scoped(Notes)
 builder.add_hosted_service(Writer)
 host = builder.build()
 with host:
-    writer = next(r.service for r in host._records)
+    writer = next(r.service for r in host.service_records())
     deadline = time.monotonic() + 30
     while len(writer.seen) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)

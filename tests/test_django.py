@@ -280,7 +280,6 @@ class TestLatencyMiddleware:
         from hostkit.django.apps import HostkitConfig
         from hostkit.django.middleware import RequestLatencyMiddleware
 
-        monkeypatch.setattr(_embed, "_registry", [])
         recorder = LatencyRecorder()
         monkeypatch.setattr(HostkitConfig, "embedded", _embed.EmbeddedHost(HostBuilder, latency=recorder))
         middleware = RequestLatencyMiddleware(lambda request: f"response to {request}")
@@ -299,7 +298,6 @@ class TestLatencyMiddleware:
         from hostkit.django.apps import HostkitConfig
         from hostkit.django.middleware import RequestLatencyMiddleware
 
-        monkeypatch.setattr(_embed, "_registry", [])
         monkeypatch.setattr(HostkitConfig, "embedded", _embed.EmbeddedHost(HostBuilder))
         with pytest.raises(ConfigurationError, match=r"settings.HOSTKIT\['LATENCY'\] is not True"):
             RequestLatencyMiddleware(lambda request: None)

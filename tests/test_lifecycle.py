@@ -20,6 +20,8 @@ from hostkit import (
     HostState,
     ServiceState,
 )
+from hostkit._runners import Runner
+from hostkit._runners._base import runner_for
 from hostkit.exceptions import ConfigurationError, HostStartupError, HostStateError
 from tests.conftest import wait_until
 
@@ -853,7 +855,9 @@ class TestStartToken:
         source = CancellationTokenSource()
         source.cancel()
         service.start(source.token)
-        ended = service.__dict__["_hostkit_runner"].ended
+        runner = runner_for(service)
+        assert isinstance(runner, Runner)
+        ended = runner.ended
         try:
             assert ended.wait(10), "execute ignored the cancelled start token"
         finally:

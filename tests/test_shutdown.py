@@ -183,7 +183,9 @@ class TestStuckServices:
         assert stubborn.running.wait(10)
         host.stop()
         release.set()
-        assert stubborn._hostkit_runner.ended.wait(10)  # type: ignore[attr-defined]
+        runner = host.service_records()[0].runner
+        assert runner is not None
+        assert runner.ended.wait(10)
         assert host.status()["s0"].state is ServiceState.TIMED_OUT
 
     def test_hung_stop_does_not_keep_the_others_from_being_attempted(self, logs) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 import dill
 
-from .._runners._base import attach_runner, detach_runner
+from .._runner_table import attach_runner, detach_runner
 from .._token import CancellationToken
 from .logbridge import ChildLog
 from .orphan import Ending, arm_pdeathsig, parent_gone, watch

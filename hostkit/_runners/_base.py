@@ -15,10 +15,13 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
+# The table of which runner runs which service lives in a module that imports nothing
+# heavy: a spawned child attaches its stand-in without loading loguru. Published here too.
+from .._runner_table import RunnerLike, attach_runner, detach_runner, runner_for
 from .._status import LockStatus, ServiceRecord, ServiceState
 from .._supervisor import Supervisor, format_failure
 from .._token import CancellationToken
@@ -69,6 +72,10 @@ class Runner(ABC):
     def running(self) -> bool:
         return self._thread is not None and not self.ended.is_set()
 
+    def runs_on(self, thread: threading.Thread) -> bool:
+        """``True`` if ``thread`` is the one that runs (and supervises) the service."""
+        return self._thread is thread
+
     def request_stop(self) -> None:
         """Set the service's ``stopping`` token (idempotent)."""
         if self.running and not self.stopping.is_set():
@@ -80,10 +87,10 @@ class Runner(ABC):
         if self._thread is None or self.ended.is_set():
             return True
         gate = threading.Event()
-        # _watch, not register: the wait is bounded by the token's own deadline, so no
-        # timer thread is needed to end it (see CancellationToken._deadline).
-        with self.ended.register(gate.set), token._watch(gate.set):
-            gate.wait(token._remaining())
+        # watch, not register: the wait is bounded by the token's own deadline, so no
+        # timer thread is needed to end it.
+        with self.ended.register(gate.set), token.watch(gate.set):
+            gate.wait(token.remaining())
         return self.ended.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -92,9 +99,13 @@ class Runner(ABC):
             return True
         return self.ended.wait(timeout)
 
-    def beat(self) -> None:
+    def heartbeat(self) -> None:
         """Record a heartbeat from the service."""
         self.record.update(last_heartbeat_at=time.time())
+
+    def report_detail(self, text: str | None) -> None:
+        """Show ``text`` as the service's status detail (``None`` clears it)."""
+        self.record.update(detail=text)
 
     def report_lock(self, status: LockStatus | None) -> None:
         """Record where the service stands with its deployment lock (``None``: it has none now)."""
@@ -189,47 +200,3 @@ class Runner(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.record.name!r} {self.record.state.value}>"
-
-
-# -- runner lookup: which runner runs a service, kept off the user's object ------------------
-#
-# The service object belongs to the user: hostkit keeps what it knows about it here,
-# keyed by id(service). The entry holds the service itself too, so its id cannot be
-# reused by another object while the entry exists; detach_runner drops both.
-
-
-class RunnerLike(Protocol):
-    """What a service's code reaches through its runner: the host's runner, or a child's stand-in."""
-
-    @property
-    def record(self) -> ServiceRecord | None: ...
-
-    def heartbeat(self) -> None: ...
-
-    def report_detail(self, text: str | None) -> None: ...
-
-    def report_lock(self, status: LockStatus | None) -> None: ...
-
-
-_attached: dict[int, tuple[object, RunnerLike]] = {}
-_attached_lock = threading.Lock()
-
-
-def attach_runner(service: object, runner: RunnerLike) -> None:
-    """Record that ``runner`` runs ``service`` (replacing any runner recorded before)."""
-    with _attached_lock:
-        _attached[id(service)] = (service, runner)
-
-
-def detach_runner(service: object, runner: RunnerLike) -> None:
-    """Forget ``runner`` for ``service``; a no-op if another runner was attached since."""
-    with _attached_lock:
-        entry = _attached.get(id(service))
-        if entry is not None and entry[1] is runner:
-            del _attached[id(service)]
-
-
-def runner_for(service: object) -> RunnerLike | None:
-    """The runner attached to ``service``, or ``None``."""
-    entry = _attached.get(id(service))
-    return None if entry is None else entry[1]

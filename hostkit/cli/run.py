@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import Any
 
-from .._builder import HostBuilder
 from .._host import Host
 from .._logging import configure_logging
+from .._resolve import resolve_host
 from .._token import CancellationToken
-from .._util import close_match, describe, to_seconds
-from ..exceptions import HostkitError, ProbeListenerError, SystemdNotifyError
+from .._util import to_seconds
+from ..exceptions import ConfigurationError, HostkitError, ProbeListenerError, SystemdNotifyError
 from ..health import HealthChecks, HealthService, ProbeListener
 from ..systemd import Notifier, SystemdService
 from . import CliError, debug_option
@@ -127,7 +126,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _find(host: Host, cls: type[Any]) -> Any:
-    for record in getattr(host, "_records", ()):
+    for record in host.service_records():
         if isinstance(record.service, cls):
             return record.service
     return None
@@ -182,10 +181,7 @@ def load_host(target: str, *, shutdown_timeout: float | None = None) -> Host:
         CliError: the target is malformed, cannot be imported, or is not a host.
     """
     module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        msg = f"expected MODULE:ATTR (like 'myworker.app:create_builder'), not: {target!r}"
-        raise CliError(msg)
-    if module_name.endswith(".py") or "/" in module_name:
+    if sep and attr and (module_name.endswith(".py") or "/" in module_name):
         hint = module_name.removesuffix(".py").replace("/", ".").strip(".")
         msg = f"MODULE is a module name, not a file: use {hint}:{attr!s} from the directory that holds it"
         raise CliError(msg)
@@ -195,52 +191,11 @@ def load_host(target: str, *, shutdown_timeout: float | None = None) -> Host:
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-            msg = f"no module named {err.name!r} (looked in the current directory {cwd} and on sys.path)"
-            raise CliError(msg) from err
-        msg = f"importing {module_name!r} failed: {type(err).__name__}: {err}"
-        raise CliError(msg) from err
-    except Exception as err:
-        msg = f"importing {module_name!r} failed: {type(err).__name__}: {err}"
-        raise CliError(msg) from err
-    value: Any = module
-    parts = attr.split(".")
-    for i, part in enumerate(parts):
-        try:
-            value = getattr(value, part)
-        except AttributeError:
-            owner = f"module {module_name!r}" if i == 0 else repr(f"{module_name}:{'.'.join(parts[:i])}")
-            public = sorted(n for n in dir(value) if not n.startswith("_"))
-            guess = close_match(part, dir(value) if part.startswith("_") else public)
-            hint = f"; did you mean {guess!r}? It has: " if guess is not None else "; it has: "
-            msg = f"{owner} has no attribute {part!r}{hint}{', '.join(public) or 'nothing public'}"
-            raise CliError(msg) from None
-    return _to_host(value, target, shutdown_timeout)
-
-
-def _to_host(value: Any, target: str, shutdown_timeout: float | None) -> Host:
-    if not isinstance(value, (Host, HostBuilder)) and callable(value) and not isinstance(value, type):
-        try:
-            value = value()
-        except Exception as err:
-            msg = f"calling {target}() failed: {type(err).__name__}: {err}"
-            raise CliError(msg) from err
-        if not isinstance(value, (Host, HostBuilder)):
-            msg = f"{target}() returned {describe(value)}; it must return a hostkit.Host or a hostkit.HostBuilder"
-            raise CliError(msg)
-    if isinstance(value, HostBuilder):
-        try:
-            if shutdown_timeout is not None:
-                value.configure_options(shutdown_timeout=shutdown_timeout)
-            value = value.build()
-        except HostkitError as err:
-            msg = f"building the host from {target} failed: {err}"
-            raise CliError(msg) from err
-    if not isinstance(value, Host):
-        msg = f"{target} is {describe(value)}, not a hostkit.Host, a hostkit.HostBuilder, or a callable returning one"
-        raise CliError(msg)
-    if shutdown_timeout is not None:
-        value.options.shutdown_timeout = shutdown_timeout
-    return value
+        return resolve_host(
+            target,
+            searched=f"in the current directory {cwd} and on sys.path",
+            shutdown_timeout=shutdown_timeout,
+            explain_failures=True,
+        )
+    except ConfigurationError as err:
+        raise CliError(str(err)) from err

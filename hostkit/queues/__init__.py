@@ -56,11 +56,3 @@ __all__ = [
     "RedisStreamQueue",
     "SQLiteQueue",
 ]
-
-for _name in __all__:
-    _obj = globals()[_name]
-    # Only our own classes: type aliases such as Handler count as types on Python 3.10
-    # and their __module__ is read-only.
-    if isinstance(_obj, type) and str(getattr(_obj, "__module__", "")).startswith(f"{__name__}."):
-        _obj.__module__ = __name__
-del _name, _obj

@@ -39,6 +39,7 @@ from loguru import logger
 
 from .._backoff import wait_after, wait_or_seconds
 from .._di import Scope, ServiceCollection, ServiceProvider
+from .._runners._base import runner_for
 from .._services import BackgroundService
 from .._summary import format_failure, summarize_exception
 from .._token import CancellationToken, CancellationTokenSource
@@ -205,7 +206,7 @@ class QueueConsumer(BackgroundService):
         with health checks: a process-placed consumer's link lives in the child, and
         this copy would never connect.
         """
-        record = getattr(self.__dict__.get("_hostkit_runner"), "record", None)
+        record = next((r for r in host.service_records() if r.service is self), None)
         if record is None or record.placement != "thread" or HealthChecks not in host.services.collection:
             return
         host.services.get(HealthChecks).add(f"{record.name}.broker", self.readiness, tags=("ready",))
@@ -214,7 +215,8 @@ class QueueConsumer(BackgroundService):
         """Show the broker's state as the service's status detail (thread placement)."""
         # In a process-placed consumer's child the runner stand-in has no record: the
         # detail stays in the log lines, which the child forwards to the host.
-        record = getattr(self.__dict__.get("_hostkit_runner"), "record", None)
+        runner = runner_for(self)
+        record = None if runner is None else runner.record
         if record is None:
             return
         if detail is None and not (record.detail or "").startswith(DETAIL_PREFIXES):

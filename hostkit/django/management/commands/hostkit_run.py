@@ -20,11 +20,8 @@ from django.core.management.base import (  # type: ignore[import-untyped,import-
     CommandParser,
 )
 
-from ...._builder import HostBuilder
-from ...._embed import load_factory
-from ...._host import Host
 from ...._options import seconds_option
-from ...._util import describe
+from ...._resolve import resolve_host
 from ....exceptions import ConfigurationError
 from ...apps import host_settings
 
@@ -60,17 +57,7 @@ class Command(BaseCommand):  # type: ignore[misc,unused-ignore]
         conf = host_settings()
         if timeout is None:
             timeout = conf["SHUTDOWN_TIMEOUT"]  # checked by host_settings(); None: the builder's own
-        factory = load_factory(conf["BUILDER"], "settings.HOSTKIT['BUILDER']")
-        made: object = factory() if callable(factory) and not isinstance(factory, HostBuilder) else factory
-        if isinstance(made, HostBuilder):
-            if timeout is not None:
-                made.configure_options(shutdown_timeout=timeout)
-            made = made.build()
-        if not isinstance(made, Host):
-            msg = f"settings.HOSTKIT['BUILDER'] gave {describe(made)}; it must give a HostBuilder or a Host"
-            raise ConfigurationError(msg)
-        if timeout is not None:
-            made.options.shutdown_timeout = timeout
+        made = resolve_host(conf["BUILDER"], what="settings.HOSTKIT['BUILDER']", shutdown_timeout=timeout)
         code = made.run()
         if code:
             raise SystemExit(code)
