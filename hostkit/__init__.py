@@ -8,10 +8,9 @@ status snapshot.
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ._postimport import when_imported
+from loguru import logger as _logger
 
 if TYPE_CHECKING:
     from . import exceptions as exceptions
@@ -148,11 +147,8 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__, "exceptions"})
 
 
-def _disable_own_logger(loguru: ModuleType) -> None:
-    loguru.logger.disable("hostkit")
-
-
-# A library never writes logs anywhere on its own: configure_logging() (called by
-# Host.run() and `hostkit run`) enables them. Disabled as soon as loguru exists
-# (now, if it was imported already), before any hostkit code can log.
-when_imported("loguru", _disable_own_logger)
+# A library never writes logs anywhere on its own (loguru's recipe for libraries):
+# configure_logging(), called by Host.run() and `hostkit run`, enables them; so does
+# the application's own logger.enable("hostkit"). loguru is imported here for that,
+# before any hostkit code can log, rather than watched for with an import hook.
+_logger.disable("hostkit")

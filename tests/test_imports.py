@@ -6,14 +6,10 @@ import importlib
 import subprocess
 import sys
 import textwrap
-import types
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 import hostkit
-from hostkit._postimport import _awaited, _finder, when_imported
 
 
 def fresh(code: str) -> str:
@@ -27,13 +23,17 @@ def fresh(code: str) -> str:
 
 class TestLazyPackage:
     def test_import_hostkit_imports_no_dependency(self) -> None:
-        """`import hostkit` and the service base classes pull in neither loguru, psutil, tenacity nor multiprocess."""
+        """`import hostkit` and the service base classes pull in neither psutil, tenacity nor multiprocess.
+
+        loguru is imported, to disable hostkit's logger before any hostkit code can log
+        (loguru's recipe for libraries), without an import hook.
+        """
         out = fresh(
             """
             import sys
             import hostkit
             from hostkit import BackgroundService, HostedService, HostOptions, RestartPolicy
-            print(sorted(m for m in ("loguru", "psutil", "tenacity", "multiprocess", "dill") if m in sys.modules))
+            print(sorted(m for m in ("psutil", "tenacity", "multiprocess", "dill") if m in sys.modules))
             """
         )
         assert out == "[]"
@@ -111,69 +111,6 @@ class TestLazyPackage:
             """
         )
         lines = out.splitlines()
-        assert lines[0] == f"loguru imported by hostkit: {loguru_first}"
+        assert lines[0] == "loguru imported by hostkit: True"
         assert "hidden" not in out
         assert any(line.endswith("shown") for line in lines[1:])
-
-
-@pytest.fixture
-def modules(tmp_path: Path) -> Iterator[Path]:
-    """A folder on sys.path for throw-away modules; they, and any hook left waiting, are removed after."""
-    sys.path.insert(0, str(tmp_path))
-    before = set(sys.modules)
-    try:
-        yield tmp_path
-    finally:
-        sys.path.remove(str(tmp_path))
-        for name in set(sys.modules) - before:
-            if name.startswith("hk_probe"):
-                del sys.modules[name]
-        for name in [n for n in _awaited if n.startswith("hk_probe")]:
-            del _awaited[name]
-        if not _awaited and _finder in sys.meta_path:
-            sys.meta_path.remove(_finder)
-
-
-class TestWhenImported:
-    def test_runs_after_the_first_import_with_the_module_complete(self, modules: Path) -> None:
-        (modules / "hk_probe_a.py").write_text("VALUE = 41\nVALUE += 1\n")
-        seen: list[tuple[str, object]] = []
-        when_imported("hk_probe_a", lambda m: seen.append(("first", m.VALUE)))
-        when_imported("hk_probe_a", lambda m: seen.append(("second", m.VALUE)))
-        assert seen == []
-        import hk_probe_a  # type: ignore[import-not-found]
-
-        assert seen == [("first", 42), ("second", 42)]
-        # Imported as if without the hook; the finder is gone once nothing waits.
-        assert type(hk_probe_a.__loader__).__name__ == "SourceFileLoader"
-        assert hk_probe_a.__spec__.loader is hk_probe_a.__loader__
-        assert "hk_probe_a" not in _awaited
-        again = __import__("hk_probe_a")
-        assert again is hk_probe_a and len(seen) == 2
-
-    def test_runs_at_once_when_already_imported(self, modules: Path) -> None:
-        (modules / "hk_probe_b.py").write_text("X = 1\n")
-        import hk_probe_b  # type: ignore[import-not-found]
-
-        seen: list[types.ModuleType] = []
-        when_imported("hk_probe_b", seen.append)
-        assert seen == [hk_probe_b]
-
-    def test_a_package_and_a_failed_import_retried(self, modules: Path) -> None:
-        """A package works too; a module whose code raised is hooked again on the next attempt."""
-        package = modules / "hk_probe_pkg"
-        package.mkdir()
-        (package / "__init__.py").write_text("import os\nif os.environ.get('HK_PROBE_FAIL'):\n    raise RuntimeError\n")
-        (package / "data.txt").write_text("resource")
-        seen: list[str] = []
-        when_imported("hk_probe_pkg", lambda m: seen.append(m.__name__))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("HK_PROBE_FAIL", "1")
-            with pytest.raises(RuntimeError):
-                importlib.import_module("hk_probe_pkg")
-        assert seen == [] and "hk_probe_pkg" in _awaited
-        importlib.import_module("hk_probe_pkg")
-        assert seen == ["hk_probe_pkg"]
-        from importlib.resources import files
-
-        assert files("hk_probe_pkg").joinpath("data.txt").read_text() == "resource"

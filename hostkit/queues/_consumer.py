@@ -202,9 +202,8 @@ class QueueConsumer(BackgroundService):
     def attach_host(self, host: Host) -> None:
         """:class:`~hostkit.HostAware`: add the broker readiness check to the host's health checks.
 
-        The host calls this when it is built. Only for a thread-placed consumer on a host
-        with health checks: a process-placed consumer's link lives in the child, and
-        this copy would never connect.
+        Called when the host is built; only for a thread-placed consumer on a host with health
+        checks (a process-placed consumer's link lives in its child: this copy never connects).
         """
         record = next((r for r in host.service_records() if r.service is self), None)
         if record is None or record.placement != "thread" or HealthChecks not in host.services.collection:

@@ -2,7 +2,7 @@
 
 Why our own rather than a library: persist-queue's SQLite ack queue, the obvious
 candidate, handed the same item to two processes 18 to 25 times in 10,000
-(measured, see shared/facts.md; its maintainer says several processes are not
+(measured on a 2-core Linux machine before this module was written; its maintainer says several processes are not
 supported). Several producer and consumer processes on one machine is the whole
 point here, so the queue is a small table and every state change is one SQL
 statement or one ``BEGIN IMMEDIATE`` transaction, which SQLite serialises across
