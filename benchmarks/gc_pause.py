@@ -1,16 +1,16 @@
 """Does an embedded host leave the web server a long garbage collection to pay for?
 
-A Flask app on gunicorn (gthread, 1 worker x 4 threads, 127.0.0.1) with the
-hostkit Flask extension, started by ``hostkit.gunicorn``'s ``post_worker_init``,
-under an open-loop load of ``--rate`` requests/s that begins as soon as the worker
+A Flask app on gunicorn (gthread, 1 worker x 4 threads, 127.0.0.1) under an
+open-loop load of ``--rate`` requests/s that begins as soon as the worker
 answers (within about a second of the host's start) and lasts ``--duration`` s, so
 the first full collections after start-up fall inside the measured window. Cases:
 
-  none    the extension with no service
-  bare    a bare ``multiprocess`` child (same start method as hostkit's default,
-          forkserver) started from the worker's ``post_worker_init``, running the
-          same CPU kernel
-  hostkit the kernel as a ``placement="process"`` BackgroundService, with the
+  none    the app alone (no hostkit, no background work)
+  bare    the app without hostkit, and a bare ``multiprocess`` child (same start
+          method as hostkit's default, forkserver) started from the worker's
+          ``post_worker_init``, running the same CPU kernel
+  hostkit the kernel as a ``placement="process"`` BackgroundService of the Flask
+          extension, started by ``hostkit.gunicorn``'s ``post_worker_init``, with the
           contention monitor and lag probe on (as benchmarks/contention.py runs it)
 
 ``gc.callbacks`` in the worker record every collection: generation, wall time,
@@ -23,13 +23,19 @@ the duration of each full collection, and the types of what it found unreachable
 are listed (kept for that by ``gc.DEBUG_SAVEALL``, so with ``--trace`` the
 collections free nothing and their timings are not comparable).
 
-For each case it prints, as medians over the rounds: the longest full (gen 2)
-collection in the window (wall ms, CPU ms, objects it traversed, when, in s after
-the host's start), the number of full collections, and request latency p50 / p99 /
-p99.9 / max, measured from each request's due time.
+For each case it prints, as medians over the rounds: the full collections run while
+the worker started its host (before it served), the number of full (gen 2)
+collections during the load and the longest of them (wall ms, CPU ms, objects it
+walked, when, in s after the host's start), and request latency p50 / p99 / p99.9 /
+max, measured from each request's due time. After the load it forces three full
+collections of the same heap (the child still busy), kept in the JSON as ``forced``.
 
-    python benchmarks/gc_pause.py               # 5 rounds x 15 s per case (about 5 minutes)
-    python benchmarks/gc_pause.py --quick       # 1 round x 12 s per case
+The first full collection of a fresh worker comes 10 to 30 s into the load, so the
+window is long: the default run takes about 5 minutes.
+
+    python benchmarks/gc_pause.py               # 3 rounds x 30 s per case
+    python benchmarks/gc_pause.py --quick       # 1 round
+    python benchmarks/gc_pause.py --cases hostkit --preload   # the gc.freeze() recipe for --preload
     python benchmarks/gc_pause.py --trace --cases hostkit --rounds 1
 
 Writes benchmarks/results/gc_pause.json.
@@ -123,9 +129,6 @@ APP = textwrap.dedent(
     gc.callbacks.append(_on_gc)
 
     from flask import Flask, jsonify
-    from hostkit import BackgroundService, HostBuilder
-    from hostkit.contention import LagProbe
-    from hostkit.flask import HostKit
 
     MODE = os.environ["BENCH_MODE"]
     COUNT_FILE = os.environ["BENCH_COUNT_FILE"]
@@ -145,21 +148,27 @@ APP = textwrap.dedent(
                     f.write(f"{done} {now}")
                 os.replace(COUNT_FILE + ".tmp", COUNT_FILE)
 
-    class Cruncher(BackgroundService):
-        def execute(self, stopping):
-            crunch(stopping)
-
-    def make_builder():
-        b = HostBuilder()
-        b.options.shutdown_timeout = 5
-        if MODE == "hostkit":
-            b.add_hosted_service(Cruncher(), placement="process")
-        return b
-
     app = Flask(__name__)
-    contention = {"interval": 1.0, "log_every": None, "probe": LagProbe(window=60.0)} if MODE == "hostkit" else False
-    app.config.update(HOSTKIT_START="manual", HOSTKIT_CONTENTION=contention)
-    hostkit = HostKit(app, builder=make_builder)
+
+    if MODE == "hostkit":
+        # Only this case has hostkit: "none" and "bare" are what an app without it runs.
+        from hostkit import BackgroundService, HostBuilder
+        from hostkit.contention import LagProbe
+        from hostkit.flask import HostKit
+
+        class Cruncher(BackgroundService):
+            def execute(self, stopping):
+                crunch(stopping)
+
+        def make_builder():
+            b = HostBuilder()
+            b.options.shutdown_timeout = 5
+            b.add_hosted_service(Cruncher(), placement="process")
+            return b
+
+        contention = {"interval": 1.0, "log_every": None, "probe": LagProbe(window=60.0)}
+        app.config.update(HOSTKIT_START="manual", HOSTKIT_CONTENTION=contention)
+        hostkit = HostKit(app, builder=make_builder)
 
     @app.get("/")
     def index():
@@ -186,7 +195,10 @@ APP = textwrap.dedent(
 CONF = textwrap.dedent(
     """
     import gc, os, time
-    import hostkit.gunicorn as hk
+
+    HOSTKIT = os.environ["BENCH_MODE"] == "hostkit"
+    if HOSTKIT:
+        import hostkit.gunicorn as hk
 
     worker_class = "gthread"
     workers = 1
@@ -207,7 +219,8 @@ CONF = textwrap.dedent(
     def post_worker_init(worker):
         import bench_app
         bench_app.MARKS["host_start"] = time.monotonic()
-        hk.post_worker_init(worker)
+        if HOSTKIT:
+            hk.post_worker_init(worker)
         if bench_app.MODE == "bare":
             import multiprocess
             ctx = multiprocess.get_context("forkserver")
@@ -223,7 +236,8 @@ CONF = textwrap.dedent(
         for child, stopping in _bare:
             stopping.set()
             child.join(10)
-        hk.worker_exit(server, worker)
+        if HOSTKIT:
+            hk.worker_exit(server, worker)
     """
 )
 
@@ -381,9 +395,9 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
-    # The first full collection of a fresh worker comes 10-25 s into a 100 req/s load: the
+    # The first full collection of a fresh worker comes 10-30 s into a 100 req/s load: the
     # window must reach past it, or a pause it would have measured is left out.
-    args.duration = args.duration or 25.0
+    args.duration = args.duration or 30.0
 
     per_case: dict[str, list[dict[str, Any]]] = {c: [] for c in args.cases}
     with tempfile.TemporaryDirectory(prefix="hostkit-gc-") as tmp:
@@ -443,6 +457,12 @@ def main() -> int:
                 )
             },
         }
+    if "bare" in per_case:
+        for mode in args.cases:
+            # Medians of per-round ratios: each round's cases ran back to back on the same machine.
+            pairs = list(zip(per_case[mode], per_case["bare"], strict=True))
+            for k in ("p99_ms", "p999_ms", "max_ms"):
+                summary[mode][f"{k[:-3]}_ratio_to_bare"] = med([run[k] / base[k] for run, base in pairs])
     header = (
         f"{'case':<8} {'start gc ms':>11} {'gen2 n':>6} {'gen2 ms':>8} {'cpu ms':>7} {'objects':>8} {'at s':>5} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'max ms':>7}"
@@ -460,6 +480,21 @@ def main() -> int:
             f"{f(s['gen2_worst_wall_ms'], '.1f'):>8} {f(s['gen2_worst_cpu_ms'], '.1f'):>7} "
             f"{f(s['gen2_worst_objects'], '.0f'):>8} {f(s['gen2_worst_after_start_s'], '.1f'):>5} "
             f"{s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} {s['p999_ms']:>8.2f} {s['max_ms']:>7.1f}"
+        )
+    if "bare" in per_case:
+        print()
+        for mode in (m for m in args.cases if m != "bare"):
+            s = summary[mode]
+            print(
+                f"{mode:<8} / bare, medians of per-round ratios: p99 {s['p99_ratio_to_bare']:.2f}, "
+                f"p99.9 {s['p999_ratio_to_bare']:.2f}, max {s['max_ratio_to_bare']:.2f}"
+            )
+    met = None
+    if "hostkit" in summary:
+        met = summary["hostkit"]["rounds_with_gen2"] == 0
+        print(
+            f"\ntarget: no full collection during the load with hostkit, in any round: "
+            f"{'met' if met else 'NOT met'} ({summary['hostkit']['rounds_with_gen2']} of {rounds} rounds had one)"
         )
     print(
         f"\n{args.rate:g} req/s open loop from the worker's first answer, {args.duration:g} s x {rounds} round(s); "
@@ -479,6 +514,9 @@ def main() -> int:
                 "duration_s": args.duration,
                 "rounds": rounds,
                 "summary": summary,
+                "target_no_full_collection_during_load_met": met,
+                "preload": args.preload,
+                "freeze": args.freeze,
                 "rounds_detail": per_case,
                 "python": sys.version.split()[0],
                 "cpus": os.cpu_count(),
