@@ -154,7 +154,10 @@ APP = textwrap.dedent(
         # Only this case has hostkit: "none" and "bare" are what an app without it runs.
         from hostkit import BackgroundService, HostBuilder
         from hostkit.contention import LagProbe
-        from hostkit.flask import HostKit
+        import hostkit.flask
+
+        # The extension's class is Hostkit in newer trees (HostKit, its old name, warns there).
+        HostKit = getattr(hostkit.flask, "Hostkit", None) or hostkit.flask.HostKit
 
         class Cruncher(BackgroundService):
             def execute(self, stopping):
@@ -168,7 +171,7 @@ APP = textwrap.dedent(
 
         contention = {"interval": 1.0, "log_every": None, "probe": LagProbe(window=60.0)}
         app.config.update(HOSTKIT_START="manual", HOSTKIT_CONTENTION=contention)
-        hostkit = HostKit(app, builder=make_builder)
+        HostKit(app, builder=make_builder)
 
     @app.get("/")
     def index():
