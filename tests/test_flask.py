@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import signal
@@ -182,6 +183,53 @@ class TestExtension:
             assert monitor is not None
             assert wait_until(lambda: monitor.latest is not None and monitor.latest.requests["count"] == 5)
         finally:
+            ext.stop(app)
+
+    def test_start_ends_with_a_full_collection(self) -> None:
+        """The host's start ends with a full garbage collection, made once its services run: the first full
+        collection that start-up made due is paid during the start, not later by a request."""
+        app = make_app(HOSTKIT_START="manual")
+        ext = Hostkit(app, builder=_factory)
+        embedded = Hostkit.state(app).embedded
+        full: list[HostState | None] = []
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "stop" and info["generation"] == 2:
+                host = embedded.host
+                full.append(None if host is None else host.state)
+
+        gc.callbacks.append(on_gc)
+        try:
+            ext.start(app)
+        finally:
+            gc.callbacks.remove(on_gc)
+        try:
+            assert full, "no full collection ran during the start"
+            assert full[-1] is HostState.RUNNING
+        finally:
+            ext.stop(app)
+
+    def test_start_leaves_a_disabled_collector_alone(self) -> None:
+        """A process that turned the garbage collector off manages it itself: the start runs no collection
+        and leaves the collector off."""
+        app = make_app(HOSTKIT_START="manual")
+        ext = Hostkit(app, builder=_factory)
+        collections: list[int] = []
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                collections.append(info["generation"])
+
+        gc.disable()
+        gc.callbacks.append(on_gc)
+        try:
+            host = ext.start(app)
+            assert host.state is HostState.RUNNING
+            assert collections == []
+            assert not gc.isenabled()
+        finally:
+            gc.callbacks.remove(on_gc)
+            gc.enable()
             ext.stop(app)
 
     def test_no_signal_handler_is_installed(self) -> None:

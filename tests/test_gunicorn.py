@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
+import socket
 import textwrap
 import time
 from collections.abc import Callable
@@ -83,11 +86,63 @@ APP = textwrap.dedent(
 )
 
 
+# Records when each full garbage collection of the worker ended, when its host was built, and
+# when it served its first request.
+GC_APP = textwrap.dedent(
+    """
+    import gc, json, time
+    from flask import Flask
+    from hostkit import BackgroundService, HostBuilder
+    from hostkit.flask import Hostkit
+
+    MARKS = {"full": []}
+
+    def on_gc(phase, info):
+        if phase == "stop" and info["generation"] == 2:
+            MARKS["full"].append(time.monotonic())
+
+    gc.callbacks.append(on_gc)
+
+    class Idle(BackgroundService):
+        def execute(self, stopping):
+            stopping.wait()
+
+    def make_builder():
+        MARKS["built"] = time.monotonic()
+        return HostBuilder().add_hosted_service(Idle(), placement="process")
+
+    app = Flask(__name__)
+    Hostkit(app, builder=make_builder)
+
+    @app.get("/")
+    def index():
+        MARKS.setdefault("first_request", time.monotonic())
+        return json.dumps(MARKS)
+    """
+)
+
+
+def get_over_unix(path: Path, url: str) -> object:
+    """GET ``url`` from an HTTP server on the unix socket ``path``; the JSON it answers."""
+    conn = http.client.HTTPConnection("localhost", timeout=10)
+    conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # closed by conn.close()
+    try:
+        conn.sock.settimeout(10)
+        conn.sock.connect(str(path))
+        conn.request("GET", url)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 class Gunicorn:
     """A gunicorn master in its own session (a tests.subproc.Program), stopped by pid."""
 
-    def __init__(self, spawn: Callable[..., Program], tmp: Path, *extra: str, workers: int = 3, **env: str) -> None:
-        (tmp / "gapp.py").write_text(APP)
+    def __init__(
+        self, spawn: Callable[..., Program], tmp: Path, *extra: str, workers: int = 3, app: str = APP, **env: str
+    ) -> None:
+        self.socket = tmp / "g.sock"
+        (tmp / "gapp.py").write_text(app)
         self.events = tmp / "events.txt"
         self.events.touch()
         argv = python("-m", "gunicorn", "-c", CONF, "--workers", str(workers), "--bind", f"unix:{tmp / 'g.sock'}")
@@ -132,8 +187,8 @@ class Gunicorn:
 def make_gunicorn(tmp_path: Path, spawn: Callable[..., Program]) -> Callable[..., Gunicorn]:
     """``make_gunicorn(*extra, workers=3, **env)``; the spawn fixture kills what is left at teardown."""
 
-    def make(*extra: str, workers: int = 3, **env: str) -> Gunicorn:
-        return Gunicorn(spawn, tmp_path, *extra, workers=workers, **env)
+    def make(*extra: str, workers: int = 3, app: str = APP, **env: str) -> Gunicorn:
+        return Gunicorn(spawn, tmp_path, *extra, workers=workers, app=app, **env)
 
     return make
 
@@ -196,6 +251,28 @@ class TestGunicornWorkers:
         assert wait_until(lambda: g.lines("per-worker-stopped") == [worker], timeout=30), g.stderr()
         assert wait_until(lambda: len(g.lines("per-worker")) == 2, timeout=60)
         assert f"[{worker}] [INFO] Worker exiting" in g.stderr()
+        assert g.stop() == 0
+        assert "Traceback" not in g.stderr()
+
+
+@pytest.mark.timeout(120)
+class TestGarbageCollection:
+    def test_worker_pays_its_first_full_collection_before_serving(self, make_gunicorn) -> None:
+        """The worker's host, started by post_worker_init, ends its start with a full collection: it runs after
+        the host was built and before the worker serves its first request, so no request waits for it."""
+        g = make_gunicorn(workers=1, app=GC_APP)
+        marks: dict = {}
+
+        def served() -> bool:
+            try:
+                marks.update(get_over_unix(g.socket, "/"))  # type: ignore[arg-type]
+            except (OSError, http.client.HTTPException, ValueError):
+                return False
+            return True
+
+        assert wait_until(served, timeout=60, interval=0.1), g.stderr()
+        during_start = [t for t in marks["full"] if marks["built"] < t < marks["first_request"]]
+        assert len(during_start) == 1, marks
         assert g.stop() == 0
         assert "Traceback" not in g.stderr()
 
