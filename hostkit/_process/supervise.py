@@ -21,6 +21,7 @@ from typing import Any
 import multiprocess.connection as mpc
 import psutil
 
+from .._summary import heartbeat_age
 from ..exceptions import MemoryLimitError, ServiceHungError
 from .protocol import LAUNCH_BLOCKED, SharedState
 
@@ -139,12 +140,12 @@ class Watchdog:
             return None
         # Counted from the last beat, or from when execute() began: the child's own
         # start-up (imports, unpickling, building the service) is no hang of its loop.
-        since = self.last_beat or self.shared.executing
-        if not since or time.time() - since <= timeout:
+        age = heartbeat_age(self.last_beat, self.shared.executing)
+        if age is None or age <= timeout:
             return None
         return ServiceHungError(
             f"child process {self.pid} of {self.service!r} sent no heartbeat for "
-            f"{time.time() - since:.1f} s (heartbeat_timeout {timeout:g} s); treated as a hang "
+            f"{age:.1f} s (heartbeat_timeout {timeout:g} s); treated as a hang "
             f"and stopped"
         )
 

@@ -6,6 +6,7 @@ import threading
 import time
 
 from .._status import ServiceState
+from .._summary import heartbeat_age
 from .._util import thread_stack
 from ._base import Runner
 
@@ -42,8 +43,7 @@ class ThreadRunner(Runner):
         while not self.ended.wait(min(0.2, timeout / 4)):
             if self.record.state is not ServiceState.RUNNING:
                 continue
-            since = self.record.last_heartbeat_at or max(began, self.record.started_at or began)
-            age = time.time() - since
+            age = heartbeat_age(self.record.last_heartbeat_at, max(began, self.record.started_at or began)) or 0.0
             if age > timeout and not stale:
                 stale = True
                 note = (

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .._status import HostState, ServiceState
+from .._summary import heartbeat_age
 from .._util import pid_alive
 from ._model import HealthCheckResult, HealthStatus
 
@@ -95,8 +96,7 @@ def heartbeats_check(host: Host) -> HealthCheckResult:
             continue
         if getattr(s, "healthy", True) is False:  # the runner itself judged the heartbeat stale
             stale.append(f"{s.name}: {s.detail}" if s.detail else f"{s.name}: heartbeat is stale")
-        since = s.last_heartbeat_at if s.last_heartbeat_at is not None else s.started_at
-        age = None if since is None else now - since
+        age = heartbeat_age(s.last_heartbeat_at, s.started_at, now)
         ages[s.name] = None if age is None else round(age, 3)
         if age is not None and age > limit and not any(x.startswith(f"{s.name}: ") for x in stale):
             stale.append(f"{s.name} last beat {age:.1f} s ago (heartbeat_timeout {limit:g} s)")
