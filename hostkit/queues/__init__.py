@@ -15,6 +15,20 @@ back-off, dead-letter after ``max_attempts``, re-deliver when a consumer dies
 broker cannot be reached, at start-up or later, the consumer waits with a capped
 back-off, one log line per try, and reports itself not ready until it is back.
 
+Data flow of one message::
+
+    producer (any process)            backend (SQLite file | Redis stream)     QueueConsumer (worker host)
+    queue.enqueue(payload) ---------> waiting
+                                      waiting --- lease(consumer, n) -------> consumer thread (concurrency=N)
+                                      leased (receipt, lease_time)            handler(message, scope) in a DI scope
+                                      leased  <--- renew (long handlers) ---- lease renewer
+                                      gone    <--- ack (after success) ------ ok
+                                      waiting <--- release / retry(delay) --- raised: tenacity back-off
+                                      dead    <--- dead-letter -------------- max_attempts reached
+                                      waiting <--- lease expired ------------ consumer died (re-delivery)
+    broker unreachable: _outage.Link, one thread retries (tenacity, on the stopping token), the rest wait;
+    readiness() says "broker unavailable" until a lease succeeds again.
+
 Example::
 
     from hostkit import HostBuilder
