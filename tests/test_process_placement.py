@@ -492,6 +492,28 @@ class TestDependencyInjectionInChild:
         assert not logs.find("asked the host to stop"), logs.text()
 
 
+class TestStartingState:
+    @pytest.mark.timeout(90)
+    def test_starting_until_the_child_reports_in(self) -> None:
+        """A process-placed service is STARTING (never the host's pid) until its child begins execute, then RUNNING."""
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=10))
+        builder.services.add_hosted_service(SlowToBuild, placement="process")
+        host = builder.build()
+        seen: list[tuple[ServiceState, int | None]] = []
+        with host:
+            status = host.status()["SlowToBuild"]
+            seen.append((status.state, status.pid))
+            # The child exists (its own pid) but is still building the service (1.5 s).
+            assert wait_until(lambda: host.status()["SlowToBuild"].pid not in (None, os.getpid()), timeout=30)
+            child = host.status()["SlowToBuild"].pid
+            assert host.status()["SlowToBuild"].state is ServiceState.STARTING
+            assert wait_until(lambda: host.status()["SlowToBuild"].state is ServiceState.RUNNING, timeout=30)
+            assert host.status()["SlowToBuild"].pid == child
+        assert seen[0][0] is ServiceState.STARTING
+        assert seen[0][1] != os.getpid()
+        assert host.status()["SlowToBuild"].state is ServiceState.STOPPED
+
+
 class TestResources:
     def test_nice_and_cpu_affinity_are_applied_in_the_child(self, logs) -> None:
         """nice= and cpu_affinity= are the child's, and the host keeps its own."""

@@ -48,6 +48,7 @@ from .protocol import (
     LAUNCH_BLOCKED,
     ChildSettings,
     EndedBySigterm,
+    Executing,
     Failed,
     Finished,
     FromContainer,
@@ -267,6 +268,7 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
             beat = _Beat(shared, channel)
             attach_runner(service, beat)
             shared.executing = time.time()
+            channel.send(Executing())
             try:
                 service.execute(token)
             finally:

@@ -127,6 +127,11 @@ class LockReport:
 
 
 @dataclass(frozen=True)
+class Executing:
+    """The child is ready and ``execute`` begins: the service is RUNNING (STARTING until then)."""
+
+
+@dataclass(frozen=True)
 class StopApplication:
     """The service's code called ``ApplicationLifetime.stop_application()`` in the child: stop the host."""
 
@@ -154,7 +159,7 @@ class EndedBySigterm:
 
 
 Result: TypeAlias = Finished | Failed | EndedBySigterm
-Message: TypeAlias = LogRecord | LockReport | StopApplication | Finished | Failed | EndedBySigterm
+Message: TypeAlias = LogRecord | Executing | LockReport | StopApplication | Finished | Failed | EndedBySigterm
 
 
 # -- shared memory ----------------------------------------------------------------------

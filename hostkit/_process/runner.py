@@ -22,6 +22,7 @@ import multiprocess.connection as mpc
 import psutil
 
 from .._runners._base import Runner
+from .._status import ServiceState
 from .._util import pid_alive
 from ..exceptions import ChildProcessDiedError, RemoteServiceError
 from .child import child_main
@@ -33,6 +34,7 @@ from .protocol import (
     STOP,
     ChildSettings,
     EndedBySigterm,
+    Executing,
     Failed,
     Finished,
     Instance,
@@ -118,6 +120,10 @@ class ProcessRunner(Runner):
 
     # -- one run --------------------------------------------------------------------
 
+    def _mark_started(self) -> None:
+        # No child yet: STARTING, and no pid (the host's own pid would say "running here").
+        self.record.mark(ServiceState.STARTING, pid=None)
+
     def _run_once(self) -> None:
         if self.stopping.is_set():
             return  # stopped before the child was started: nothing to run
@@ -157,7 +163,12 @@ class ProcessRunner(Runner):
             self._process = process
             self._shared = shared
             self._control = control_w
-        self.record.update(pid=process.pid, detail=None)
+        # STARTING with the child's pid until the child reports that execute began (a stop
+        # already under way keeps its STOPPING).
+        if self.record.state is ServiceState.RUNNING:
+            self.record.mark(ServiceState.STARTING, pid=process.pid, detail=None)
+        else:
+            self.record.update(pid=process.pid, detail=None)
         self._log.debug("Started child process {} ({}, {})", process.pid, name, self.start_method)
         registration = self.stopping.register(self._send_stop)
         result: Result | None = None
@@ -246,6 +257,11 @@ class ProcessRunner(Runner):
                     reemit(message, pid, self.record.name)
                 except Exception:
                     self._log.opt(exception=True).error("A log record from child {} could not be re-emitted", pid)
+            elif isinstance(message, Executing):
+                # Until now the service was STARTING: its child was starting up, importing,
+                # unpickling or building the service. Not while a stop is already under way.
+                if self.record.state is ServiceState.STARTING:
+                    self.record.mark(ServiceState.RUNNING)
             elif isinstance(message, StopApplication):
                 self._stop_application(pid)
             elif isinstance(message, LockReport):

@@ -61,8 +61,12 @@ class Runner(ABC):
                 msg = f"background service {self.record.name!r} was already started; a service runs once per host"
                 raise HostStateError(msg)
             self._thread = threading.Thread(target=self._main, name=f"hostkit-{self.record.name}", daemon=True)
-        self.record.mark(ServiceState.RUNNING, pid=os.getpid())
+        self._mark_started()
         self._thread.start()
+
+    def _mark_started(self) -> None:
+        """The record's state once ``start()`` returns: RUNNING here, in this process."""
+        self.record.mark(ServiceState.RUNNING, pid=os.getpid())
 
     @property
     def started(self) -> bool:

@@ -410,7 +410,8 @@ class ContentionMonitor:
             "detail": status.detail,
             "lock": None if status.lock is None else asdict(status.lock),
         }
-        if status.state.value not in ("running", "stopping"):
+        # "starting": a process-placed service's child exists (it has a pid) and its start-up costs too.
+        if status.state.value not in ("starting", "running", "stopping"):
             return entry
         if status.placement == "process" and status.pid and status.pid != os.getpid():
             child = self._children.get(status.pid)

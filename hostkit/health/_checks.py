@@ -70,7 +70,8 @@ def _error_kind(error: str) -> str:
 
 def children_check(host: Host) -> HealthCheckResult:
     me = os.getpid()
-    live = (ServiceState.RUNNING, ServiceState.STOPPING)
+    # STARTING with a pid: the child exists and is starting up; it must be alive too.
+    live = (ServiceState.STARTING, ServiceState.RUNNING, ServiceState.STOPPING)
     children = {
         s.name: s.pid
         for s in host.status().services
