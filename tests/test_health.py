@@ -495,11 +495,17 @@ class TestSlowClients:
         """A client that stalls mid-request gets a 408 after request_timeout (2 s by default);
         one that trickles a byte every 50 ms is cut off then too, not served byte by byte forever."""
         with ProbeListener(HealthChecks(), port=0) as listener:
+            # Timed from before the connect: the listener's deadline starts when it accepts,
+            # which can come before this thread has sent anything.
+            began = time.monotonic()
             with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as stalled:
                 stalled.sendall(b"GET /health/live HTTP/1.1\r\n")  # and never the blank line
-                answer, stalled_for = until_closed(stalled, trickle=False, limit=10)
+                answer, _ = until_closed(stalled, trickle=False, limit=10)
+            stalled_for = time.monotonic() - began
+            began = time.monotonic()
             with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as trickler:
-                _, trickled_for = until_closed(trickler, trickle=True, limit=10)
+                until_closed(trickler, trickle=True, limit=10)
+            trickled_for = time.monotonic() - began
             assert get(listener.port, "/health/live")[0] == 200
         assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
         assert b"request not complete within request_timeout=2 s" in answer
