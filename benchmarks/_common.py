@@ -14,7 +14,8 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def sigterm_to_exit(proc: subprocess.Popen[bytes], what: str, timeout: float) ->
 def calibrate() -> float:
     """Seconds for a fixed amount of pure-Python work: this machine's speed right now.
 
-    The machine slows under sustained load (shared/facts.md), so every round times
+    A machine slows under sustained load (throttling), so every round times
     this beside its figures; compare result files only when their calibrations agree.
     """
     began = time.perf_counter()
@@ -87,3 +88,60 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     """Write a benchmark's result as indented JSON, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target a benchmark checks: ``value`` compared with ``limit`` by ``op``.
+
+    ``value`` is ``None`` when the case was not measured in this run (``--quick`` may
+    skip it); such a target is reported as "not measured", never as met.
+    """
+
+    name: str
+    value: float | None
+    limit: float
+    op: str = "<="
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        if self.op not in ("<=", ">="):
+            raise ValueError(f"Target op must be '<=' or '>=', not {self.op!r}")
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+
+    def line(self) -> str:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[self.met]
+        shown = "-" if self.value is None else _number(self.value) + self.unit
+        return f"  {verdict:<12} {self.name}: {shown} (target {self.op} {_number(self.limit)}{self.unit})"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "op": self.op,
+            "limit": self.limit,
+            "unit": self.unit,
+            "met": self.met,
+        }
+
+
+def report_targets(targets: Iterable[Target]) -> list[dict[str, Any]]:
+    """Print every target with met / NOT met, and return them for the JSON file's ``"targets"`` key.
+
+    Every script prints this block last and stores the list under ``"targets"``, so
+    ``python -m benchmarks`` can gather one summary from the result files.
+    """
+    targets = list(targets)
+    print("\ntargets:")
+    for target in targets:
+        print(target.line())
+    return [t.as_json() for t in targets]
