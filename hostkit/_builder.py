@@ -87,10 +87,12 @@ class HostBuilder:
         services.add_singleton(HostOptions, instance=self.options, per_process=True)
         for registration in services.hosted:
             if isinstance(registration.service, type):
-                services.add_singleton(
-                    registration,
-                    registration.service,
-                )
+                # One key per service it runs: the registration, or each thread-placed replica's own.
+                for key in dict.fromkeys(registration.container_key(replica) for _, replica in registration.slots()):
+                    services.add_singleton(
+                        key,
+                        registration.service,
+                    )
         provider = services.build_provider(validate=True)
         return Host(provider, list(services.hosted), options=self.options, lifetime=lifetime)
 

@@ -118,26 +118,36 @@ class Host:
         self._records: list[ServiceRecord] = []
         # Whether this host holds the embedded logging route open (see start()).
         self._logging_route = False
-        for reg in registrations:
+        # One record per service a registration runs: itself, or each of its replicas.
+        for reg, name, replica in ((reg, name, replica) for reg in registrations for name, replica in reg.slots()):
             service: HostedService
             if isinstance(reg.service, HostedService):
                 service = reg.service
+                if replica is not None and replica.index > 0:
+                    # A process-placed instance (a thread-placed one is refused with replicas):
+                    # every replica needs an object of its own, as the runner table and the
+                    # host's calls go by object. Its child gets a pickled copy anyway.
+                    from ._process.pickling import pickled_copy
+
+                    service = pickled_copy(reg.service, name)
             elif reg.placement == "process":
                 # Built in its child by the child's own container (singletons are per
                 # process): the host never constructs it nor holds what it opens.
                 from ._process.deferred import DeferredService
 
                 service = DeferredService(reg, services)
-                warn_own_singletons(reg, services)
+                if replica is None or replica.index == 0:
+                    warn_own_singletons(reg, services)
             else:
-                service = services.get(reg)
+                service = services.get(reg.container_key(replica))
             record = ServiceRecord(
                 service,
-                name=reg.name,
+                name=name,
                 placement=reg.placement,
                 restart=reg.restart,
                 process_options=reg.process_options.with_default_start_method(options.start_method),
                 heartbeat_timeout=reg.heartbeat_timeout,
+                replica=replica,
             )
             if isinstance(service, BackgroundService):
                 runner = create_runner(service, record)

@@ -63,6 +63,7 @@ class HostServiceCollection(ServiceCollection):
         restart: Any = None,
         name: str | None = None,
         heartbeat_timeout: float | timedelta | None = None,
+        replicas: int | None = None,
         start_method: str | None = None,
         nice: int | None = None,
         cpu_affinity: Iterable[int] | None = None,
@@ -83,6 +84,12 @@ class HostServiceCollection(ServiceCollection):
             restart: a :class:`~hostkit.RestartPolicy`, or ``None`` for no restarts.
             name: the name in logs, thread names and status (default: the class name).
             heartbeat_timeout: seconds without a ``heartbeat()`` that count as a hang.
+            replicas: background services only: run N copies of the service, each
+                supervised, restarted and reported on its own as ``name[0]`` to
+                ``name[N-1]``; each reads its :attr:`~hostkit.BackgroundService.replica`.
+                With ``placement="process"`` N children (each gets its own copy of an
+                instance, or builds its own from the class); with ``placement="thread"``
+                N threads, which needs the class (the container builds one per replica).
             start_method: ``placement="process"`` only: ``"forkserver"``, ``"spawn"``
                 or ``"fork"`` (default: ``HostOptions.start_method``).
             nice: ``placement="process"`` only: the child's nice value.
@@ -92,7 +99,12 @@ class HostServiceCollection(ServiceCollection):
 
         Raises:
             InvalidServiceError: ``service`` is not a service, or lacks ``execute``.
-            ConfigurationError: an option has a wrong value, or applies to another placement.
+            ConfigurationError: an option has a wrong value, or applies to another placement;
+                ``replicas`` is not an int >= 1, names a hosted service, a thread-placed
+                instance or a :class:`~hostkit.OncePerDeployment` (which runs once anyway).
+
+        .. versionchanged:: 0.2
+           ``replicas``.
         """
         registration = make_registration(
             service,
@@ -101,6 +113,7 @@ class HostServiceCollection(ServiceCollection):
             restart=restart,
             name=name,
             heartbeat_timeout=heartbeat_timeout,
+            replicas=replicas,
             process_options={
                 "start_method": start_method,
                 "nice": nice,

@@ -10,11 +10,11 @@ from typing import Any, Literal
 
 from ._options import RestartPolicy, check_start_method, seconds_option
 from ._process.options import ProcessOptions
-from ._services import PLACEMENTS, BackgroundService, HostedService, Placement
+from ._services import PLACEMENTS, BackgroundService, HostedService, Placement, Replica
 from ._util import describe
 from .exceptions import ConfigurationError, ConfigurationTypeError, InvalidServiceError
 
-__all__ = ["HostedServiceRegistration", "make_registration", "parse_bytes"]
+__all__ = ["HostedServiceRegistration", "ReplicaKey", "make_registration", "parse_bytes"]
 
 _PROCESS_ONLY = ("start_method", "nice", "cpu_affinity", "memory_limit")
 _UNITS = {
@@ -43,10 +43,34 @@ class HostedServiceRegistration:
     restart: RestartPolicy | None = None
     heartbeat_timeout: float | None = None
     process_options: ProcessOptions = field(default_factory=ProcessOptions)
+    #: ``replicas=N``: N services run from this one registration; ``None`` when not given.
+    replicas: int | None = None
 
     @property
     def display_name(self) -> str:
         return self.service_class.__qualname__
+
+    def slots(self) -> list[tuple[str, Replica | None]]:
+        """What the host runs from this registration: one ``(name, replica)`` per service.
+
+        One slot named :attr:`name` without ``replicas=``; with ``replicas=N``, N slots
+        named ``name[0]`` to ``name[N-1]``, each with its :class:`~hostkit.Replica`.
+        """
+        if self.replicas is None:
+            return [(self.name, None)]
+        return [(replica_name(self.name, i), Replica(i, self.replicas)) for i in range(self.replicas)]
+
+    def container_key(self, replica: Replica | None) -> Any:
+        """The key under which the host's container builds the service of one slot (a class registration).
+
+        The registration itself, except for thread-placed replicas: each has its own
+        singleton (:class:`ReplicaKey`), as each runs its own instance. A
+        process-placed service is built in its child, by the child's own container,
+        from the registration: every child builds its own.
+        """
+        if replica is None or self.placement == "process":
+            return self
+        return ReplicaKey(self, replica.index)
 
     def __hash__(self) -> int:
         return id(self)
@@ -70,6 +94,24 @@ class HostedServiceRegistration:
     def kind(self) -> Literal["hosted", "background"]:
         """``"background"`` or ``"hosted"``: what :attr:`is_background` says, as status shows it."""
         return "background" if self.is_background else "hosted"
+
+
+@dataclass(frozen=True)
+class ReplicaKey:
+    """The container key of one thread-placed replica's own instance (a singleton per replica)."""
+
+    registration: HostedServiceRegistration
+    index: int
+
+    @property
+    def display_name(self) -> str:
+        """How dependency errors name it: the class, and which replica."""
+        return replica_name(self.registration.display_name, self.index)
+
+
+def replica_name(name: str, index: int) -> str:
+    """``Name[index]``: how a replica is named in status, logs and health."""
+    return f"{name}[{index}]"
 
 
 def parse_bytes(value: object, what: str) -> int:
@@ -100,6 +142,7 @@ def make_registration(
     name: object,
     heartbeat_timeout: float | timedelta | None,
     process_options: dict[str, Any],
+    replicas: object = None,
 ) -> HostedServiceRegistration:
     """Validate one ``add_hosted_service`` call and record it; each rule is one small check below."""
     existing = list(existing)
@@ -109,9 +152,10 @@ def make_registration(
     _check_restart(cls, restart, is_background=is_background)
     beat = _heartbeat_timeout(cls, heartbeat_timeout, is_background=is_background)
     options = _process_options(cls, process_options, resolved_placement)
+    count = _replicas(service, cls, replicas, resolved_placement)
     _check_not_registered(service, cls, existing)
-    final_name = _unique_name(cls, name, existing)
-    return HostedServiceRegistration(service, final_name, resolved_placement, restart, beat, options)  # type: ignore[arg-type]
+    final_name = _unique_name(cls, name, existing, count)
+    return HostedServiceRegistration(service, final_name, resolved_placement, restart, beat, options, count)  # type: ignore[arg-type]
 
 
 def _service_class(service: object) -> type[HostedService]:
@@ -205,20 +249,75 @@ def _check_not_registered(service: object, cls: type, existing: list[HostedServi
             raise ConfigurationError(msg)
 
 
-def _unique_name(cls: type, name: object, existing: list[HostedServiceRegistration]) -> str:
-    """The given name (which must be free), or the class name numbered past those taken."""
-    taken = {reg.name for reg in existing}
+def _replicas(service: object, cls: type, replicas: object, placement: Placement | None) -> int | None:
+    """``replicas=`` checked: an int >= 1 for a background service that can run N times, or ``None``."""
+    if replicas is None:
+        return None
+    what = f"add_hosted_service({cls.__qualname__}): replicas"
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        msg = f"{what} must be an int >= 1 (how many copies of the service run), not: {describe(replicas)}"
+        raise ConfigurationError(msg)
+    if placement is None:
+        msg = (
+            f"{what}= applies to BackgroundService only; {cls.__qualname__} is a HostedService whose start/stop "
+            f"run once on the host's thread. Make it a BackgroundService to run several copies of its work"
+        )
+        raise ConfigurationError(msg)
+    if replicas == 1:
+        return replicas
+    from ._once import OncePerDeployment
+
+    if issubclass(cls, OncePerDeployment):
+        msg = (
+            f"{what}={replicas} with OncePerDeployment: it runs its service in one process of the machine at "
+            f"a time, so {replicas - 1} of the {replicas} replicas would only ever wait for the lock. Drop "
+            f"replicas= (one copy, held once per deployment), or drop OncePerDeployment to run {replicas} copies"
+        )
+        raise ConfigurationError(msg)
+    if placement == "thread" and not isinstance(service, type):
+        msg = (
+            f"{what}={replicas} with placement='thread' needs the class, not an instance: each replica runs its "
+            f"own instance, which the container builds (one singleton per replica). Register the class, "
+            f"add_hosted_service({cls.__qualname__}, replicas={replicas}), or use placement='process', where "
+            f"every child gets its own copy of the instance"
+        )
+        raise ConfigurationError(msg)
+    return replicas
+
+
+def _taken_names(existing: list[HostedServiceRegistration]) -> set[str]:
+    """Every name a status entry has, and every replicated registration's own name."""
+    taken = set()
+    for reg in existing:
+        taken.add(reg.name)
+        taken.update(slot for slot, _ in reg.slots())
+    return taken
+
+
+def _names(base: str, replicas: int | None) -> set[str]:
+    return {base} | ({replica_name(base, i) for i in range(replicas)} if replicas is not None else set())
+
+
+def _unique_name(cls: type, name: object, existing: list[HostedServiceRegistration], replicas: int | None) -> str:
+    """The given name (which must be free), or the class name numbered past those taken.
+
+    With ``replicas=N`` the name is the registration's, and ``name[0]`` to
+    ``name[N-1]`` are its services': all of them must be free.
+    """
+    taken = _taken_names(existing)
     if name is None:
         final, n = cls.__name__, 1
-        while final in taken:
+        while _names(final, replicas) & taken:
             n += 1
             final = f"{cls.__name__}-{n}"
         return final
     if not isinstance(name, str) or not name.strip():
         msg = f"name= must be a non-empty string, not: {describe(name)}"
         raise ConfigurationError(msg)
-    if name in taken:
-        msg = f"a hosted service named {name!r} is already registered; give each registration its own name="
+    clash = sorted(_names(name, replicas) & taken)
+    if clash:
+        which = f"{name!r}" if clash == [name] else ", ".join(map(repr, clash))
+        msg = f"a hosted service named {which} is already registered; give each registration its own name="
         raise ConfigurationError(msg)
     return name
 

@@ -27,6 +27,7 @@ import weakref
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from ._services import Replica
     from ._status import LockStatus, ServiceRecord
 
 __all__ = ["RunnerLike", "attach_runner", "detach_runner", "runner_for"]
@@ -38,6 +39,10 @@ class RunnerLike(Protocol):
     @property
     def record(self) -> ServiceRecord | None:
         """The host's record of the service (``None`` in a child process, which has none)."""
+
+    @property
+    def replica(self) -> Replica | None:
+        """Which replica of its registration the service is (``None`` without ``replicas=``)."""
 
     def heartbeat(self) -> None:
         """Record that the service made progress."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 if TYPE_CHECKING:
     from ._runners import Runner
     from ._token import CancellationToken
 
-__all__ = ["LIFECYCLE_HOOKS", "BackgroundService", "HostedService", "Placement", "is_overridden"]
+__all__ = ["LIFECYCLE_HOOKS", "BackgroundService", "HostedService", "Placement", "Replica", "is_overridden"]
 
 #: Where a background service's ``execute`` runs.
 Placement = Literal["thread", "process"]
@@ -21,6 +22,44 @@ _started_by_hand: dict[int, Runner] = {}
 
 #: The lifecycle hooks, in the order the host calls them at start and at stop.
 LIFECYCLE_HOOKS = ("starting", "started", "stopping", "stopped")
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Which of a registration's replicas a service is (``add_hosted_service(..., replicas=N)``).
+
+    Read it as :attr:`BackgroundService.replica` inside ``execute`` (or any code it
+    calls): in a child process as in a thread, each replica sees its own.
+
+    Attributes:
+        index: this replica's number, ``0`` to ``count - 1``; its status entry is ``Name[index]``.
+        count: how many replicas the registration runs (its ``replicas=``).
+
+    .. versionadded:: 0.2
+    """
+
+    index: int
+    count: int
+
+
+class _ReplicaOf:
+    """``service.replica``: read through the runner table, never stored on the service.
+
+    A non-data descriptor (no ``__set__``): a subclass that assigns its own
+    ``self.replica`` keeps working, its attribute simply hides this one.
+    """
+
+    @overload
+    def __get__(self, service: None, owner: type | None = None) -> _ReplicaOf: ...
+    @overload
+    def __get__(self, service: BackgroundService, owner: type | None = None) -> Replica | None: ...
+    def __get__(self, service: BackgroundService | None, owner: type | None = None) -> Replica | _ReplicaOf | None:
+        if service is None:
+            return self
+        from ._runner_table import runner_for
+
+        runner = runner_for(service)
+        return None if runner is None else runner.replica
 
 
 class HostedService:
@@ -76,6 +115,13 @@ class BackgroundService(HostedService):
     def execute(self, stopping: CancellationToken) -> None:
         """The service's work. Return when ``stopping`` is set."""
         raise NotImplementedError
+
+    #: Which replica this is, as a :class:`Replica` (``index`` and ``count``), for a service
+    #: registered with ``replicas=N``; ``None`` without ``replicas=``, and outside a run
+    #: (before the host attached its runner, after the run, or started by hand).
+    #:
+    #: .. versionadded:: 0.2
+    replica = _ReplicaOf()
 
     def heartbeat(self) -> None:
         """Tell the host this service is making progress.

@@ -14,7 +14,7 @@ from ._process.options import ProcessOptions
 if TYPE_CHECKING:
     from ._options import RestartPolicy
     from ._runners import Runner
-    from ._services import HostedService, Placement
+    from ._services import HostedService, Placement, Replica
 
 __all__ = ["HostState", "HostStatus", "LockStatus", "ServiceRecord", "ServiceState", "ServiceStatus"]
 
@@ -123,8 +123,13 @@ class ServiceStatus:
         lock: for a service wrapped in :class:`~hostkit.OncePerDeployment`, whether
             this host holds its deployment lock or stands by (a :class:`LockStatus`),
             else ``None``.
+        replica: for one replica of a registration made with ``replicas=N``, which
+            one (a :class:`~hostkit.Replica`: ``index`` and ``count``; its ``name``
+            is ``Name[index]``), else ``None``.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``replica``.
     """
 
     name: str
@@ -143,6 +148,7 @@ class ServiceStatus:
     detail: str | None = None
     healthy: bool = True
     lock: LockStatus | None = None
+    replica: Replica | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; times are ISO 8601 strings in UTC."""
@@ -192,9 +198,12 @@ class ServiceRecord:
         restart: RestartPolicy | None = None,
         process_options: ProcessOptions | None = None,
         heartbeat_timeout: float | None = None,
+        replica: Replica | None = None,
     ) -> None:
         self.service = service
         self.name = name
+        #: Which replica of its registration this record is (``None`` without ``replicas=``).
+        self.replica = replica
         self.placement = placement
         self.restart = restart
         self.process_options: ProcessOptions = process_options or ProcessOptions()
@@ -264,6 +273,7 @@ class ServiceRecord:
                 detail=self.detail if self.detail is not None or self.lock is None else self.lock.describe(),
                 healthy=self.healthy,
                 lock=self.lock,
+                replica=self.replica,
             )
 
     def __repr__(self) -> str:

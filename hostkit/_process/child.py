@@ -106,9 +106,11 @@ class _Beat:
 
     record = None
 
-    def __init__(self, shared: SharedState, channel: _Channel) -> None:
+    def __init__(self, shared: SharedState, channel: _Channel, replica: Any = None) -> None:
         self._shared = shared
         self._channel = channel
+        #: Which replica the service is (``BackgroundService.replica``), from the host's settings.
+        self.replica = replica
 
     def heartbeat(self) -> None:
         self._shared.beat = time.time()
@@ -265,7 +267,7 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
         try:
             _apply_resources(settings)
             service, close = _load(payload, token, channel)
-            beat = _Beat(shared, channel)
+            beat = _Beat(shared, channel, settings.replica)
             attach_runner(service, beat)
             shared.executing = time.time()
             channel.send(Executing())

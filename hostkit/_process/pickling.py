@@ -22,7 +22,7 @@ from loguru import logger
 
 from ..exceptions import ServicePicklingError
 
-__all__ = ["dumps", "pickling_error", "restore_logger"]
+__all__ = ["dumps", "pickled_copy", "pickling_error", "restore_logger"]
 
 
 def restore_logger(options: tuple[Any, ...]) -> Any:
@@ -105,3 +105,16 @@ def pickling_error(
             )
             return ServicePicklingError(msg)
     return ServicePicklingError(f"{head}, even with dill: {err}")
+
+
+def pickled_copy(service: Any, name: str) -> Any:
+    """A copy of ``service`` made as its child would get it (dill, hostkit's rules, ``__getstate__``).
+
+    Raises:
+        ServicePicklingError: it cannot be pickled; names the attribute that cannot.
+    """
+    try:
+        blob = dumps(service)
+    except Exception as err:
+        raise pickling_error(name, attributes=service.__getstate__(), err=err) from err
+    return dill.loads(blob)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from .._di import ServiceCollection
+    from .._services import Replica
     from .._status import LockStatus
 
 __all__ = [
@@ -68,6 +69,8 @@ class ChildSettings:
     stdlib_level: int
     nice: int | None = None
     cpu_affinity: tuple[int, ...] | None = None
+    #: Which replica of its registration the service is (``BackgroundService.replica`` in the child).
+    replica: Replica | None = None
 
 
 @dataclass(frozen=True)

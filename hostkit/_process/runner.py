@@ -116,6 +116,7 @@ class ProcessRunner(Runner):
             stdlib_level=logging.getLogger().getEffectiveLevel(),
             nice=self.options.nice,
             cpu_affinity=self.options.cpu_affinity,
+            replica=self.record.replica,
         )
 
     # -- one run --------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .._token import CancellationToken
 from ..exceptions import HostStateError, SupervisorError
 
 if TYPE_CHECKING:
-    from .._services import BackgroundService
+    from .._services import BackgroundService, Replica
 
 __all__ = ["Runner", "RunnerLike", "attach_runner", "detach_runner", "runner_for"]
 
@@ -102,6 +102,11 @@ class Runner(ABC):
         if self._thread is None:
             return True
         return self.ended.wait(timeout)
+
+    @property
+    def replica(self) -> Replica | None:
+        """Which replica of its registration the service is: the host's record says."""
+        return self.record.replica
 
     def heartbeat(self) -> None:
         """Record a heartbeat from the service."""
