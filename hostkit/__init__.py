@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ._services import BackgroundService as BackgroundService
     from ._services import HostedService as HostedService
     from ._services import Placement as Placement
+    from ._services import Replica as Replica
     from ._status import HostState as HostState
     from ._status import HostStatus as HostStatus
     from ._status import LockStatus as LockStatus
@@ -61,6 +62,7 @@ __all__ = [
     "OncePerDeployment",
     "PeriodicTimer",
     "Placement",
+    "Replica",
     "RestartPolicy",
     "Scope",
     "ServiceCollection",
@@ -92,6 +94,7 @@ _SOURCES: dict[str, str] = {
     "OncePerDeployment": "._once",
     "PeriodicTimer": "._periodic",
     "Placement": "._services",
+    "Replica": "._services",
     "RestartPolicy": "._options",
     "Scope": "._di",
     "ServiceCollection": "._di",

@@ -119,7 +119,8 @@ class Host:
         # Whether this host holds the embedded logging route open (see start()).
         self._logging_route = False
         # One record per service a registration runs: itself, or each of its replicas.
-        for reg, name, replica in ((reg, name, replica) for reg in registrations for name, replica in reg.slots()):
+        slots = [(r, name, replica) for r in registrations for name, replica in r.slots()]
+        for reg, name, replica in slots:
             service: HostedService
             if isinstance(reg.service, HostedService):
                 service = reg.service

@@ -241,6 +241,12 @@ class QueueConsumer(BackgroundService):
         handler: Handler = self._handler if self._handler is not None else self.handle
         provider = self._provider if self._provider is not None else ServiceCollection().build_provider()
         base = f"{socket.gethostname()}-{os.getpid()}-{self.name}"
+        replica = self.replica
+        if replica is not None:
+            # Thread-placed replicas share the process and the consumer's name: the queue
+            # must still tell them apart (a Redis consumer that retires at its stop drops
+            # its pending entries, which would be another replica's messages in hand).
+            base = f"{base}-r{replica.index}"
         link = self._link = Link(self.queue, self.reconnect_backoff, self.name, self._set_detail)
         # The consumer threads watch `halt`, not `stopping` directly: it is also set when
         # one of them dies, so the others wind down and the service fails visibly
