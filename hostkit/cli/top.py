@@ -20,6 +20,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -135,6 +136,16 @@ def _mib(value: Any) -> str:
     return "-" if value is None else _fmt(value / 1048576, "M")
 
 
+def _cell(name: str, width: int) -> str:
+    """``name`` cut to ``width``; a replica keeps its ``[index]``, or its rows would look alike."""
+    if len(name) <= width:
+        return name
+    m = re.fullmatch(r"(.*)(\[[0-9]+\])", name)
+    if m is None or len(m.group(2)) >= width:
+        return name[:width]
+    return m.group(1)[: width - len(m.group(2))] + m.group(2)
+
+
 def render(snap: dict[str, Any]) -> str:
     """The snapshot as a text table; every text from it is escaped (see :func:`_clean`)."""
     proc = snap["process"]
@@ -153,7 +164,7 @@ def render(snap: dict[str, Any]) -> str:
     ]
     for s in snap["services"]:
         lines.append(
-            f"{_clean(s['name'])[:28]:<28} {_clean(s['placement'] or 'hosted'):<9} {_clean(s['state']):<10} "
+            f"{_cell(_clean(s['name']), 28):<28} {_clean(s['placement'] or 'hosted'):<9} {_clean(s['state']):<10} "
             f"{_clean(s['pid'] or '-'):>7} {_clean(s['thread_id'] or '-'):>7} {_fmt(s['cpu_percent']):>6} "
             f"{_mib(s.get('rss')):>6}  {_clean(s.get('detail') or '')}".rstrip()
         )
