@@ -286,7 +286,22 @@ class TestThreadReplicas:
 
     def test_replica_is_none_outside_a_host(self) -> None:
         assert Counts(Seen()).replica is None
-        assert isinstance(BackgroundService.__dict__["replica"], object)
+
+    def test_a_service_may_keep_an_attribute_of_that_name(self) -> None:
+        """A service that already had its own ``self.replica`` keeps it: hostkit's is only read, never set."""
+
+        class Reader(BackgroundService):
+            def __init__(self) -> None:
+                self.replica = "db-replica-2"  # type: ignore[assignment]
+
+            def execute(self, stopping: CancellationToken) -> None:
+                stopping.wait()
+
+        builder = HostBuilder()
+        builder.services.add_hosted_service(Reader, replicas=2)
+        host = builder.build()
+        assert [r.service.replica for r in host.service_records()] == ["db-replica-2"] * 2
+        assert [s.replica for s in host.status().services] == [Replica(0, 2), Replica(1, 2)]
 
 
 class TestValidation:
