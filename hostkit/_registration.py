@@ -155,7 +155,15 @@ def make_registration(
     count = _replicas(service, cls, replicas, resolved_placement)
     _check_not_registered(service, cls, existing)
     final_name = _unique_name(cls, name, existing, count)
-    return HostedServiceRegistration(service, final_name, resolved_placement, restart, beat, options, count)  # type: ignore[arg-type]
+    return HostedServiceRegistration(
+        service,  # type: ignore[arg-type]
+        final_name,
+        resolved_placement,
+        restart,  # type: ignore[arg-type]
+        beat,
+        options,
+        replicas=count,
+    )
 
 
 def _service_class(service: object) -> type[HostedService]:
