@@ -123,8 +123,15 @@ class ServiceStatus:
         lock: for a service wrapped in :class:`~hostkit.OncePerDeployment`, whether
             this host holds its deployment lock or stands by (a :class:`LockStatus`),
             else ``None``.
+        last_reload_at: when its ``reload()`` last ended (Unix time), or ``None``
+            (never called: no reload yet, or it has no ``reload()``).
+        reload_error: why that last ``reload()`` failed (``"Type: message"``, or
+            that it overran ``reload_timeout``), or ``None`` if it succeeded. A
+            failed reload leaves ``state`` alone: the service runs on.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``last_reload_at`` and ``reload_error``.
     """
 
     name: str
@@ -143,12 +150,14 @@ class ServiceStatus:
     detail: str | None = None
     healthy: bool = True
     lock: LockStatus | None = None
+    last_reload_at: float | None = None
+    reload_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; times are ISO 8601 strings in UTC."""
         data = asdict(self)
         data["state"] = self.state.value
-        for key in ("started_at", "stopped_at", "last_failure_at", "last_heartbeat_at"):
+        for key in ("started_at", "stopped_at", "last_failure_at", "last_heartbeat_at", "last_reload_at"):
             data[key] = _iso(data[key])
         return data
 
@@ -213,6 +222,8 @@ class ServiceRecord:
         self.detail: str | None = None
         self.healthy = True
         self.lock: LockStatus | None = None
+        self.last_reload_at: float | None = None
+        self.reload_error: str | None = None
         self.exception: BaseException | None = None
         #: What runs a background service in its placement (``None`` for a hosted service).
         self.runner: Runner | None = None
@@ -264,6 +275,8 @@ class ServiceRecord:
                 detail=self.detail if self.detail is not None or self.lock is None else self.lock.describe(),
                 healthy=self.healthy,
                 lock=self.lock,
+                last_reload_at=self.last_reload_at,
+                reload_error=self.reload_error,
             )
 
     def __repr__(self) -> str:
