@@ -500,4 +500,3 @@ class TestEmbeddedHostsInstallNoHandler:
         assert host.run() == 0
         assert seen and seen[0] is not before and seen[0] not in (signal.SIG_DFL, signal.SIG_IGN)
         assert signal.getsignal(signal.SIGHUP) is before
-
