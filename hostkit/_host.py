@@ -240,8 +240,9 @@ class Host:
 
     def _handle_signals(self, watch: SignalWatch, signals: list[int], *, during: str) -> None:
         if RELOAD_SIGNAL in signals:
-            self._on_reload_signal(during)
             signals = [s for s in signals if s != RELOAD_SIGNAL]
+            # Read together with a stop signal: the stop wins, a reload now would only be cut short.
+            self._on_reload_signal(during, stopping=bool(signals))
         if not signals:
             return
         names = ", ".join(signal.Signals(s).name for s in signals)
@@ -250,9 +251,9 @@ class Host:
         watch.stopping = True
         self.lifetime.stop_application()
 
-    def _on_reload_signal(self, during: str) -> None:
+    def _on_reload_signal(self, during: str, *, stopping: bool) -> None:
         # Any number of SIGHUPs read together are one request: a reload reads the newest configuration.
-        if self.lifetime.stopping.is_set():
+        if stopping or self.lifetime.stopping.is_set():
             _log.info("Received SIGHUP while the host is stopping; no reload")
         elif during:
             # Some services may have read their configuration already, others not yet: once

@@ -155,11 +155,6 @@ class Reloader:
         self._overran: dict[str, HelperCall] = {}
         self._local = threading.local()
 
-    @property
-    def running(self) -> bool:
-        """``True`` while a reload is under way."""
-        return self._running
-
     def inside(self) -> bool:
         """``True`` on a thread that runs a service's ``reload()`` in this process."""
         return bool(getattr(self._local, "in_reload", False))

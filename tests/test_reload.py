@@ -301,6 +301,47 @@ class TestSighup:
             sock.close()
 
 
+# A start() that waits for a file (a dependency coming up), and a reload() that says so.
+GATED = """
+import os, sys
+from hostkit import HostedService, HostBuilder, HostOptions
+
+
+class Gate(HostedService):
+    def start(self, token):
+        print("STARTING", flush=True)
+        while not os.path.exists("go") and not token.wait(0.02):
+            pass
+
+    def reload(self, token):
+        print("RELOADED", flush=True)
+
+
+if __name__ == "__main__":
+    builder = HostBuilder(options=HostOptions(shutdown_timeout=20))
+    builder.services.add_hosted_service(Gate, name="gate")
+    sys.exit(builder.build().run())
+"""
+
+
+class TestSighupDuringStartUp:
+    def test_sighup_during_start_up_reloads_once_every_service_started(self, tmp_path: Path, spawn) -> None:
+        """A SIGHUP while start() runs neither stops nor kills the host: one reload follows the start-up."""
+        (tmp_path / "gated.py").write_text(textwrap.dedent(GATED), encoding="utf-8")
+        program = spawn(python("gated.py"), cwd=tmp_path, stderr="separate", NOTIFY_SOCKET="")
+        program.wait_for_output("STARTING")
+        program.signal(signal.SIGHUP)
+        program.wait_for_output(
+            "Received SIGHUP during start-up; reloading once every service has started", stream="err"
+        )
+        assert "RELOADED" not in program.output
+        (tmp_path / "go").touch()
+        program.wait_for_output("RELOADED")
+        program.wait_for_output("SIGHUP during start-up: reloading 1 service(s)", stream="err")
+        assert program.output.count("RELOADED") == 1
+        check_clean_stop(program)
+
+
 class Recorder(BackgroundService):
     def __init__(self) -> None:
         self.reloads: list[str] = []
