@@ -1,11 +1,12 @@
 """The child's stop watcher, and what a child does when its host dies.
 
 The watcher thread waits on three things at once: the control pipe (the host's
-stop request, a reload request it hands on, or EOF when the host died), the parent's sentinel (readable once
-the parent died), and the wake-up pipe its signal handlers write to (a SIGTERM
-asks for a stop; the ``PR_SET_PDEATHSIG`` signal says the parent died). A stop
-request sets the service's token; a dead host also makes the child end what its
-service started, and itself: no host is left to stop, escalate or sweep.
+stop request, a reload request it hands on, or EOF when the host died), the
+parent's sentinel (readable once the parent died), and the wake-up pipe its signal
+handlers write to (a SIGTERM asks for a stop; the ``PR_SET_PDEATHSIG`` signal says
+the parent died). A stop request sets the service's token; a dead host also makes
+the child end what its service started, and itself: no host is left to stop,
+escalate or sweep.
 """
 
 from __future__ import annotations

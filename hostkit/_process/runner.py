@@ -362,7 +362,11 @@ class ProcessRunner(Runner):
             wait.event.set()
             return
         # The host stopped waiting at the deadline and reported the overrun: say how it ended.
-        if message.error is None:
+        if message.refused is not None:
+            self._log.debug(
+                "Child process {} of {!r} refused a late reload: {}", pid, self.record.name, message.refused
+            )
+        elif message.error is None:
             self._log.info(
                 "reload() of {!r} in child process {} returned after all, {:.2f} s after it began",
                 self.record.name,
