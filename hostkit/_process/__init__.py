@@ -35,10 +35,11 @@ Modules: :mod:`.protocol` (every message, the settings, the payload and the shar
 memory, as types), :mod:`.options` (``ProcessOptions``), :mod:`.pickling` (dill and
 hostkit's rules), :mod:`.logbridge` (records both ways), :mod:`.child` (bootstrap
 and result), :mod:`.orphan` (the stop watcher; a child whose host died),
-:mod:`.childreload` (a reload request in the child), :mod:`.runner` (``ProcessRunner``), :mod:`.supervise` (launch, watchdog,
-terminate, sweep), :mod:`.deferred` (the host's stand-in for a service the child
-builds), :mod:`.forkserver` (preloaded in the fork server), :mod:`.mainguard`
-(the hint for a main module that runs a host when re-imported).
+:mod:`.childreload` (a reload request in the child), :mod:`.runner`
+(``ProcessRunner``), :mod:`.supervise` (launch, watchdog, terminate, sweep),
+:mod:`.deferred` (the host's stand-in for a service the child builds),
+:mod:`.forkserver` (preloaded in the fork server), :mod:`.mainguard` (the hint for
+a main module that runs a host when re-imported).
 
 Only the supervising thread reads the result pipe, so a child's records are
 re-emitted in the order it wrote them, and the result is read after every one of
