@@ -191,7 +191,7 @@ class TestGeneratedProjectInstalls:
             timeout=120,
         )
         assert tests.returncode == 0, tests.stdout + tests.stderr
-        assert "3 passed" in tests.stdout, tests.stdout
+        assert "4 passed" in tests.stdout, tests.stdout
 
     def test_container_command_runs_under_tini_probes_and_stops_on_sigterm(self, spawn, installed: Installed) -> None:
         """The Dockerfile's ENTRYPOINT + CMD start, its HEALTHCHECK passes, SIGTERM stops them with exit 0."""
