@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from ._options import HostOptions as HostOptions
     from ._options import RestartPolicy as RestartPolicy
     from ._periodic import PeriodicTimer as PeriodicTimer
+    from ._reloading import ReloadReport as ReloadReport
+    from ._reloading import ServiceReload as ServiceReload
     from ._services import BackgroundService as BackgroundService
     from ._services import HostedService as HostedService
     from ._services import Placement as Placement
@@ -62,11 +64,13 @@ __all__ = [
     "OncePerDeployment",
     "PeriodicTimer",
     "Placement",
+    "ReloadReport",
     "Replica",
     "RestartPolicy",
     "Scope",
     "ServiceCollection",
     "ServiceProvider",
+    "ServiceReload",
     "ServiceState",
     "ServiceStatus",
     "configure_logging",
@@ -94,11 +98,13 @@ _SOURCES: dict[str, str] = {
     "OncePerDeployment": "._once",
     "PeriodicTimer": "._periodic",
     "Placement": "._services",
+    "ReloadReport": "._reloading",
     "Replica": "._services",
     "RestartPolicy": "._options",
     "Scope": "._di",
     "ServiceCollection": "._di",
     "ServiceProvider": "._di",
+    "ServiceReload": "._reloading",
     "ServiceState": "._status",
     "ServiceStatus": "._status",
     "configure_logging": "._logging",

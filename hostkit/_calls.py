@@ -68,15 +68,10 @@ class LifecycleCalls:
         """``True`` on a thread running one of these calls (or a helper thread it started)."""
         return bool(getattr(self._local, "in_call", False))
 
-    def invoke(self, record: ServiceRecord, method: str, token: CancellationToken, deadline: float | None) -> None:
-        """Call ``record.service.<method>(token)``, bounded by ``deadline`` when it is user code.
-
-        Raises what the call raised, or :class:`HungCall` if it was still running at the deadline.
-        """
-        service = record.service
-        if method in _HOOKS and not is_overridden(service, method):
-            return
-        fn: Callable[[CancellationToken], None] = getattr(service, method)
+    def _bound(
+        self, record: ServiceRecord, fn: Callable[[CancellationToken], None]
+    ) -> Callable[[CancellationToken], None]:
+        """``fn`` with the service's name in the log context, its thread marked as inside a call."""
 
         def bound(token: CancellationToken) -> None:
             previous = getattr(self._local, "in_call", False)
@@ -86,6 +81,29 @@ class LifecycleCalls:
                     fn(token)
             finally:
                 self._local.in_call = previous
+
+        return bound
+
+    def launch(
+        self, record: ServiceRecord, method: str, fn: Callable[[CancellationToken], None], token: CancellationToken
+    ) -> HelperCall:
+        """Start ``fn(token)`` for ``record``'s ``method`` on a helper thread ``hostkit-<service>-<method>``;
+        the caller joins it (so that many calls can share one deadline).
+
+        Raises:
+            RuntimeError: no thread can be started (interpreter shutdown).
+        """
+        return HelperCall(self._bound(record, fn), token, f"hostkit-{record.name}-{method}")
+
+    def invoke(self, record: ServiceRecord, method: str, token: CancellationToken, deadline: float | None) -> None:
+        """Call ``record.service.<method>(token)``, bounded by ``deadline`` when it is user code.
+
+        Raises what the call raised, or :class:`HungCall` if it was still running at the deadline.
+        """
+        service = record.service
+        if method in _HOOKS and not is_overridden(service, method):
+            return
+        bound = self._bound(record, getattr(service, method))
 
         if deadline is None or not is_overridden(service, method):
             bound(token)

@@ -22,6 +22,8 @@ The Host holds the state and the order; each step has its own module::
     Host.start     StartPhases: starting / start / started, the culprit of a failure (_starting)
                    every call through LifecycleCalls: deadline, helper thread         (_calls)
     Host.stop      await_stopping_callbacks, stop_services: the budget's slices     (_stopping)
+    Host.reload    Reloader: every reload() at once, one deadline, coalesced         (_reloading)
+                   (SIGHUP in run() asks for one; it never stops the host)
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ from ._lifetime import ApplicationLifetime
 from ._logging import attach_embedded_logging, configure_logging, detach_embedded_logging, logging_configured
 from ._options import HostOptions, seconds_option
 from ._registration import HostedServiceRegistration
+from ._reloading import Reloader, ReloadReport
 from ._runners import Runner, create_runner
 from ._runners._base import attach_runner, detach_runner
 from ._services import BackgroundService, HostedService, is_overridden
-from ._signals import FORCED_EXIT_CODE, SignalWatch, signals_read_meanwhile
+from ._signals import FORCED_EXIT_CODE, RELOAD_SIGNAL, SignalWatch, signals_read_meanwhile
 from ._singleton_warning import warn_own_singletons
 from ._starting import StartPhases, report_start_failure, startup_error
 from ._status import HostState, HostStatus, ServiceRecord, ServiceState
@@ -160,6 +163,9 @@ class Host:
                 attach_runner(service, runner)
             self._records.append(record)
         lifetime.set_stop_handler(self._on_stop_requested)
+        self._reloader = Reloader(self._records, self._calls, options, lifetime)
+        # SIGHUP read while run() was starting the services: one reload once they all have.
+        self._reload_after_start = False
         # Services are registered before the host exists; those that want it (HostAware:
         # hostkit.health, hostkit.systemd, a queue consumer, a user's own) get it now.
         for record in self._records:
@@ -193,8 +199,10 @@ class Host:
         """Start, wait for a stop request, stop; return the exit code.
 
         On the main thread, SIGINT and SIGTERM request the stop (a second SIGINT
-        during the stop exits at once with 130); elsewhere no handler is installed
-        and the host waits for ``lifetime.stop_application()``.
+        during the stop exits at once with 130) and SIGHUP a reload (see
+        :meth:`reload`; one during start-up reloads once every service started, one
+        during the stop is ignored); elsewhere no handler is installed and the host
+        waits for ``lifetime.stop_application()``.
 
         Raises:
             HostStateError: ``run()`` or ``start()`` was called before on this host.
@@ -224,6 +232,8 @@ class Host:
                         self.start()
                 except HostStartupError:
                     return self.exit_code
+                if self._reload_after_start and not self.lifetime.stopping.is_set():
+                    self._reloader.request("SIGHUP during start-up")
                 self._wait_for_stop_request(watch)
                 watch.stopping = True
                 self.stop()
@@ -240,6 +250,10 @@ class Host:
             self._handle_signals(watch, watch.wait(), during="")
 
     def _handle_signals(self, watch: SignalWatch, signals: list[int], *, during: str) -> None:
+        if RELOAD_SIGNAL in signals:
+            signals = [s for s in signals if s != RELOAD_SIGNAL]
+            # Read together with a stop signal: the stop wins, a reload now would only be cut short.
+            self._on_reload_signal(during, stopping=bool(signals))
         if not signals:
             return
         names = ", ".join(signal.Signals(s).name for s in signals)
@@ -247,6 +261,18 @@ class Host:
         # From here a second SIGINT exits at once, also when the first one came during start-up.
         watch.stopping = True
         self.lifetime.stop_application()
+
+    def _on_reload_signal(self, during: str, *, stopping: bool) -> None:
+        # Any number of SIGHUPs read together are one request: a reload reads the newest configuration.
+        if stopping or self.lifetime.stopping.is_set():
+            _log.info("Received SIGHUP while the host is stopping; no reload")
+        elif during:
+            # Some services may have read their configuration already, others not yet: once
+            # every one has started, one reload brings them all to the newest.
+            self._reload_after_start = True
+            _log.info("Received SIGHUP{}; reloading once every service has started", during)
+        else:
+            self._reloader.request("Received SIGHUP")
 
     def _on_signals_during_start(self, watch: SignalWatch) -> Callable[[list[int]], None]:
         return lambda signals: self._handle_signals(watch, signals, during=" during start-up")
@@ -362,6 +388,59 @@ class Host:
             if self._state is HostState.STOPPED:
                 return  # the start failed and already rolled back everything
         self._stop_started(budget, reason="stop requested")
+
+    def reload(self) -> ReloadReport:
+        """Call every running service's ``reload()`` at once; wait for them and return the report.
+
+        What SIGHUP does to ``run()``. Each call runs on a thread of its own (a
+        process-placed service's in its child) while the services go on running,
+        and gets a token set when ``HostOptions.reload_timeout`` passes or the host
+        begins to stop. A ``reload()`` that raises, or is still running at the
+        deadline, is logged at ERROR with the service's name (and its traceback, or
+        where it is stuck) and counted in the report's ``failed``; neither stops its
+        service or the host. Services without a ``reload()`` are not called and
+        keep running untouched. Reloads never overlap: called while one runs, this
+        waits for it and then for one more reload, which it shares with every other
+        request made meanwhile.
+
+        Returns:
+            a :class:`~hostkit.ReloadReport`: which services reloaded, which failed or
+            timed out (and why), which were skipped because they were not running.
+
+        Raises:
+            HostStateError: the host is not running (not started, starting, stopping
+                or stopped), or began to stop before the reload could run.
+            RuntimeError: called from a service's own ``reload()``, where it would
+                wait for the reload it is part of.
+
+        .. versionadded:: 0.2
+        """
+        if self._reloader.inside():
+            msg = (
+                "Host.reload() was called from a service's reload(): it would wait for the reload it is part of "
+                "(deadlock avoided)"
+            )
+            raise RuntimeError(msg)
+        state = self._state
+        if state is not HostState.RUNNING or self.lifetime.stopping.is_set():
+            msg = f"Host.reload() needs a running host; this one is {state.value}"
+            raise HostStateError(msg)
+        return self._reloader.request("Host.reload()").result()
+
+    def add_reload_listener(
+        self, began: Callable[[], None], ended: Callable[[ReloadReport], None]
+    ) -> Callable[[], None]:
+        """Call ``began()`` when a reload begins and ``ended(report)`` when it has ended (for integrations).
+
+        Both run on the reload's thread; one that raises is logged and the reload goes
+        on. ``hostkit.systemd`` sends ``RELOADING=1`` and ``READY=1`` this way.
+
+        Returns:
+            a function that removes the listener.
+
+        .. versionadded:: 0.2
+        """
+        return self._reloader.add_listener(began, ended)
 
     def _inside_own_call(self) -> bool:
         """``True`` on a thread that runs one of this host's lifecycle calls, a service's ``execute``,

@@ -60,6 +60,10 @@ class HostOptions:
             (default ``True``). Nothing is added when :func:`hostkit.configure_logging`
             was called or the application configured loguru. ``False``: hostkit's
             lines stay off.
+        reload_timeout: how long a reload (SIGHUP to ``run()``, ``Host.reload()``)
+            may take, in seconds (default 10). Every service's ``reload`` runs at
+            once and shares it; one still running at the end is reported as timed
+            out and left behind (see :meth:`HostedService.reload <hostkit.HostedService.reload>`).
 
     Raises:
         ConfigurationError: a value has the wrong type or range (also a ``ValueError``),
@@ -67,6 +71,8 @@ class HostOptions:
             must be finite, at most 365 days.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``reload_timeout``.
     """
 
     shutdown_timeout: float | timedelta = 30.0
@@ -77,6 +83,7 @@ class HostOptions:
     start_method: str = "forkserver"
     configure_logging: bool = True
     embedded_logging: bool = True
+    reload_timeout: float | timedelta = 10.0
 
     def __setattr__(self, name: str, value: object) -> None:
         # Checked on every assignment, not only when made: `hostkit run --shutdown-timeout`
@@ -88,6 +95,11 @@ class HostOptions:
     def shutdown_seconds(self) -> float:
         """``shutdown_timeout`` as a float number of seconds."""
         return float(self.shutdown_timeout)  # type: ignore[arg-type]
+
+    @property
+    def reload_seconds(self) -> float:
+        """``reload_timeout`` as a float number of seconds."""
+        return float(self.reload_timeout)  # type: ignore[arg-type]
 
     @property
     def startup_seconds(self) -> float | None:
@@ -105,6 +117,9 @@ def _check_host_option(name: str, value: object) -> object:
         return _seconds(value, what) or 0.0  # type: ignore[arg-type]
     if name == "startup_timeout":
         return _seconds(value, what)  # type: ignore[arg-type]
+    if name == "reload_timeout":
+        # > 0: a zero deadline would report every reload as timed out before it could begin.
+        return to_seconds(value, what, allow_zero=False)  # type: ignore[call-overload]
     if name == "on_background_error" and value not in _ERROR_BEHAVIORS:
         msg = f"{what} must be one of {', '.join(map(repr, _ERROR_BEHAVIORS))}, not: {describe(value)}"
         raise ConfigurationError(msg)

@@ -9,7 +9,15 @@ if TYPE_CHECKING:
     from ._runners import Runner
     from ._token import CancellationToken
 
-__all__ = ["LIFECYCLE_HOOKS", "BackgroundService", "HostedService", "Placement", "Replica", "is_overridden"]
+__all__ = [
+    "LIFECYCLE_HOOKS",
+    "BackgroundService",
+    "HostedService",
+    "Placement",
+    "Replica",
+    "class_overrides",
+    "is_overridden",
+]
 
 #: Where a background service's ``execute`` runs.
 Placement = Literal["thread", "process"]
@@ -95,6 +103,24 @@ class HostedService:
 
     def stopped(self, token: CancellationToken) -> None:
         """Hook: after every service's ``stop`` returned."""
+
+    def reload(self, token: CancellationToken) -> None:
+        """Hook: re-read configuration, reopen log files... while the service keeps running.
+
+        Called on SIGHUP to ``Host.run()`` (``systemctl reload``) and by
+        :meth:`Host.reload() <hostkit.Host.reload>`, on a thread of its own
+        (``hostkit-<service>-reload``), while ``execute`` goes on: guard what both
+        touch (build the new settings aside, then swap one attribute). A
+        process-placed service gets the call in its child process.
+
+        ``token`` is set when ``HostOptions.reload_timeout`` has passed or the host
+        begins to stop; return then. An exception, or a call still running at the
+        deadline, is logged at ERROR with the service's name and shows in the
+        status (``reload_error``); the service and the host run on. A service that
+        does not override it is not called at all, and keeps running untouched.
+
+        .. versionadded:: 0.2
+        """
 
 
 class BackgroundService(HostedService):
@@ -203,5 +229,10 @@ class BackgroundService(HostedService):
 
 def is_overridden(service: HostedService, method: str) -> bool:
     """``True`` if ``service``'s class overrides ``method`` of hostkit's own classes."""
-    impl = getattr(type(service), method, None)
+    return class_overrides(type(service), method)
+
+
+def class_overrides(cls: type[HostedService], method: str) -> bool:
+    """``True`` if ``cls`` overrides ``method`` of hostkit's own classes."""
+    impl = getattr(cls, method, None)
     return impl is not getattr(HostedService, method) and impl is not getattr(BackgroundService, method, None)

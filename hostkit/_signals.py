@@ -1,4 +1,4 @@
-"""SIGINT/SIGTERM for ``Host.run()``, only when it owns the main thread.
+"""SIGINT/SIGTERM (stop) and SIGHUP (reload) for ``Host.run()``, only when it owns the main thread.
 
 The Python-level handler does nothing but note the signal: the C-level handler
 has already written the signal number to a wake-up pipe (``signal.set_wakeup_fd``),
@@ -12,6 +12,9 @@ A second SIGINT while the stop runs ends the process at once with 130: the
 handler writes one line to stderr with ``os.write`` and calls ``os._exit``, both
 safe in signal context. Process-placed children notice their parent's death and
 stop themselves.
+
+SIGHUP is noted the same way and asks for a reload, never a stop: with Python's
+default action it would end the process, and ``systemctl reload`` sends it.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["FORCED_EXIT_CODE", "SignalWatch", "signals_read_meanwhile"]
+__all__ = ["FORCED_EXIT_CODE", "RELOAD_SIGNAL", "SignalWatch", "signals_read_meanwhile"]
 
 FORCED_EXIT_CODE = 130
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Asks ``run()`` for a reload (``systemctl reload``: ``ExecReload=/bin/kill -HUP $MAINPID``).
+RELOAD_SIGNAL = signal.SIGHUP
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, RELOAD_SIGNAL)
 
 
 class SignalWatch:

@@ -126,10 +126,15 @@ class ServiceStatus:
         replica: for one replica of a registration made with ``replicas=N``, which
             one (a :class:`~hostkit.Replica`: ``index`` and ``count``; its ``name``
             is ``Name[index]``), else ``None``.
+        last_reload_at: when its ``reload()`` last ended (Unix time), or ``None``
+            (never called: no reload yet, or it has no ``reload()``).
+        reload_error: why that last ``reload()`` failed (``"Type: message"``, or
+            that it overran ``reload_timeout``), or ``None`` if it succeeded. A
+            failed reload leaves ``state`` alone: the service runs on.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
-       ``replica``.
+       ``replica``, ``last_reload_at`` and ``reload_error``.
     """
 
     name: str
@@ -149,12 +154,14 @@ class ServiceStatus:
     healthy: bool = True
     lock: LockStatus | None = None
     replica: Replica | None = None
+    last_reload_at: float | None = None
+    reload_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; times are ISO 8601 strings in UTC."""
         data = asdict(self)
         data["state"] = self.state.value
-        for key in ("started_at", "stopped_at", "last_failure_at", "last_heartbeat_at"):
+        for key in ("started_at", "stopped_at", "last_failure_at", "last_heartbeat_at", "last_reload_at"):
             data[key] = _iso(data[key])
         return data
 
@@ -222,6 +229,8 @@ class ServiceRecord:
         self.detail: str | None = None
         self.healthy = True
         self.lock: LockStatus | None = None
+        self.last_reload_at: float | None = None
+        self.reload_error: str | None = None
         self.exception: BaseException | None = None
         #: What runs a background service in its placement (``None`` for a hosted service).
         self.runner: Runner | None = None
@@ -274,6 +283,8 @@ class ServiceRecord:
                 healthy=self.healthy,
                 lock=self.lock,
                 replica=self.replica,
+                last_reload_at=self.last_reload_at,
+                reload_error=self.reload_error,
             )
 
     def __repr__(self) -> str:

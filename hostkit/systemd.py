@@ -11,7 +11,11 @@ The service sends newline-separated ``KEY=VALUE`` lines to it:
   ``TimeoutStopSec`` before hostkit's own ``shutdown_timeout`` is used up;
 * ``WATCHDOG=1`` every half ``WATCHDOG_USEC``, but only while the liveness checks
   (:mod:`hostkit.health`) pass: a hung or unhealthy host stops pinging and systemd
-  restarts it.
+  restarts it;
+* ``RELOADING=1`` with ``MONOTONIC_USEC=`` (``CLOCK_MONOTONIC`` now, which systemd
+  253 and later require of a ``Type=notify-reload`` service) when a reload begins
+  (SIGHUP, ``Host.reload()``), then ``READY=1`` when every ``reload()`` has
+  returned, failed or timed out; systemd shows the unit *reloading* in between.
 
 The ``sdnotify`` package swallows every error; :class:`Notifier` raises
 :class:`~hostkit.exceptions.SystemdNotifyError` instead, naming the socket.
@@ -29,7 +33,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -43,6 +47,7 @@ from .health import HealthChecks, HealthStatus
 if TYPE_CHECKING:
     from ._builder import HostBuilder
     from ._host import Host
+    from ._reloading import ReloadReport
 
 __all__ = ["Notifier", "SystemdService", "use_systemd"]
 
@@ -213,6 +218,7 @@ class SystemdService(HostedService):
         self._done = threading.Event()
         self._stop_began: float | None = None
         self._registrations: list[Registration] = []
+        self._remove_reload_listener: Callable[[], None] | None = None
         self._last_status = ""
         self._withheld = False
 
@@ -246,6 +252,7 @@ class SystemdService(HostedService):
             lifetime.stopping.register(self._on_stopping),
             lifetime.stopped.register(self.close),
         ]
+        self._remove_reload_listener = host.add_reload_listener(self._on_reloading, self._on_reloaded)
         self._thread = threading.Thread(target=self._loop, name="hostkit-systemd", daemon=True)
         self._thread.start()
         if self.watchdog and self.notifier.watchdog_interval is not None:
@@ -260,6 +267,8 @@ class SystemdService(HostedService):
             thread.join(5.0)
         for registration in self._registrations:
             registration.unregister()
+        if self._remove_reload_listener is not None:
+            self._remove_reload_listener()
         if self.notifier is not None:
             self.notifier.close()
 
@@ -290,6 +299,19 @@ class SystemdService(HostedService):
         self._send("STOPPING=1", STATUS=f"Stopping (shutdown budget {host.options.shutdown_seconds:g} s)")
         self._extend()
         self._wake.set()  # the thread switches from watchdog pings to stop extensions
+
+    def _on_reloading(self) -> None:
+        # systemd >= 253 (Type=notify-reload) ignores a RELOADING=1 without MONOTONIC_USEC:
+        # it tells a reload that began after its SIGHUP from one that was already running.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        if self._send("RELOADING=1", MONOTONIC_USEC=usec, STATUS="Reloading"):
+            _log.info("Notified systemd: RELOADING=1")
+
+    def _on_reloaded(self, report: ReloadReport) -> None:
+        if self._stop_began is not None:
+            return  # STOPPING=1 went out during the reload: READY=1 now would tell systemd the stop is over
+        if self._send("READY=1", STATUS=self._status_line()):
+            _log.info("Notified systemd: READY=1 (reload {})", "done" if report.ok else "done, with failures")
 
     def _extend(self) -> None:
         host = self._require_host()

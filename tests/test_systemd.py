@@ -246,6 +246,60 @@ class TestHostIntegration:
         assert all(0 < v <= 9_000_000 for v in values), values
         assert values[0] >= values[-1]
 
+    def test_reload_sends_reloading_with_monotonic_usec_then_ready(self, notify_socket) -> None:
+        """A reload is RELOADING=1 (with MONOTONIC_USEC, as Type=notify-reload needs) and READY=1 once it ended."""
+        called_at: list[int] = []
+
+        class Reloadable(HostedService):
+            def reload(self, token):
+                called_at.append(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=5))
+        use_systemd(builder, environ={"NOTIFY_SOCKET": notify_socket.address})
+        builder.services.add_hosted_service(Reloadable)
+        with builder.build() as host:
+            notify_socket.receive_until(has("READY=1"))
+            del notify_socket.messages[:]
+            before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            assert host.reload().reloaded == ("Reloadable",)
+            messages = notify_socket.receive_until(has("READY=1"))
+        reloading = next(m for m in messages if "RELOADING=1" in m)
+        usec = int(next(line for line in reloading.split("\n") if line.startswith("MONOTONIC_USEC="))[15:])
+        # Sent as the reload began: after the call, before any reload() ran.
+        assert before <= usec <= called_at[0]
+        assert "STATUS=Reloading" in reloading
+        assert messages.index(reloading) < next(i for i, m in enumerate(messages) if "READY=1" in m)
+
+    def test_a_stop_during_a_reload_sends_no_ready_after_stopping(self, notify_socket) -> None:
+        """A stop that begins during a reload ends it (its token is set); READY=1 never follows STOPPING=1."""
+        inside = threading.Event()
+
+        class Waits(HostedService):
+            def reload(self, token):
+                inside.set()
+                token.wait()
+
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=5, reload_timeout=30))
+        use_systemd(builder, environ={"NOTIFY_SOCKET": notify_socket.address})
+        builder.services.add_hosted_service(Waits)
+        host = builder.build()
+        host.start()
+        reports: list[object] = []
+        reloader = threading.Thread(target=lambda: reports.append(host.reload()))
+        reloader.start()
+        try:
+            assert inside.wait(10)
+            notify_socket.receive_until(has("RELOADING=1"))
+            host.stop()
+        finally:
+            host.stop()
+            reloader.join(10)
+        assert reports, "Host.reload() did not return"
+        messages = notify_socket.receive_until(has("STOPPING=1"))
+        notify_socket.drain()
+        stopping = next(i for i, m in enumerate(messages) if "STOPPING=1" in m)
+        assert not any("READY=1" in m for m in messages[stopping:]), messages
+
     def test_unreachable_socket_fails_startup_naming_it(self, tmp_path) -> None:
         """Start-up fails with the socket's name when NOTIFY_SOCKET cannot be reached."""
         builder = HostBuilder(options=HostOptions(shutdown_timeout=5))

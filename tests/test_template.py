@@ -191,7 +191,7 @@ class TestGeneratedProjectInstalls:
             timeout=120,
         )
         assert tests.returncode == 0, tests.stdout + tests.stderr
-        assert "3 passed" in tests.stdout, tests.stdout
+        assert "4 passed" in tests.stdout, tests.stdout
 
     def test_container_command_runs_under_tini_probes_and_stops_on_sigterm(self, spawn, installed: Installed) -> None:
         """The Dockerfile's ENTRYPOINT + CMD start, its HEALTHCHECK passes, SIGTERM stops them with exit 0."""
@@ -291,6 +291,25 @@ class TestDeployFiles:
         assert settings["KillSignal"] == "SIGTERM"
         shutdown_timeout = float(re.search(r"--shutdown-timeout (\d+)", settings["ExecStart"])[1])
         assert float(settings["TimeoutStopSec"]) > shutdown_timeout
+
+    def test_systemd_unit_reload_command_reloads_the_running_worker(self, tmp_path: Path, spawn) -> None:
+        """The unit's ExecReload=, run as systemd runs it ($MAINPID: hostkit), reloads the worker; it runs on."""
+        project = _generate(tmp_path)
+        unit = (project / "deploy" / f"{PROJECT}.service").read_text()
+        settings = dict(re.findall(r"^(\w+)=(.*)$", unit, re.M))
+        assert settings["Type"] == "notify"
+        assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+        program = spawn(
+            [sys.executable, "-m", "hostkit", "run", f"{PACKAGE}.app:create_builder"], cwd=project, stderr="separate"
+        )
+        program.wait_for_output("Host started", stream="err")
+        command = settings["ExecReload"].replace("$MAINPID", str(program.pid)).split()
+        assert subprocess.run(command, timeout=30).returncode == 0
+        program.wait_for_output("Reload done in", stream="err")
+        assert "OrderSyncWorker reloaded (nothing to re-read yet)" in program.err
+        assert program.running(), program.describe()
+        program.signal(signal.SIGTERM)
+        assert program.wait() == 0, program.describe()
 
     def test_systemd_analyze_verify_is_clean(self, tmp_path: Path) -> None:
         """`systemd-analyze verify` has nothing to say about the generated unit."""

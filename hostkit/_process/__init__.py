@@ -12,6 +12,8 @@ Data flow for one run (one child; a restart makes a new child)::
           SIGTERM blocked while it starts) ---------->  own process group, signals, log bridge,
                                                          watcher thread; then unblock
         control pipe  ---- STOP / EOF ---------------->  watcher: stopping.set()
+                      ---- Reload (Host.reload()) ---->  watcher -> childreload: reload(token)
+                                                           on a thread hostkit-<svc>-reload
         parent sentinel (host dies) ------------------>  watcher: stopping.set(), SIGTERM to the
                                                            group, then SIGKILL to it (itself too)
         SharedState   <--- beat (heartbeat()) --------   the runner stand-in (attach_runner)
@@ -21,6 +23,7 @@ Data flow for one run (one child; a restart makes a new child)::
         result pipe   <--- LogRecord -----------------   loguru sink (stdlib routed into loguru)
                       <--- LockReport ----------------   OncePerDeployment: holder or standby
                       <--- StopApplication -----------   lifetime.stop_application() in the child
+                      <--- Reloaded ------------------   reload() returned, raised or was refused
                       <--- Finished | Failed |        -  after execute returns or raises; last
                            EndedBySigterm
         mpc.wait([result pipe, child sentinel], Watchdog.tick)
@@ -32,10 +35,11 @@ Modules: :mod:`.protocol` (every message, the settings, the payload and the shar
 memory, as types), :mod:`.options` (``ProcessOptions``), :mod:`.pickling` (dill and
 hostkit's rules), :mod:`.logbridge` (records both ways), :mod:`.child` (bootstrap
 and result), :mod:`.orphan` (the stop watcher; a child whose host died),
-:mod:`.runner` (``ProcessRunner``), :mod:`.supervise` (launch, watchdog,
-terminate, sweep), :mod:`.deferred` (the host's stand-in for a service the child
-builds), :mod:`.forkserver` (preloaded in the fork server), :mod:`.mainguard`
-(the hint for a main module that runs a host when re-imported).
+:mod:`.childreload` (a reload request in the child), :mod:`.runner`
+(``ProcessRunner``), :mod:`.supervise` (launch, watchdog, terminate, sweep),
+:mod:`.deferred` (the host's stand-in for a service the child builds),
+:mod:`.forkserver` (preloaded in the fork server), :mod:`.mainguard` (the hint for
+a main module that runs a host when re-imported).
 
 Only the supervising thread reads the result pipe, so a child's records are
 re-emitted in the order it wrote them, and the result is read after every one of

@@ -20,7 +20,8 @@
    the control pipe, the parent's sentinel (the parent died) and the SIGTERM
    wake-up pipe all set ``stopping``; ``PR_SET_PDEATHSIG`` as a backstop for fork
    and spawn. When the parent died, the watcher also ends what the service started
-   (SIGTERM, then SIGKILL to the group), since no host is left to do it;
+   (SIGTERM, then SIGKILL to the group), since no host is left to do it. A reload
+   request on the control pipe goes to :mod:`hostkit._process.childreload`;
 5. nice value and CPU affinity, then the service is unpickled (or built from its
    own container), and ``execute(stopping)`` runs;
 6. the result (:data:`~hostkit._process.protocol.Result`) is the last message on
@@ -42,6 +43,7 @@ import dill
 
 from .._runner_table import attach_runner, detach_runner
 from .._token import CancellationToken
+from .childreload import ChildReloads
 from .logbridge import ChildLog
 from .orphan import Ending, arm_pdeathsig, parent_gone, watch
 from .protocol import (
@@ -253,9 +255,10 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
         )
     _set_proctitle(settings.process_name)
     ending = Ending()
+    reloads = ChildReloads(settings.name, channel.send, token, _describe_error, logs.warning)
     watcher = threading.Thread(
         target=watch,
-        args=(control, token, wake_r, settings, ending),
+        args=(control, token, wake_r, settings, ending, reloads.handle),
         name=f"hostkit-{settings.name}-watch",
         daemon=True,
     )
@@ -269,6 +272,7 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
             service, close = _load(payload, token, channel)
             beat = _Beat(shared, channel, settings.replica)
             attach_runner(service, beat)
+            reloads.attach(service)
             shared.executing = time.time()
             channel.send(Executing())
             try:

@@ -1,11 +1,12 @@
 """The child's stop watcher, and what a child does when its host dies.
 
 The watcher thread waits on three things at once: the control pipe (the host's
-stop request, or EOF when the host died), the parent's sentinel (readable once
-the parent died), and the wake-up pipe its signal handlers write to (a SIGTERM
-asks for a stop; the ``PR_SET_PDEATHSIG`` signal says the parent died). A stop
-request sets the service's token; a dead host also makes the child end what its
-service started, and itself: no host is left to stop, escalate or sweep.
+stop request, a reload request it hands on, or EOF when the host died), the
+parent's sentinel (readable once the parent died), and the wake-up pipe its signal
+handlers write to (a SIGTERM asks for a stop; the ``PR_SET_PDEATHSIG`` signal says
+the parent died). A stop request sets the service's token; a dead host also makes
+the child end what its service started, and itself: no host is left to stop,
+escalate or sweep.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from .._token import CancellationToken
-from .protocol import ChildSettings
+from .protocol import STOP, ChildSettings
 
 __all__ = ["ORPHAN_EXIT_CODE", "ORPHAN_GRACE", "PARENT_DIED_BYTE", "Ending", "arm_pdeathsig", "parent_gone", "watch"]
 
@@ -75,8 +77,19 @@ def arm_pdeathsig(settings: ChildSettings, wake_w: int) -> None:
         on_parent_death(signum, None)
 
 
-def watch(control: Any, token: CancellationToken, wake_r: int, settings: ChildSettings, ending: Ending) -> None:
-    """The stop watcher thread: control pipe, parent sentinel, wake-up pipe."""
+def watch(
+    control: Any,
+    token: CancellationToken,
+    wake_r: int,
+    settings: ChildSettings,
+    ending: Ending,
+    on_control: Callable[[bytes], None] | None = None,
+) -> None:
+    """The stop watcher thread: control pipe, parent sentinel, wake-up pipe.
+
+    ``on_control`` gets every control message other than ``STOP`` (a reload
+    request); it must return at once and never raise.
+    """
     import multiprocess.connection as mpc
     from multiprocess import parent_process
 
@@ -100,14 +113,17 @@ def watch(control: Any, token: CancellationToken, wake_r: int, settings: ChildSe
             token.set()
         if control in ready:
             try:
-                control.recv_bytes()  # STOP: the one message the host sends on this pipe
+                data = control.recv_bytes()
             except (EOFError, OSError):
                 # The parent closes the control pipe only after this child ended:
                 # EOF while we run means the parent died.
                 orphaned = True
             else:
-                token.set()
-                waitables.remove(control)
+                if data == STOP or on_control is None:
+                    token.set()
+                    waitables.remove(control)
+                else:
+                    on_control(data)  # a reload request: handled on a thread of its own
         if sentinel is not None and sentinel in ready:
             orphaned = True
     ending.orphaned.set()

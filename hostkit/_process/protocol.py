@@ -4,9 +4,10 @@ Every message is a frozen dataclass, pickled with dill and read by its type and
 attributes, never by position. Three channels connect the two processes:
 
 - the *result pipe* (child to host): :class:`LogRecord`, :class:`LockReport`,
-  :class:`StopApplication` while the service runs, then exactly one result,
-  :data:`Result` (:class:`Finished`, :class:`Failed` or :class:`EndedBySigterm`), last;
-- the *control pipe* (host to child): :data:`STOP`, or EOF when the host died;
+  :class:`StopApplication`, :class:`Reloaded` while the service runs, then exactly one
+  result, :data:`Result` (:class:`Finished`, :class:`Failed` or :class:`EndedBySigterm`), last;
+- the *control pipe* (host to child): :data:`STOP` (raw bytes), a pickled
+  :class:`Reload`, or EOF when the host died;
 - :class:`SharedState`: a few doubles in shared memory, for what is written too
   often for a pipe (heartbeats) or read where no lock may be taken (a signal handler).
 
@@ -39,6 +40,8 @@ __all__ = [
     "LogRecord",
     "Message",
     "Payload",
+    "Reload",
+    "Reloaded",
     "Result",
     "SharedState",
     "StopApplication",
@@ -91,6 +94,19 @@ class FromContainer:
 Payload: TypeAlias = Instance | FromContainer
 
 
+# -- host to child: the control pipe ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reload:
+    """Call the service's ``reload(token)`` on a thread of its own; answer with :class:`Reloaded`."""
+
+    #: Names the request; the answer carries it back.
+    number: int
+    #: Seconds until the call's token is set (what is left of the host's ``reload_timeout``).
+    timeout: float
+
+
 # -- child to host: the result pipe ---------------------------------------------------
 
 
@@ -140,6 +156,18 @@ class StopApplication:
 
 
 @dataclass(frozen=True)
+class Reloaded:
+    """The answer to :class:`Reload` ``number``: ``reload()`` returned, raised (``error``), or was not called."""
+
+    number: int
+    #: How long the call took, in seconds.
+    seconds: float
+    error: Failed | None = None
+    #: Why ``reload()`` was not called at all (its previous call is still running), else ``None``.
+    refused: str | None = None
+
+
+@dataclass(frozen=True)
 class Finished:
     """Result: ``execute`` returned."""
 
@@ -162,7 +190,9 @@ class EndedBySigterm:
 
 
 Result: TypeAlias = Finished | Failed | EndedBySigterm
-Message: TypeAlias = LogRecord | Executing | LockReport | StopApplication | Finished | Failed | EndedBySigterm
+Message: TypeAlias = (
+    LogRecord | Executing | LockReport | StopApplication | Reloaded | Finished | Failed | EndedBySigterm
+)
 
 
 # -- shared memory ----------------------------------------------------------------------

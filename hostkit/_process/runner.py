@@ -40,6 +40,8 @@ from .protocol import (
     Instance,
     LockReport,
     LogRecord,
+    Reload,
+    Reloaded,
     Result,
     SharedState,
     StopApplication,
@@ -49,8 +51,9 @@ from .supervise import KILL_GRACE, Watchdog, launch, preload_in_fork_server, swe
 if TYPE_CHECKING:
     from .._services import BackgroundService
     from .._status import ServiceRecord
+    from .._token import CancellationToken
 
-__all__ = ["ProcessRunner"]
+__all__ = ["ProcessRunner", "ReloadRefused"]
 
 #: Messages read from a child's pipe before the wait loop checks RSS and heartbeat again.
 DRAIN_BATCH = 500
@@ -70,6 +73,19 @@ class _RemoteTraceback(Exception):
         return f'\n"""\n{self.text.rstrip()}\n"""'
 
 
+class ReloadRefused(Exception):
+    """The child did not call ``reload()``, for the reason given (no traceback: nothing ran)."""
+
+
+class _ReloadWait:
+    """One reload request sent to the child, until its answer (or the child's end) comes."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.answer: Reloaded | None = None
+        self.child_ended = False
+
+
 class ProcessRunner(Runner):
     """``execute(stopping)`` in a child process named ``hostkit-<service>-<n>``."""
 
@@ -87,6 +103,9 @@ class ProcessRunner(Runner):
         self._control_lock = threading.Lock()
         self._kill_reason: BaseException | None = None
         self._runs = 0
+        self._reload_numbers = itertools.count(1)
+        # Reload requests waiting for the child's answer, by number (under _control_lock).
+        self._reload_waits: dict[int, _ReloadWait] = {}
 
     # -- start: everything that can be checked before a child exists ---------------
 
@@ -184,6 +203,11 @@ class ProcessRunner(Runner):
                 self._control = None
                 with contextlib.suppress(OSError):
                     control_w.close()
+                waits, self._reload_waits = self._reload_waits, {}
+            for wait in waits.values():
+                # The child ended before it answered: whoever waits hears it now, not at its deadline.
+                wait.child_ended = True
+                wait.event.set()
             results_r.close()
             sweep(process.pid, self._log, self.record.name)
         self._outcome(process, result, shared)
@@ -267,6 +291,8 @@ class ProcessRunner(Runner):
                 self._stop_application(pid)
             elif isinstance(message, LockReport):
                 self.record.update(lock=message.status)
+            elif isinstance(message, Reloaded):
+                self._reload_answered(message, pid)
             elif isinstance(message, (Finished, Failed, EndedBySigterm)):
                 result = message
             else:
@@ -281,6 +307,81 @@ class ProcessRunner(Runner):
 
         self._log.info("Child process {} of {!r} asked the host to stop", pid, self.record.name)
         self.service.provider.get(ApplicationLifetime).stop_application()
+
+    def reload(self, token: CancellationToken) -> bool:
+        """Have the child call its service's ``reload``; wait for the answer until ``token`` is set.
+
+        The child's call gets a token set at the same deadline (``token.remaining()``).
+
+        Returns:
+            ``True`` once ``reload`` returned in the child; ``False`` if no answer came
+            before ``token`` was set (the call overran its deadline).
+
+        Raises:
+            BaseException: what ``reload`` raised in the child (its traceback as ``__cause__``).
+            ChildProcessDiedError: no child is running, or it ended before it answered.
+            ReloadRefused: the child did not call ``reload`` (its previous call is still running).
+        """
+        wait = _ReloadWait()
+        remaining = token.remaining()
+        with self._control_lock:
+            control = self._control
+            if control is None:
+                msg = f"{self.record.name!r} has no child process running to reload"
+                raise ChildProcessDiedError(msg, exitcode=None)
+            number = next(self._reload_numbers)
+            self._reload_waits[number] = wait
+            try:
+                control.send_bytes(dill.dumps(Reload(number, 3600.0 if remaining is None else remaining)))
+            except OSError:
+                del self._reload_waits[number]
+                msg = f"the child process of {self.record.name!r} ended before it could be asked to reload"
+                raise ChildProcessDiedError(msg, exitcode=None) from None
+        # watch, not register: the wait is bounded by the token's own deadline, so no
+        # timer thread is needed to end it.
+        with token.watch(wait.event.set):
+            wait.event.wait(remaining)
+        with self._control_lock:
+            self._reload_waits.pop(number, None)
+        answer = wait.answer
+        if answer is not None:
+            if answer.refused is not None:
+                raise ReloadRefused(answer.refused)
+            if answer.error is not None:
+                raise _rebuild(answer.error)
+            return True
+        if wait.child_ended:
+            msg = f"the child process of {self.record.name!r} ended before its reload() returned"
+            raise ChildProcessDiedError(msg, exitcode=None)
+        return False
+
+    def _reload_answered(self, message: Reloaded, pid: int) -> None:
+        with self._control_lock:
+            wait = self._reload_waits.pop(message.number, None)
+        if wait is not None:
+            wait.answer = message
+            wait.event.set()
+            return
+        # The host stopped waiting at the deadline and reported the overrun: say how it ended.
+        if message.refused is not None:
+            self._log.debug(
+                "Child process {} of {!r} refused a late reload: {}", pid, self.record.name, message.refused
+            )
+        elif message.error is None:
+            self._log.info(
+                "reload() of {!r} in child process {} returned after all, {:.2f} s after it began",
+                self.record.name,
+                pid,
+                message.seconds,
+            )
+        else:
+            self._log.error(
+                "reload() of {!r} in child process {} failed after its deadline: {}\n{}",
+                self.record.name,
+                pid,
+                message.error.summary,
+                message.error.traceback.rstrip(),
+            )
 
     def _stop_child(self, process: Any, reason: BaseException) -> None:
         """Stop a child that is hung or too big: the restart policy decides what comes next."""

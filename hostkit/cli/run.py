@@ -23,7 +23,9 @@ _LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 _DESCRIPTION = """\
 Run a worker service: import MODULE, take ATTR from it, and run the host until
-SIGTERM or SIGINT (or until a background service fails for good).
+SIGTERM or SIGINT (or until a background service fails for good). SIGHUP reloads:
+every service that defines reload() has it called (systemctl reload), and the
+host runs on.
 
 ATTR is one of:
   a Host                      host = builder.build()
@@ -34,7 +36,8 @@ MODULE is imported the way `python -m` would: the current directory comes first
 on sys.path, so `hostkit run worker:host` finds ./worker.py.
 
 Under systemd (NOTIFY_SOCKET set) the host sends READY=1, STATUS=, STOPPING=1,
-EXTEND_TIMEOUT_USEC during a long stop, and WATCHDOG=1 while liveness passes.
+EXTEND_TIMEOUT_USEC during a long stop, WATCHDOG=1 while liveness passes, and
+RELOADING=1 then READY=1 around a reload.
 With --probe-port, /health/live and /health/ready answer on that port.
 
 exit codes:
