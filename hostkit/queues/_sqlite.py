@@ -311,17 +311,24 @@ class SQLiteQueue(Queue):
     # -- operations ------------------------------------------------------------------
 
     def stats(self) -> QueueStats:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT COALESCE(SUM(dead = 0 AND receipt IS NULL), 0), "
-                "COALESCE(SUM(dead = 0 AND receipt IS NOT NULL), 0), COALESCE(SUM(dead = 1), 0) "
-                "FROM hostkit_queue WHERE queue = ?",
-                (self.name,),
-            )
-            .fetchone()
-        )
-        return QueueStats(self.name, int(row[0]), int(row[1]), int(row[2]))
+        conn = self._conn()
+        now = time.time()
+        row = conn.execute(
+            "SELECT COALESCE(SUM(dead = 0 AND receipt IS NULL), 0), "
+            "COALESCE(SUM(dead = 0 AND receipt IS NOT NULL), 0), COALESCE(SUM(dead = 1), 0) "
+            "FROM hostkit_queue WHERE queue = ?",
+            (self.name,),
+        ).fetchone()
+        # The index orders live rows by visible_at; ready rows (visible_at <= now) come
+        # before leased ones (visible_at is their lease end, in the future), so this
+        # scan stops at the first row, or after the few expired leases ahead of it.
+        first = conn.execute(
+            "SELECT visible_at FROM hostkit_queue WHERE queue = ? AND dead = 0 AND receipt IS NULL "
+            "ORDER BY visible_at LIMIT 1",
+            (self.name,),
+        ).fetchone()
+        oldest = max(now - first[0], 0.0) if first is not None else 0.0
+        return QueueStats(self.name, int(row[0]), int(row[1]), int(row[2]), oldest)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         check_positive_int(limit, "limit")
