@@ -3,6 +3,8 @@
 Every series, documented for operators in the "Scaling out" page of the docs:
 
 * ``hostkit_health_check_status{check, status}``: 1 for the status each check has.
+* ``hostkit_health_probe_ok{probe}``: 1 when ``/health/live`` (``probe="live"``) or
+  ``/health/ready`` (``probe="ready"``) would answer 200 now.
 * ``hostkit_service_state{service, state}``: 1 for the state each service is in.
 * ``hostkit_service_restarts{service}`` (gauge) and ``hostkit_service_restarts_total``
   (counter, for ``increase()`` in alerting rules): restarts so far.
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._status import ServiceState
 from .._summary import heartbeat_age
-from ._model import HealthStatus
+from ._model import TAGS, HealthStatus
 
 if TYPE_CHECKING:
     from ._registry import HealthChecks
@@ -45,6 +47,16 @@ def render_metrics(checks: HealthChecks) -> tuple[bytes, str]:
                 for status in HealthStatus:
                     health.add_metric([entry.name, status.value], float(entry.result.status is status))
             yield health
+            # What the probes answer, from the same run: /health/live and /health/ready
+            # fail when a check with that tag is unhealthy (and systemd's watchdog pings
+            # are withheld while liveness fails).
+            probes = GaugeMetricFamily(
+                "hostkit_health_probe_ok", "1 when this probe answers 200 now, else 0", labels=["probe"]
+            )
+            for tag in TAGS:
+                failing = any(e.result.status is HealthStatus.UNHEALTHY and tag in e.tags for e in report.entries)
+                probes.add_metric([tag], float(not failing))
+            yield probes
             yield from _queue_families(checks, GaugeMetricFamily)
             host = checks.host
             if host is None:
