@@ -29,7 +29,7 @@ is the figure to read, and redis-server (single-threaded) takes its share of the
 
 Run from the repository root::
 
-    python benchmarks/scaleout.py           # about 2 minutes
+    python benchmarks/scaleout.py           # about a minute
     python benchmarks/scaleout.py --quick   # about half a minute
 
 Results: a table on stdout and ``benchmarks/results/scaleout.json``.
@@ -292,15 +292,15 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 round, fewer messages (about half a minute)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--messages", type=int, default=4000, help="messages per run")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, fewer messages (about half a minute)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--messages", type=int, default=5000, help="messages per run")
     parser.add_argument("--work", type=int, default=10_000, help="loop steps of work per message")
     parser.add_argument("--output", type=Path, default=RESULTS / "scaleout.json")
     args = parser.parse_args(argv)
     rounds, messages = args.rounds, args.messages
     if args.quick:
-        rounds, messages = 1, 1500
+        rounds, messages = 2, 2500
     result = run(rounds, messages, args.work)
     print_table(result)
     result["targets"] = report_targets(targets(result))
