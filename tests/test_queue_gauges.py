@@ -193,6 +193,37 @@ class TestRedisQueueGauges(QueueGaugesContract):
         return redis_queues
 
 
+class TestPlacement:
+    @pytest.mark.timeout(120)
+    def test_a_process_placed_consumer_reports_its_queue_from_the_host(self, tmp_path: Path) -> None:
+        """The host reads the queue's figures itself: a consumer in a child process has its gauges too."""
+        from hostkit.queues import QueueConsumer, SQLiteQueue
+
+        queue = SQLiteQueue(tmp_path / "jobs.db", "proc")
+        queue.enqueue_many([{"n": n} for n in range(5)])
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=15))
+        use_health(builder, port=0)
+        builder.services.add_hosted_service(
+            QueueConsumer(queue, lambda m, s: None, poll_interval=0.05), name="jobs", placement="process"
+        )
+        with queue, builder.build() as host:
+            port = next(r.service for r in host.service_records() if r.name == "health").listener.port
+            assert host.status()["jobs"].placement == "process"
+            assert wait_until(
+                lambda: (
+                    queue_series(scrape(port)[1], "proc")
+                    == {
+                        "hostkit_queue_up": 1.0,
+                        "hostkit_queue_depth": 0.0,
+                        "hostkit_queue_in_flight": 0.0,
+                        "hostkit_queue_dead_letters": 0.0,
+                        "hostkit_queue_oldest_waiting_age_seconds": 0.0,
+                    }
+                ),
+                timeout=60,
+            )
+
+
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own that fsyncs every write: the test stops, freezes and starts it."""
