@@ -282,3 +282,40 @@ class TestBrokerOutage:
             )
             # The stuck call finished once the server woke: no sampling thread is left behind.
             assert wait_until(lambda: not any(t.name.startswith("hostkit-queue-stats") for t in threading.enumerate()))
+
+
+class TestSQLiteConnections:
+    def test_threads_that_used_a_queue_leave_no_connection_open(self, tmp_path: Path) -> None:
+        """A gauge sample, or any short-lived thread (a request thread), closes its connection as it ends."""
+        import psutil
+
+        from hostkit.health import HealthChecks
+        from hostkit.queues import SQLiteQueue
+
+        path = tmp_path / "jobs.db"
+
+        def open_handles() -> int:
+            return sum(1 for f in psutil.Process().open_files() if f.path == str(path))
+
+        with SQLiteQueue(path, "jobs") as queue:
+            baseline = open_handles()  # the constructor's connection, on this thread
+            for n in range(10):
+                t = threading.Thread(target=queue.enqueue, args=({"n": n},))
+                t.start()
+                t.join()
+            checks = HealthChecks().add_queue(queue)
+            checks.queues.max_age = 0.0  # every call samples anew, on a helper thread
+            for _ in range(10):
+                [sample] = checks.queue_samples()
+                assert sample.stats is not None
+            assert sample.stats.depth == 10
+            # SQLite keeps one closed connection's file descriptor for reuse while another
+            # connection of the process holds the file (POSIX locks are per process): one
+            # more at most, never one per thread.
+            assert wait_until(lambda: open_handles() <= baseline + 1), (open_handles(), baseline)
+            # The queue still works on every thread, and close() still closes this thread's connection.
+            t = threading.Thread(target=queue.enqueue, args=({"n": 10},))
+            t.start()
+            t.join()
+            assert queue.stats().depth == 11
+        assert open_handles() == 0

@@ -39,6 +39,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -153,9 +154,21 @@ class SQLiteQueue(Queue):
                 conn.close()
                 raise
             self._local.conn = conn
+            # A thread that used the queue and ended (a web server's request thread, a
+            # metrics sample's helper) must not leave its connection open until close():
+            # CPython drops a thread's thread-local values when it ends, and this closes it.
+            self._local.closer = _ThreadConnection(self, conn)
             with self._conns_lock:
                 self._conns.append(conn)
         return conn
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        """Close one thread's connection, as that thread ended (unless close() took it already)."""
+        with self._conns_lock:
+            if not any(c is conn for c in self._conns):
+                return
+            self._conns = [c for c in self._conns if c is not conn]
+        conn.close()
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_conns", "_conns_lock", "_pid")}
@@ -380,3 +393,21 @@ class SQLiteQueue(Queue):
             f"<SQLiteQueue {self.name!r} path={str(self.path)!r} durability={self.durability!r} "
             f"codec={self.codec.name!r} lease_time={self.lease_time}>"
         )
+
+
+class _ThreadConnection:
+    """Held in a thread's local storage: closes that thread's connection when the thread ends."""
+
+    __slots__ = ("conn", "pid", "queue")
+
+    def __init__(self, queue: SQLiteQueue, conn: sqlite3.Connection) -> None:
+        # A weak reference: a thread that outlives the queue object must not keep it alive.
+        self.queue = weakref.ref(queue)
+        self.conn = conn
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        queue = self.queue()
+        # Never in a forked child: a connection must not cross fork(), not even to be closed.
+        if queue is not None and self.pid == os.getpid():
+            queue._forget(self.conn)
