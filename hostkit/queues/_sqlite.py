@@ -127,7 +127,8 @@ class SQLiteQueue(Queue):
     def _init_local(self) -> None:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
+        # Re-entrant: a garbage collection may run a connection closer (below) on a thread holding it.
+        self._conns_lock = threading.RLock()
         self._pid = os.getpid()
 
     def _conn(self) -> sqlite3.Connection:
