@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -411,7 +412,12 @@ class TestNewCommand:
             "billing_sync/app.py",
             "billing_sync/worker.py",
             "deploy/billing-sync.service",
+            "deploy/grafana-dashboard.json",
+            "deploy/hpa.yaml",
+            "deploy/keda-scaledobject.yaml",
             "deploy/kubernetes.yaml",
+            "deploy/prometheus-alerts.test.yaml",
+            "deploy/prometheus-alerts.yaml",
             "pyproject.toml",
             "setup.cfg",
             "tests/test_worker.py",
@@ -421,7 +427,10 @@ class TestNewCommand:
         unit = (target / "deploy/billing-sync.service").read_text()
         assert "Type=notify" in unit and "WatchdogSec=" in unit
         assert "hostkit run billing_sync.app:create_builder --probe-port 8081" in unit
-        assert "{{" not in "".join(p.read_text() for p in target.rglob("*") if p.is_file())
+        # No placeholder of the template left (Prometheus and Grafana templates keep theirs:
+        # {{ $labels.service }} in alert annotations, {{queue}} in dashboard legends).
+        text = "".join(p.read_text() for p in target.rglob("*") if p.is_file())
+        assert not re.findall(r"\{\{(?:project|package|class_name|probe_port|hostkit_version)\}\}", text)
         assert "hostkit run billing_sync.app:create_builder" in capsys.readouterr().out
 
     def test_refuses_bad_names_and_non_empty_directories(

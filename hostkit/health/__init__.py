@@ -58,6 +58,11 @@ How a probe is answered (the package's modules in brackets)::
         v
     JSON body (exception messages redacted off loopback), or the metrics text
 
+:meth:`HealthChecks.add_queue` (a :class:`~hostkit.queues.QueueConsumer` calls it
+for its queue) adds a queue's depth, in-flight count, dead letters and oldest
+waiting age to ``/metrics`` and ``/health``, sampled on demand from a 1 s cache,
+each sample on a helper thread waited for 1 s at most [_queues].
+
 :func:`use_health` [_service] registers the :class:`HealthChecks` registry as a
 singleton and a :class:`HealthService` that runs the listener from the host's
 start until ``lifetime.stopped``; the host hands itself to that service when it is
@@ -76,6 +81,7 @@ from ._model import HealthCheck as HealthCheck
 from ._model import HealthCheckResult, HealthReport, HealthStatus
 from ._model import HealthEntry as HealthEntry
 from ._model import Tag as Tag
+from ._queues import QueueSample as QueueSample
 from ._registry import HealthChecks
 from ._service import HealthService, use_health
 

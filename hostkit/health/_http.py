@@ -78,7 +78,12 @@ def answer(request: bytes, checks: HealthChecks, *, redact: bool) -> bytes:
         body = {"error": f"no such path {target!r}", "paths": ["/health/live", "/health/ready", "/health"]}
         return response(404, body, head=head)
     report = checks.run(tag)
-    return response(report.http_status, report.to_dict(redact=redact), head=head)
+    payload = report.to_dict(redact=redact)
+    if tag is None and checks.queues.labels:
+        # The queue gauges ride on the full report only: the live and ready probes,
+        # asked every few seconds by kubelet or the watchdog, never wait on a broker.
+        payload["queues"] = {s.label: s.to_dict(redact=redact) for s in checks.queue_samples()}
+    return response(report.http_status, payload, head=head)
 
 
 def _metrics(checks: HealthChecks, head: bool) -> bytes:

@@ -12,6 +12,7 @@ from .._util import describe
 from ..exceptions import ConfigurationError, HostStateError
 from ._checks import children_check, heartbeats_check, host_live, host_ready, services_check
 from ._model import TAGS, HealthCheck, HealthCheckResult, HealthEntry, HealthReport, HealthStatus, Tag
+from ._queues import QueueGauges, QueueSample, WatchedQueue
 
 if TYPE_CHECKING:
     from .._host import Host
@@ -42,6 +43,8 @@ class HealthChecks:
         self._checks: dict[str, _Check] = {}
         self._lock = threading.Lock()
         self._host: Host | None = None
+        #: The queues whose gauges ``/metrics`` and ``/health`` show (see :meth:`add_queue`).
+        self.queues = QueueGauges()
 
     def add(self, name: str, check: HealthCheck, *, tags: Iterable[Tag] = TAGS) -> HealthChecks:
         """Register ``check`` under ``name``; returns the registry (for chaining).
@@ -67,6 +70,35 @@ class HealthChecks:
                 raise ConfigurationError(msg)
             self._checks[name] = _Check(name, check, tag_list)
         return self
+
+    def add_queue(self, queue: WatchedQueue, *, label: str | None = None) -> HealthChecks:
+        """Report ``queue``'s depth, in-flight count, dead letters and oldest ready message's age.
+
+        They appear on ``/metrics`` as ``hostkit_queue_depth{queue="<label>"}`` and its
+        siblings, and under ``"queues"`` in the ``/health`` JSON; they change no check's
+        status (a deep queue is work to do, not a failure). A
+        :class:`~hostkit.queues.QueueConsumer` adds its queue itself; add a queue a
+        web app only produces to, for instance. Adding the same queue again does
+        nothing. Returns the registry (for chaining).
+
+        Args:
+            queue: a :class:`~hostkit.queues.Queue`.
+            label: the ``queue`` label (default: the queue's name).
+
+        Raises:
+            ConfigurationError: ``label`` is taken by a different queue.
+
+        .. versionadded:: 0.2
+        """
+        self.queues.add(queue, label)
+        return self
+
+    def queue_samples(self) -> list[QueueSample]:
+        """Every watched queue's figures, at most ``queues.max_age`` seconds old; never raises.
+
+        .. versionadded:: 0.2
+        """
+        return self.queues.sample()
 
     def remove(self, name: str) -> None:
         """Remove the check named ``name`` (``KeyError`` if there is none)."""

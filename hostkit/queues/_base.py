@@ -70,14 +70,21 @@ class QueueStats:
         depth: messages waiting (ready now or delayed for a retry).
         in_flight: messages leased by a consumer and not settled yet.
         dead: dead letters.
+        oldest_age: seconds the oldest message ready for a consumer has waited
+            since it became ready (its enqueue, or the end of its retry delay);
+            ``0.0`` when none is ready. What an autoscaler or an alert watches:
+            a growing age means the consumers do not keep up.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``oldest_age``.
     """
 
     name: str
     depth: int
     in_flight: int
     dead: int
+    oldest_age: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -184,7 +191,11 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> QueueStats:
-        """Depth, in-flight and dead-letter counts."""
+        """Depth, in-flight and dead-letter counts, and the oldest ready message's age.
+
+        Read-only and cheap (a few indexed queries or one or two round trips), so a
+        metrics scrape may call it every few seconds.
+        """
 
     @abc.abstractmethod
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

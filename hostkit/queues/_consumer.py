@@ -200,15 +200,22 @@ class QueueConsumer(BackgroundService):
         return link.readiness()
 
     def attach_host(self, host: Host) -> None:
-        """:class:`~hostkit.HostAware`: add the broker readiness check to the host's health checks.
+        """:class:`~hostkit.HostAware`: add the queue's gauges and the broker readiness check.
 
-        Called when the host is built; only for a thread-placed consumer on a host with health
-        checks (a process-placed consumer's link lives in its child: this copy never connects).
+        Called when the host is built, on a host with health checks. The queue's
+        depth, in-flight count, dead letters and oldest waiting age go on
+        ``/metrics`` and ``/health`` for any placement (the host reads them from the
+        queue's storage itself). The readiness check only for a thread-placed
+        consumer: a process-placed consumer's link lives in its child, and this
+        copy never connects.
         """
         record = next((r for r in host.service_records() if r.service is self), None)
-        if record is None or record.placement != "thread" or HealthChecks not in host.services.collection:
+        if record is None or HealthChecks not in host.services.collection:
             return
-        host.services.get(HealthChecks).add(f"{record.name}.broker", self.readiness, tags=("ready",))
+        checks = host.services.get(HealthChecks)
+        checks.add_queue(self.queue)
+        if record.placement == "thread":
+            checks.add(f"{record.name}.broker", self.readiness, tags=("ready",))
 
     def _set_detail(self, detail: str | None) -> None:
         """Show the broker's state as the service's status detail (thread placement)."""

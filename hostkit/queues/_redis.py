@@ -409,14 +409,42 @@ class RedisStreamQueue(Queue):
     # -- operations ------------------------------------------------------------------
 
     def stats(self) -> QueueStats:
-        pipe = self._ready().pipeline(transaction=True)
+        # Read-only (it never creates the stream or the group) and two round trips at
+        # most: one MULTI for the counts, one XRANGE for the oldest undelivered entry.
+        pipe = self.client.pipeline(transaction=True)
+        pipe.time()
+        pipe.xinfo_groups(self.stream)
         pipe.xlen(self.stream)
-        pipe.xpending(self.stream, GROUP)
         pipe.zcard(self.delayed)
         pipe.xlen(self.dead_stream)
-        length, pending, delayed, dead = pipe.execute()
-        in_flight = int(pending["pending"])
-        return QueueStats(self.name, int(length) - in_flight + int(delayed), in_flight, int(dead))
+        server_time, groups, length, delayed, dead = pipe.execute(raise_on_error=False)
+        for reply in (server_time, length, delayed, dead):
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(groups, Exception):
+            if "no such key" not in str(groups).lower():
+                raise groups
+            groups = []  # no stream yet: nothing was ever enqueued without a delay
+        group = next((g for g in groups if _text(g.get("name")) == GROUP), None)
+        in_flight = 0 if group is None else int(group.get("pending") or 0)
+        last = "0-0" if group is None else _text(group.get("last-delivered-id") or "0-0")
+        # The group's lag (Redis >= 7) counts the entries not delivered to it yet; it is
+        # nil when Redis cannot tell. Acked entries are deleted here, so the stream
+        # holds exactly the undelivered and the pending ones: the length less the
+        # pending count is the same number on any Redis version.
+        lag = None if group is None else group.get("lag")
+        undelivered = int(lag) if lag is not None else max(int(length) - in_flight, 0)
+        oldest = 0.0
+        if undelivered:
+            ms, _, seq = last.partition("-")
+            after = f"{ms}-{int(seq or 0) + 1}"  # XRANGE's start is inclusive
+            first = self.client.xrange(self.stream, min=after, max="+", count=1)
+            if first:
+                # Both times are the server's clock: the entry id is when it was added
+                # (enqueued, or moved back after a retry delay).
+                now_ms = int(server_time[0]) * 1000 + int(server_time[1]) // 1000
+                oldest = max(now_ms - int(_text(first[0][0]).partition("-")[0]), 0) / 1000
+        return QueueStats(self.name, undelivered + int(delayed), in_flight, int(dead), oldest)
 
     def _dead_entries(self) -> list[tuple[str, dict[bytes, bytes]]]:
         return [(_text(eid), fields) for eid, fields in self.client.xrange(self.dead_stream, "-", "+")]

@@ -39,6 +39,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -126,7 +127,8 @@ class SQLiteQueue(Queue):
     def _init_local(self) -> None:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
+        # Re-entrant: a garbage collection may run a connection closer (below) on a thread holding it.
+        self._conns_lock = threading.RLock()
         self._pid = os.getpid()
 
     def _conn(self) -> sqlite3.Connection:
@@ -153,9 +155,21 @@ class SQLiteQueue(Queue):
                 conn.close()
                 raise
             self._local.conn = conn
+            # A thread that used the queue and ended (a web server's request thread, a
+            # metrics sample's helper) must not leave its connection open until close():
+            # CPython drops a thread's thread-local values when it ends, and this closes it.
+            self._local.closer = _ThreadConnection(self, conn)
             with self._conns_lock:
                 self._conns.append(conn)
         return conn
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        """Close one thread's connection, as that thread ended (unless close() took it already)."""
+        with self._conns_lock:
+            if not any(c is conn for c in self._conns):
+                return
+            self._conns = [c for c in self._conns if c is not conn]
+        conn.close()
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_conns", "_conns_lock", "_pid")}
@@ -311,17 +325,24 @@ class SQLiteQueue(Queue):
     # -- operations ------------------------------------------------------------------
 
     def stats(self) -> QueueStats:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT COALESCE(SUM(dead = 0 AND receipt IS NULL), 0), "
-                "COALESCE(SUM(dead = 0 AND receipt IS NOT NULL), 0), COALESCE(SUM(dead = 1), 0) "
-                "FROM hostkit_queue WHERE queue = ?",
-                (self.name,),
-            )
-            .fetchone()
-        )
-        return QueueStats(self.name, int(row[0]), int(row[1]), int(row[2]))
+        conn = self._conn()
+        now = time.time()
+        row = conn.execute(
+            "SELECT COALESCE(SUM(dead = 0 AND receipt IS NULL), 0), "
+            "COALESCE(SUM(dead = 0 AND receipt IS NOT NULL), 0), COALESCE(SUM(dead = 1), 0) "
+            "FROM hostkit_queue WHERE queue = ?",
+            (self.name,),
+        ).fetchone()
+        # The index orders live rows by visible_at; ready rows (visible_at <= now) come
+        # before leased ones (visible_at is their lease end, in the future), so this
+        # scan stops at the first row, or after the few expired leases ahead of it.
+        first = conn.execute(
+            "SELECT visible_at FROM hostkit_queue WHERE queue = ? AND dead = 0 AND receipt IS NULL "
+            "ORDER BY visible_at LIMIT 1",
+            (self.name,),
+        ).fetchone()
+        oldest = max(now - first[0], 0.0) if first is not None else 0.0
+        return QueueStats(self.name, int(row[0]), int(row[1]), int(row[2]), oldest)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         check_positive_int(limit, "limit")
@@ -373,3 +394,21 @@ class SQLiteQueue(Queue):
             f"<SQLiteQueue {self.name!r} path={str(self.path)!r} durability={self.durability!r} "
             f"codec={self.codec.name!r} lease_time={self.lease_time}>"
         )
+
+
+class _ThreadConnection:
+    """Held in a thread's local storage: closes that thread's connection when the thread ends."""
+
+    __slots__ = ("conn", "pid", "queue")
+
+    def __init__(self, queue: SQLiteQueue, conn: sqlite3.Connection) -> None:
+        # A weak reference: a thread that outlives the queue object must not keep it alive.
+        self.queue = weakref.ref(queue)
+        self.conn = conn
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        queue = self.queue()
+        # Never in a forked child: a connection must not cross fork(), not even to be closed.
+        if queue is not None and self.pid == os.getpid():
+            queue._forget(self.conn)
