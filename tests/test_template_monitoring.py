@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from hostkit import BackgroundService, HostBuilder, HostOptions, RestartPolicy, ServiceState
 from hostkit.cli import main
 from tests.conftest import wait_until
-
-yaml = pytest.importorskip("yaml")
 
 PROJECT = "order-sync"
 PROMTOOL_SKIP = "promtool is not installed (Debian: apt-get install prometheus; .ci/system-deps does it)"
