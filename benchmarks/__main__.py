@@ -134,7 +134,7 @@ def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
     line = "  ".join(h.ljust(w) for h, w in zip(HEAD, widths, strict=True))
     print(f"\n{line}\n{'-' * len(line)}")
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def markdown(rows: list[tuple[str, str, str, str, str]], runs: list[dict[str, Any]], quick: bool) -> str:
