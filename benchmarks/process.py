@@ -14,7 +14,10 @@ importable module, as an application's does, so both are pickled by reference.
   time (this script, ``--cold``) that has imported hostkit (baseline: multiprocess)
   and builds and starts a host with 1 or 8 process-placed services (baseline:
   starts 1 or 8 bare processes), timed from before the build until every child
-  has marked its start. It includes starting the fork server, which is most of it;
+  has marked its start. It includes starting the fork server, which is most of it.
+  A second baseline, shown beside it and kept in the JSON (``bare_loguru_ms``), has
+  its fork server import loguru too: the floor for a child that logs through
+  loguru, which hostkit's fork server imports for every child;
 * SIGTERM to exit, with 1, 4 and 16 process-placed services that honour their
   token: a real host process (this script, ``--child``) is started, says ``READY``
   once every child runs, gets SIGTERM, and the time until it has exited (every
@@ -164,6 +167,9 @@ def cold_child(kind: str, n: int, method: str, folder: str) -> int:
     else:
         began = time.time()
         ctx = multiprocess.get_context(method)
+        if kind == "bare-loguru":
+            # The floor for any child that logs through loguru: its fork server imports it too.
+            ctx.set_forkserver_preload(["__main__", "loguru"])
         stop = ctx.Event()
         procs = [ctx.Process(target=bare_target, args=(folder, stop), name=f"bare-{i}") for i in range(n)]
         for p in procs:
@@ -304,17 +310,21 @@ def run(methods: list[str], rounds: int, starts: int) -> dict[str, Any]:
         rows.append(start_row(method, "start, warm", 1, start_host, start_bare))
     # Cold starts with the default method: a fresh interpreter each.
     for n in COLD_SIZES:
-        cold: dict[str, list[float]] = {"host": [], "bare": []}
+        cold: dict[str, list[float]] = {"host": [], "bare": [], "bare-loguru": []}
         for r in range(rounds):
             calibration.append(calibrate())
-            order = ("host", "bare") if r % 2 == 0 else ("bare", "host")
-            runs = {"host": [], "bare": []}
+            order = ("host", "bare", "bare-loguru") if r % 2 == 0 else ("bare-loguru", "bare", "host")
+            runs = {kind: [] for kind in order}
             for _ in range(starts):
                 for kind in order:
                     runs[kind].append(cold_start(kind, n, DEFAULT_METHOD))
             for kind in order:
                 cold[kind].append(statistics.median(runs[kind]))
-        rows.append(start_row(DEFAULT_METHOD, "start, cold", n, cold["host"], cold["bare"]))
+        row = start_row(DEFAULT_METHOD, "start, cold", n, cold["host"], cold["bare"])
+        row["bare_loguru_ms"] = ms(statistics.median(cold["bare-loguru"]))
+        row["bare_loguru_runs_ms"] = [ms(x) for x in cold["bare-loguru"]]
+        row["ratio_to_bare_loguru"] = median_ratio(cold["host"], cold["bare-loguru"])
+        rows.append(row)
     for method in methods:
         sig: dict[int, dict[str, list[float]]] = {n: {"host": [], "bare": [], "rss_h": [], "rss_b": []} for n in SIZES}
         for r in range(rounds):
@@ -399,6 +409,12 @@ def print_table(result: dict[str, Any]) -> None:
             f"{r['method']:<11} {r['what']:<17} {r['n']:>3} {r['host_ms']:>9.2f} {r['bare_ms']:>9.2f} "
             f"{r['ratio']:>6.2f} {rss}"
         )
+    for r in result["rows"]:
+        if "bare_loguru_ms" in r:
+            print(
+                f"cold, {r['n']} service(s): a bare child whose fork server also imports loguru takes "
+                f"{r['bare_loguru_ms']:.2f} ms; hostkit / that: {r['ratio_to_bare_loguru']:.2f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

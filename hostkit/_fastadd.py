@@ -11,24 +11,25 @@ cost was most of a forked child's start.
 :func:`add_sink` calls ``logger.add()`` with ``sysconfig.get_path`` answered from
 this process's memo for the duration of the call: the same paths, computed once.
 The memo is plain memory, so a forked child (and every child of a fork server that
-filled it) inherits it filled. ``sysconfig.get_path`` is swapped back before the
-call returns, under a lock, so hostkit's calls never nest or interleave; any other
-thread that calls it meanwhile gets the same answers the real function gives. Only
+filled it) inherits it filled. hostkit's package imports loguru inside
+:func:`remembered_paths`, so the default sink loguru adds as it is imported fills
+the memo at no extra cost. ``sysconfig.get_path`` is swapped back before the call
+returns, under a lock, so hostkit's swaps never nest or interleave; any other
+thread that calls it meanwhile gets the answers the real function gives. Only
 calls with the default ``vars`` and ``expand`` are remembered, the others pass
 through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sysconfig
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from loguru import logger
-
-__all__ = ["add_sink", "fill_memo"]
+__all__ = ["add_sink", "fill_memo", "remembered_paths"]
 
 _paths: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
@@ -53,17 +54,28 @@ def _remembering(real: Callable[..., str]) -> Callable[..., str]:
     return get_path
 
 
-def add_sink(sink: Any, **options: Any) -> int:
-    """``logger.add(sink, **options)``, paying loguru's per-sink set-up once per process."""
+@contextlib.contextmanager
+def remembered_paths() -> Iterator[None]:
+    """While inside, ``sysconfig.get_path`` answers from this process's memo (filling it on a miss)."""
     with _lock:
         real = sysconfig.get_path
         _swapped.append(real)
         sysconfig.get_path = _remembering(real)
         try:
-            return logger.add(sink, **options)
+            yield
         finally:
             sysconfig.get_path = real
             _swapped.clear()
+
+
+def add_sink(sink: Any, **options: Any) -> int:
+    """``logger.add(sink, **options)``, paying loguru's per-sink set-up once per process."""
+    # Imported here: hostkit's package imports this module before loguru, to import
+    # loguru inside remembered_paths().
+    from loguru import logger
+
+    with remembered_paths():
+        return logger.add(sink, **options)
 
 
 def _after_fork_in_child() -> None:
@@ -87,5 +99,7 @@ def fill_memo() -> None:
     """
     if _paths:
         return
+    from loguru import logger
+
     handler_id = add_sink(lambda message: None, level=_UNREACHABLE_LEVEL, catch=False)
     logger.remove(handler_id)
