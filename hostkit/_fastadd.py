@@ -33,7 +33,7 @@ __all__ = ["add_sink", "fill_memo", "remembered_paths"]
 
 _paths: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
-#: The real ``sysconfig.get_path`` while :func:`add_sink` has it swapped (empty otherwise).
+#: The real ``sysconfig.get_path`` while :func:`remembered_paths` has it swapped (empty otherwise).
 _swapped: list[Callable[..., str]] = []
 #: A level above any record's: the sink added only to fill the memo never receives one.
 _UNREACHABLE_LEVEL = 1_000_000_000
@@ -79,8 +79,8 @@ def add_sink(sink: Any, **options: Any) -> int:
 
 
 def _after_fork_in_child() -> None:
-    # Forked while another thread was inside add_sink: that thread does not exist here,
-    # so nothing would give back the lock or the real function.
+    # Forked while another thread was inside remembered_paths(): that thread does not
+    # exist here, so nothing would give back the lock or the real function.
     global _lock
     _lock = threading.Lock()
     if _swapped:
@@ -92,7 +92,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def fill_memo() -> None:
-    """Pay loguru's per-sink set-up now, where it is cheap to pay, so later sinks (and forks) need not.
+    """Pay loguru's per-sink set-up now, once, so that later sinks (and every fork) need not.
 
     Adds a sink no record reaches and removes it at once: loguru's ``min_level``, and
     so every record's cost, is unchanged meanwhile.

@@ -131,8 +131,7 @@ class _Beat:
 
 # Looked up once, where this module is imported (the host, or the fork server that
 # preloads it): a failed import searches every folder of sys.path again, about 0.7 ms
-# of each child's start. Only looked up here, not imported: importing it may rewrite
-# the host's own process title memory.
+# of each child's start. Only looked up here, not imported: the host has no use for it.
 _HAS_SETPROCTITLE = importlib.util.find_spec("setproctitle") is not None
 
 
