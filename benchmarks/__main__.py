@@ -132,7 +132,7 @@ HEAD = ("script", "target", "value", "limit", "verdict")
 def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
     widths = [max(len(str(r[i])) for r in [HEAD, *rows]) for i in range(len(HEAD))]
     line = "  ".join(h.ljust(w) for h, w in zip(HEAD, widths, strict=True))
-    print(f"\n{line}\n{'-' * len(line)}")
+    print(f"\n{line.rstrip()}\n{'-' * len(line)}")
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
