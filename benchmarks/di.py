@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import write_json
+from _common import Target, report_targets, write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -160,7 +160,6 @@ def run(rounds: int, number: int) -> dict[str, Any]:
             "di_runs_us": runs["di"],
             "by_hand_runs_us": runs["hand"],
         }
-    scope = results["scope_3deep"]
     return {
         "benchmark": "di",
         "python": sys.version.split()[0],
@@ -169,12 +168,15 @@ def run(rounds: int, number: int) -> dict[str, Any]:
         "number": number,
         "calibration_ms": statistics.median(calibrations),
         "results": results,
-        "targets": {
-            "scope_3deep_under_us": SCOPE_TARGET_US,
-            "scope_3deep_ratio_under": RATIO_TARGET,
-            "met": scope["di_us"] < SCOPE_TARGET_US and scope["ratio"] < RATIO_TARGET,
-        },
     }
+
+
+def targets(result: dict[str, Any]) -> list[Target]:
+    scope = result["results"]["scope_3deep"]
+    return [
+        Target("scope, 3-deep: create, resolve, dispose", scope["di_us"], SCOPE_TARGET_US, unit=" µs"),
+        Target("scope, 3-deep: within 10x of by hand", scope["ratio"], RATIO_TARGET, unit="x"),
+    ]
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -185,12 +187,6 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"|{'-' * 22}|{'-' * 14}|{'-' * 12}|{'-' * 8}|")
     for name, r in result["results"].items():
         print(f"| {name:<20} | {r['di_us']:>12.2f} | {r['by_hand_us']:>10.2f} | {r['ratio']:>5.1f}x |")
-    t = result["targets"]
-    print()
-    print(
-        f"target: scope_3deep < {t['scope_3deep_under_us']:.0f} µs and < {t['scope_3deep_ratio_under']:.0f}x "
-        f"by hand: {'met' if t['met'] else 'NOT met'}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     number = args.number or (10_000 if args.quick else 50_000)
     result = run(rounds, number)
     print_table(result)
+    result["targets"] = report_targets(targets(result))
     write_json(args.output, result)
     return 0
 

@@ -38,7 +38,8 @@ window is long: the default run takes about 5 minutes.
     python benchmarks/gc_pause.py --cases hostkit --preload   # the gc.freeze() recipe for --preload
     python benchmarks/gc_pause.py --trace --cases hostkit --rounds 1
 
-Writes benchmarks/results/gc_pause.json.
+Target: no full collection during the load with hostkit, in any round (printed with
+met / NOT met, and stored under ``"targets"``). Writes benchmarks/results/gc_pause.json.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import Target, report_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "gc_pause.json"
@@ -494,10 +497,6 @@ def main() -> int:
     met = None
     if "hostkit" in summary:
         met = summary["hostkit"]["rounds_with_gen2"] == 0
-        print(
-            f"\ntarget: no full collection during the load with hostkit, in any round: "
-            f"{'met' if met else 'NOT met'} ({summary['hostkit']['rounds_with_gen2']} of {rounds} rounds had one)"
-        )
     print(
         f"\n{args.rate:g} req/s open loop from the worker's first answer, {args.duration:g} s x {rounds} round(s); "
         "medians.\nstart gc ms: full collections while the worker started its host (before it served);\n"
@@ -505,6 +504,10 @@ def main() -> int:
         "(wall, the collecting thread's CPU, objects it walked, seconds after the host's start)."
         + ("\n--preload: the app imported in the master, gc.freeze() before the fork" if args.preload else "")
         + ("\n--freeze: gc.freeze() in the worker after its host started" if args.freeze else "")
+    )
+    with_gen2 = summary["hostkit"]["rounds_with_gen2"] if "hostkit" in summary else None
+    targets = report_targets(
+        [Target(f"hostkit: rounds (of {rounds}) with a full collection during the load", with_gen2, 0, unit="")]
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
@@ -517,6 +520,7 @@ def main() -> int:
                 "rounds": rounds,
                 "summary": summary,
                 "target_no_full_collection_during_load_met": met,
+                "targets": targets,
                 "preload": args.preload,
                 "freeze": args.freeze,
                 "rounds_detail": per_case,

@@ -34,10 +34,14 @@ Run from the repository root::
     python benchmarks/lifecycle.py            # about a minute
     python benchmarks/lifecycle.py --quick    # a few seconds, 3 rounds
 
-Results: a table on stdout and ``benchmarks/results/lifecycle.json``.
+Results: a table on stdout, the targets with met / NOT met, and
+``benchmarks/results/lifecycle.json`` (the targets under ``"targets"``).
 
 Targets (2-core machine): start and stop within 2x of the bare-threads baseline,
-SIGTERM to exit under 100 ms for 100 services.
+SIGTERM to exit under 100 ms for 100 services (and, at 10 services, within 2x of
+bare threads that import the same modules). At one service, stop and SIGTERM to
+exit have no target (retired in issue #14): a fraction of a millisecond no user
+notices, and a teardown set by the interpreter.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import _common
-from _common import calibrate, ready_child, write_json
+from _common import Target, calibrate, ready_child, report_targets, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -332,8 +336,12 @@ def size_rows(n: int, data: dict[str, list[float]]) -> list[dict[str, Any]]:
             row["threads_with_modules_ms"] = ms(statistics.median(modules))
             row["ratio_to_same_modules"] = round(median_ratio(host, modules), 2)
             row["loguru_floor_ratio"] = round(median_ratio(data["loguru_exit"], base), 2)
-            row["target"] = "host < 100 ms" if n == 100 else "vs modules <= 2"
-            row["ok"] = row["host_ms"] < 100.0 if n == 100 else row["ratio_to_same_modules"] <= 2.0
+            row["target"] = "host <= 100 ms" if n == 100 else "vs modules <= 2"
+            row["ok"] = row["host_ms"] <= 100.0 if n == 100 else row["ratio_to_same_modules"] <= 2.0
+        if n == 1 and metric in ("stop", "exit"):
+            # Retired (issue #14): a fraction of a millisecond at one service, which no user
+            # notices; SIGTERM to exit is set by the interpreter's teardown of loguru's imports.
+            row["target"], row["ok"] = "retired", None
         rows.append(row)
     return rows
 
@@ -415,6 +423,30 @@ def run(rounds: int, inner: int, wake_samples: int) -> dict[str, Any]:
     }
 
 
+def targets(result: dict[str, Any]) -> list[Target]:
+    """Every row that has a target, as a :class:`_common.Target` (the same limits the table shows)."""
+    found = []
+    for row in result["rows"]:
+        n, metric = row["services"], row["metric"]
+        if row["ok"] is None:
+            continue
+        services = f"{n} service{'' if n == 1 else 's'}"
+        if metric == "SIGTERM -> exit" and n == 100:
+            found.append(Target(f"{services}: SIGTERM to exit", row["host_ms"], 100.0, unit=" ms"))
+        elif metric == "SIGTERM -> exit":
+            found.append(
+                Target(
+                    f"{services}: SIGTERM to exit within 2x of threads with the same modules",
+                    row["ratio_to_same_modules"],
+                    2.0,
+                    unit="x",
+                )
+            )
+        else:
+            found.append(Target(f"{services}: {metric} within 2x of bare threads", row["ratio"], 2.0, unit="x"))
+    return found
+
+
 def print_table(result: dict[str, Any]) -> None:
     cal = result["calibration_ms"]
     print(
@@ -489,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds must be >= 1, not: {rounds}")
     result = run(rounds, inner=3 if args.quick else 5, wake_samples=50 if args.quick else 200)
     print_table(result)
+    result["targets"] = report_targets(targets(result))
     write_json(args.output, result)
     print(f"\nwrote {args.output}")
     return 0

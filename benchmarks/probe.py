@@ -64,7 +64,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from _common import calibrate, write_json
+from _common import Target, calibrate, report_targets, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -378,7 +378,6 @@ def main() -> int:
         },
         "rows": rows,
     }
-    write_json(output, result)
     slow_note = f", {args.slow_clients} slow clients trickling" if args.slow_clients else ""
     print(f"\nprobe latency, GET /health/live ({rounds} rounds x {requests} probes{slow_note}; medians over rounds)")
     print(f"calibration: {result['calibration_ms']['median']:.1f} ms (fixed loop)\n")
@@ -395,8 +394,20 @@ def main() -> int:
     notes = {row["note"] for row in rows if row["note"]}
     for note in notes:
         print(f"note: process-cpu used a {note}")
+    # A missed target is a finding, printed and stored, not a failure of this script.
+    result["targets"] = report_targets(targets(rows))
+    write_json(output, result)
     print(f"\nwritten to {output}")
-    return 0 if all(row["ok"] is not False for row in rows) else 1
+    return 0
+
+
+def targets(rows: list[dict[str, Any]]) -> list[Target]:
+    """p99 under 20 ms in every scenario, for the listener the target is for (``hostkit-1ms``)."""
+    return [
+        Target(f"{row['scenario']}: {row['server']} probe p99", row["p99_ms"], TARGET_P99_MS, unit=" ms")
+        for row in rows
+        if row["server"] == TARGET_SERVER
+    ]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger as _logger
+from ._fastadd import remembered_paths as _remembered_paths
+
+# loguru adds its default sink as it is imported, paying the per-sink set-up that
+# hostkit._fastadd remembers: paid once, it fills that memo too (when loguru was not
+# imported before hostkit).
+with _remembered_paths():
+    from loguru import logger as _logger
 
 if TYPE_CHECKING:
     from . import exceptions as exceptions

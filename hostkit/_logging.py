@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 from loguru import logger
 
+from ._fastadd import add_sink
 from ._util import describe
 from .exceptions import ConfigurationError, ConfigurationTypeError
 
@@ -143,10 +144,10 @@ def configure_logging(
         journald = _journald_stream(stream)
     colorize = bool(getattr(stream, "isatty", lambda: False)()) and not journald and not json
     if json:
-        _handler_ids.append(logger.add(stream, level=level, serialize=True, enqueue=False))
+        _handler_ids.append(add_sink(stream, level=level, serialize=True, enqueue=False))
     else:
         _handler_ids.append(
-            logger.add(stream, level=level, format=_formatter(journald, colorize), colorize=colorize, enqueue=False)
+            add_sink(stream, level=level, format=_formatter(journald, colorize), colorize=colorize, enqueue=False)
         )
     logger.enable("hostkit")
     if stdlib:
@@ -345,10 +346,10 @@ def attach_embedded_logging() -> bool:
             # The same sink loguru adds at import (its defaults come from the same LOGURU_*
             # variables), with the filter above. It stays after the route closes, and is
             # recognised as loguru's default the next time.
-            _route.default_id = logger.add(sys.stderr, filter=_default_sink_filter)
+            _route.default_id = add_sink(sys.stderr, filter=_default_sink_filter)
         # DEBUG, as loguru's default sink: a lower level would make loguru build every TRACE
         # record of the whole process (its cheap early exit is the lowest sink level).
-        _route.sink_id = logger.add(_to_stdlib, level="DEBUG", format="{message}", filter=_route_filter, catch=True)
+        _route.sink_id = add_sink(_to_stdlib, level="DEBUG", format="{message}", filter=_route_filter, catch=True)
         logger.enable("hostkit")
         _route.enabled_hostkit = True
         _route.users = 1

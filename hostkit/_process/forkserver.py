@@ -22,6 +22,9 @@ The fork server is recognised by its command line, which multiprocess builds
 itself (``python -c 'from multiprocess.forkserver import main; main(...)'``):
 importing this module anywhere else does nothing. Its children never import it
 again (it is already in their copy of ``sys.modules``), so they are unaffected.
+
+The server also pays loguru's per-sink set-up once (:func:`hostkit._fastadd.fill_memo`),
+so that no child pays it when its log bridge adds its sink.
 """
 
 from __future__ import annotations
@@ -49,3 +52,8 @@ if in_fork_server():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    # Each child adds its log bridge's loguru sink; paid here once, every child inherits
+    # it paid (hostkit._fastadd).
+    from .._fastadd import fill_memo
+
+    fill_memo()

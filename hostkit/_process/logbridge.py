@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from .._fastadd import add_sink
 from .._logging import InterceptHandler
 from .protocol import LogRecord
 
@@ -91,8 +92,10 @@ class ChildLog:
         """Forward every loguru record; route stdlib records through loguru, as in the host."""
         # Under fork the parent's sinks were copied into the child: writing to them here
         # would bypass the parent (and its in-memory sinks would swallow the lines).
+        # add_sink: the fork server or the forking host filled its memo, so this costs
+        # the child a fraction of a millisecond instead of loguru's ~7 ms.
         logger.remove()
-        logger.add(self._sink, level=0, format="{message}", enqueue=False, catch=True)
+        add_sink(self._sink, level=0, format="{message}", enqueue=False, catch=True)
         logger.configure(extra={"service": self.service, "pid": self.pid})
         # hostkit disables its own logger; the parent filters by module name when it
         # re-emits, so enable everything here and let the parent's settings decide.

@@ -21,6 +21,7 @@ import multiprocess
 import multiprocess.connection as mpc
 import psutil
 
+from .._fastadd import fill_memo
 from .._runners._base import Runner
 from .._status import ServiceState
 from .._util import pid_alive
@@ -153,6 +154,10 @@ class ProcessRunner(Runner):
         ctx = multiprocess.get_context(self.start_method)
         if self.start_method == "forkserver":
             preload_in_fork_server(ctx)
+        elif self.start_method == "fork":
+            # The child's log bridge adds a loguru sink: paid here once per host process,
+            # inherited paid by every fork (the fork server does the same for its children).
+            fill_memo()
         results_r, results_w = ctx.Pipe(duplex=False)
         control_r, control_w = ctx.Pipe(duplex=False)
         # Kept referenced here until the child is joined: a collected RawArray breaks the
