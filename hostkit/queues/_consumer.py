@@ -8,10 +8,13 @@ queue, so it survives a crash), or dead-letter it once it has failed
 messages in hand every third of ``lease_time``, so a slow handler keeps its
 message while a dead consumer's messages come back after one ``lease_time``.
 
-Acks are batched for fast handlers: a success is acked at once if its handler took
-longer than ``_FAST`` (5 ms), otherwise with the other successes of its batch in
-one transaction or round trip, at most ``_ACK_DELAY`` (50 ms) later. A crash in that
-window means a re-delivery (at least once), never a loss.
+Settlements are batched for fast handlers: each outcome (ack, retry, dead letter)
+waits with the others of its batch and goes in one ``Queue.settle`` call (one
+transaction or one script), at most ``_ACK_DELAY`` (50 ms) later; after a handler
+slower than ``_FAST`` (5 ms) they go at once. Those of a batch's end travel with the
+next lease (``Queue.settle_and_lease``: one transaction or round trip for both). A
+message is settled only after its handler returned; a crash before the settle
+means a re-delivery (at least once), never a loss.
 
 Settling is claimed exactly once per delivery (``_claim``): at a stop, a handler
 still running when ``drain_timeout`` (or the host's budget) runs out has its
@@ -31,6 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +50,7 @@ from .._token import CancellationToken, CancellationTokenSource
 from .._validate import describe, to_seconds
 from ..exceptions import ConfigurationError
 from ..health import HealthCheckResult, HealthChecks
-from ._base import Message, Queue, check_positive_int
+from ._base import Message, Queue, Settlement, check_positive_int
 from ._outage import DETAIL_PREFIXES, Link, default_reconnect
 
 if TYPE_CHECKING:
@@ -54,10 +58,18 @@ if TYPE_CHECKING:
 
 __all__ = ["Handler", "QueueConsumer"]
 
-# Handlers faster than this have their acks batched; slower ones are acked at once.
+# Handlers faster than this have their settlements batched; after a slower one they go at once.
 _FAST = 0.005
-# The longest a finished message waits for its batched ack.
+# The longest a finished message waits for its batched settlement.
 _ACK_DELAY = 0.05
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A settlement decided but not sent yet, and what to do once it held (count it, log it)."""
+
+    settlement: Settlement
+    then: Callable[[], None] | None = None
 
 #: A message handler: ``handler(message, scope)``; raise to fail the delivery.
 Handler = Callable[[Message, Scope], object]
@@ -153,14 +165,14 @@ class QueueConsumer(BackgroundService):
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str], Message] = {}
         self._budget: threading.Event | None = None
-        # Successes claimed but not acked yet, per consumer thread (see _flush).
-        self._unacked: dict[str, list[Message]] = {}
+        # Settlements claimed but not sent yet, per consumer thread (see _flush).
+        self._pending: dict[str, list[_Pending]] = {}
         self._counts = {"handled": 0, "failed": 0, "retried": 0, "dead_lettered": 0, "released": 0, "lease_lost": 0}
         self._crash: tuple[str, BaseException] | None = None
         # The link to the broker while execute() runs (a new one per run), else None.
         self._link: Link | None = None
 
-    _RUNTIME = ("_lock", "_held", "_budget", "_unacked", "_counts", "_crash", "_link")
+    _RUNTIME = ("_lock", "_held", "_budget", "_pending", "_counts", "_crash", "_link")
 
     def __getstate__(self) -> dict[str, Any]:
         # placement="process": the consumer crosses to its child without its locks and
@@ -298,8 +310,8 @@ class QueueConsumer(BackgroundService):
                 t.join(min(left, renew_every, 0.1))
             self._renew(log, only_if_due=True)
         stuck = [t.name for t in threads if t.is_alive()]
-        for consumer in list(self._unacked):
-            self._flush(consumer, log)  # successes a stuck thread had not acked yet
+        for consumer in list(self._pending):
+            self._flush(consumer, log)  # settlements a stuck thread had not sent yet
         # Messages of a stuck or dead thread go back. A death counts as a failed
         # delivery (as a crashed process would), a stop does not.
         released = self._release_all(log, count_attempt=self._crash is not None)
@@ -372,27 +384,21 @@ class QueueConsumer(BackgroundService):
     def _release_all(self, log: Any, *, count_attempt: bool = False) -> int:
         with self._lock:
             held, self._held = list(self._held.values()), {}
-        released = 0
-        failed: list[str] = []
-        error: Exception | None = None
-        for m in held:
-            try:
-                if self.queue.release(m, count_attempt=count_attempt):
-                    released += 1
-            except Exception as exc:
-                error = error or exc
-                failed.append(m.id)
-        if error is not None:
-            # One line for all: in an outage every release fails the same way.
+        if not held:
+            return 0
+        try:
+            released = sum(self.queue.settle([Settlement(m, "release", count_attempt=count_attempt) for m in held]))
+        except Exception as exc:
             self._log_failure(
                 log,
-                error,
+                exc,
                 "WARNING",
                 "Queue consumer {!r}: releasing {} message(s) failed ({}); they return after their leases expire",
                 self.name,
-                len(failed),
-                ", ".join(failed),
+                len(held),
+                ", ".join(m.id for m in held),
             )
+            return 0
         with self._lock:
             self._counts["released"] += released
         return released
@@ -415,43 +421,57 @@ class QueueConsumer(BackgroundService):
         self, consumer: str, handler: Handler, provider: ServiceProvider, stopping: CancellationToken, log: Any
     ) -> None:
         with self._lock:
-            self._unacked[consumer] = []
+            self._pending[consumer] = []
         link = self._link
         assert link is not None  # set by execute() before the threads start
 
         def lease(wait: float) -> list[Message]:
-            return self.queue.lease(consumer, max_messages=self.prefetch, wait=wait, token=stopping)
+            # The settlements of the last batch go with this lease: one call for both.
+            with self._lock:
+                batch, self._pending[consumer] = self._pending[consumer], []
+            if not batch:
+                return self.queue.lease(consumer, max_messages=self.prefetch, wait=wait, token=stopping)
+            try:
+                settled, messages = self.queue.settle_and_lease(
+                    [p.settlement for p in batch], consumer, max_messages=self.prefetch, wait=wait, token=stopping
+                )
+            except Exception as exc:
+                self._settle_failed(batch, exc, log)
+                raise  # and the link treats it as a failed lease: back-off, one line per try
+            self._settled(batch, settled, log)
+            return messages
 
         while not stopping.is_set():
             batch = link.lease(lease, self.poll_interval, stopping, log)
             if not batch:
                 continue
             self._hold(batch)
-            first_unacked = 0.0
+            first_pending = 0.0
             for index, message in enumerate(batch):
                 if stopping.is_set():
                     # Stop requested: messages of the batch not started yet go straight
                     # back, without counting a delivery against them.
                     for rest in batch[index:]:
                         if self._claim(rest):
-                            self._settle(log, rest, "release", lambda m: self.queue.release(m, count_attempt=False))
-                            self._count("released")
+                            self._defer(
+                                consumer,
+                                Settlement(rest, "release", count_attempt=False),
+                                lambda: self._count("released"),
+                            )
                     break
                 began = time.monotonic()
-                if self._handle_one(message, handler, provider, log):
-                    ended = time.monotonic()
-                    with self._lock:
-                        self._unacked[consumer].append(message)
-                    first_unacked = first_unacked or ended
-                    if ended - began > _FAST or ended - first_unacked > _ACK_DELAY:
-                        if not self._flush(consumer, log):
-                            self._abandon(batch[index + 1 :], log)
-                            break
-                        first_unacked = 0.0
-            self._flush(consumer, log)
+                self._handle_one(consumer, message, handler, provider, log)
+                ended = time.monotonic()
+                first_pending = first_pending or ended
+                if ended - began > _FAST or ended - first_pending > _ACK_DELAY:
+                    if not self._flush(consumer, log):
+                        self._abandon(batch[index + 1 :], log)
+                        break
+                    first_pending = 0.0
+        self._flush(consumer, log)
 
     def _abandon(self, messages: list[Message], log: Any) -> None:
-        """Leave the rest of a batch unhandled: the broker cannot take acks now."""
+        """Leave the rest of a batch unhandled: the broker cannot take settlements now."""
         # Handling them would be work whose acks fail too, done again when the
         # messages come back; left as they are, they come back after their lease.
         left = [m.id for m in messages if self._claim(m)]
@@ -464,41 +484,74 @@ class QueueConsumer(BackgroundService):
                 ", ".join(left),
             )
 
+    def _defer(self, consumer: str, settlement: Settlement, then: Callable[[], None] | None = None) -> None:
+        """Queue a claimed message's settlement for the thread's next flush or lease."""
+        with self._lock:
+            self._pending[consumer].append(_Pending(settlement, then))
+
     def _flush(self, consumer: str, log: Any) -> bool:
-        """Ack the claimed successes of one consumer thread in one call; ``False`` if the broker was unreachable."""
+        """Send one consumer thread's pending settlements in one call; ``False`` if the broker was unreachable."""
         with self._lock:
             # Swap under the lock: the worker and, at a stuck stop, the service thread
-            # may both flush; whoever takes the list acks it, so nothing is acked twice.
-            batch, self._unacked[consumer] = self._unacked.get(consumer, []), []
+            # may both flush; whoever takes the list settles it, so nothing is settled twice.
+            batch, self._pending[consumer] = self._pending.get(consumer, []), []
         if not batch:
             return True
         try:
-            acked = self.queue.ack_many(batch)
+            settled = self.queue.settle([p.settlement for p in batch])
         except Exception as exc:
-            self._log_failure(
-                log,
-                exc,
-                "ERROR",
-                "Queue {!r}: acking {} message(s) failed; they will be delivered again after their lease expires",
-                self.queue.name,
-                len(batch),
-            )
+            self._settle_failed(batch, exc, log)
             return not self.queue.is_outage(exc)
+        self._settled(batch, settled, log)
+        return True
+
+    def _settle_failed(self, batch: list[_Pending], exc: Exception, log: Any) -> None:
+        self._log_failure(
+            log,
+            exc,
+            "ERROR",
+            "Queue {!r}: settling {} message(s) failed ({}); they will be delivered again after their lease expires",
+            self.queue.name,
+            len(batch),
+            ", ".join(f"{p.settlement.outcome} {p.settlement.message.id}" for p in batch),
+        )
+
+    def _settled(self, batch: list[_Pending], settled: list[bool], log: Any) -> None:
+        """Count and log what a settle call did: per message, whether its lease still held."""
+        acked = lost_acks = 0
+        for pending, held in zip(batch, settled, strict=True):
+            s = pending.settlement
+            if s.outcome == "ack":
+                acked += held
+                lost_acks += not held
+            elif not held:
+                self._count("lease_lost")
+                log.warning(
+                    "Queue {!r}: the lease of message {} expired before its {} "
+                    "(handler slower than lease_time {} s?); another consumer has it, so it may be handled twice",
+                    self.queue.name,
+                    s.message.id,
+                    s.outcome.replace("_", "-"),
+                    self.queue.lease_time,
+                )
+            elif pending.then is not None:
+                pending.then()
         with self._lock:
             self._counts["handled"] += acked
-            self._counts["lease_lost"] += len(batch) - acked
-        if acked < len(batch):
+            self._counts["lease_lost"] += lost_acks
+        if lost_acks:
             log.warning(
                 "Queue {!r}: {} lease(s) expired before the ack (handler slower than lease_time {} s?); "
                 "other consumers have those messages, so they may be handled twice",
                 self.queue.name,
-                len(batch) - acked,
+                lost_acks,
                 self.queue.lease_time,
             )
-        return True
 
-    def _handle_one(self, message: Message, handler: Handler, provider: ServiceProvider, log: Any) -> bool:
-        """Run the handler; settle a failure here. ``True``: it succeeded and the caller must ack it."""
+    def _handle_one(
+        self, consumer: str, message: Message, handler: Handler, provider: ServiceProvider, log: Any
+    ) -> None:
+        """Run the handler and queue the message's settlement (ack, retry or dead letter)."""
         if message.attempts > self.max_deliveries:
             # Delivered again and again without being settled: each time its consumer
             # died or hung (a message that crashes the process?). Stop the cycle.
@@ -506,35 +559,42 @@ class QueueConsumer(BackgroundService):
                 f"delivered {message.attempts} times (max_deliveries {self.max_deliveries}) without being settled: "
                 f"its consumer died or hung each time; the handler was not run again"
             )
-            if self._claim(message) and self._settle(
-                log, message, "dead-letter", lambda m: self.queue.dead_letter(m, error)
-            ):
-                self._count("dead_lettered")
-                log.error("Queue {!r}: message {} dead-lettered: {}", self.queue.name, message.id, error)
-            return False
+            if self._claim(message):
+
+                def dead_unrun() -> None:
+                    self._count("dead_lettered")
+                    log.error("Queue {!r}: message {} dead-lettered: {}", self.queue.name, message.id, error)
+
+                self._defer(consumer, Settlement(message, "dead_letter", error=error), dead_unrun)
+            return
         try:
             with provider.create_scope() as scope:
                 handler(message, scope)
         except Exception as exc:
+            failure = exc  # `exc` is unbound when the except block ends; the log lines below run later
             summary, text = format_failure(exc)
             self._count("failed")
             if not self._claim(message):
-                return False
+                return
             if message.attempts >= self.max_attempts:
-                if self._settle(log, message, "dead-letter", lambda m: self.queue.dead_letter(m, text)):
+
+                def dead() -> None:
                     self._count("dead_lettered")
-                    log.opt(exception=exc).error(
+                    log.opt(exception=failure).error(
                         "Queue {!r}: message {} failed {} time(s) and was dead-lettered: {}",
                         self.queue.name,
                         message.id,
                         message.attempts,
                         summary,
                     )
-                return False
+
+                self._defer(consumer, Settlement(message, "dead_letter", error=text), dead)
+                return
             delay = self.backoff_for(message.attempts)
-            if self._settle(log, message, "release", lambda m: self.queue.release(m, delay=delay)):
+
+            def retried() -> None:
                 self._count("retried")
-                log.opt(exception=exc).warning(
+                log.opt(exception=failure).warning(
                     "Queue {!r}: message {} failed (attempt {}/{}), retrying in {:.3g} s: {}",
                     self.queue.name,
                     message.id,
@@ -543,34 +603,11 @@ class QueueConsumer(BackgroundService):
                     delay,
                     summary,
                 )
-            return False
-        return self._claim(message)
 
-    def _settle(self, log: Any, message: Message, what: str, action: Callable[[Message], bool]) -> bool:
-        try:
-            held = action(message)
-        except Exception as exc:
-            self._log_failure(
-                log,
-                exc,
-                "ERROR",
-                "Queue {!r}: {} of message {} failed; it will be delivered again after its lease expires",
-                self.queue.name,
-                what,
-                message.id,
-            )
-            return False
-        if not held:
-            self._count("lease_lost")
-            log.warning(
-                "Queue {!r}: the lease of message {} expired before its {} (handler slower than lease_time {} s?); "
-                "another consumer has it, so it may be handled twice",
-                self.queue.name,
-                message.id,
-                what,
-                self.queue.lease_time,
-            )
-        return held
+            self._defer(consumer, Settlement(message, "release", delay=delay), retried)
+            return
+        if self._claim(message):
+            self._defer(consumer, Settlement(message, "ack"))
 
     def _log_failure(self, log: Any, exc: Exception, level: str, message: str, *args: Any) -> None:
         """Log a failed queue call: one line for an outage (its traceback at DEBUG), else with the traceback.
