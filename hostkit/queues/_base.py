@@ -136,6 +136,11 @@ class Queue(abc.ABC):
     .. versionadded:: 0.1
     """
 
+    #: Whether a consumer should hold settlements back (up to 50 ms) so that several share
+    #: one call: true where each settle call costs a disk sync (SQLite at ``"full"``).
+    #: Elsewhere settlements go at the end of each batch, with the next lease.
+    hold_settlements = False
+
     def __init__(self, name: str, *, codec: CodecName | Codec = "json", lease_time: float | timedelta = 30.0) -> None:
         self.name = check_name(name)
         self.codec = resolve_codec(codec)

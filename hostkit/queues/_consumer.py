@@ -425,10 +425,22 @@ class QueueConsumer(BackgroundService):
         link = self._link
         assert link is not None  # set by execute() before the threads start
 
+        # When this thread's oldest unsent settlement was decided (0.0: none unsent).
+        since = [0.0]
+
         def lease(wait: float) -> list[Message]:
-            # The settlements of the last batch go with this lease: one call for both.
+            if since[0] and self.queue.hold_settlements:
+                # Each settle costs a disk sync here: settlements younger than _ACK_DELAY
+                # wait for company while leasing goes on, then go together.
+                left = _ACK_DELAY - (time.monotonic() - since[0])
+                if left > 0:
+                    got = self.queue.lease(consumer, max_messages=self.prefetch, wait=min(wait, left), token=stopping)
+                    if got or stopping.is_set():
+                        return got
+            # The unsent settlements go with this lease: one call for both.
             with self._lock:
                 batch, self._pending[consumer] = self._pending[consumer], []
+            since[0] = 0.0
             if not batch:
                 return self.queue.lease(consumer, max_messages=self.prefetch, wait=wait, token=stopping)
             try:
@@ -446,7 +458,6 @@ class QueueConsumer(BackgroundService):
             if not batch:
                 continue
             self._hold(batch)
-            first_pending = 0.0
             for index, message in enumerate(batch):
                 if stopping.is_set():
                     # Stop requested: messages of the batch not started yet go straight
@@ -462,12 +473,12 @@ class QueueConsumer(BackgroundService):
                 began = time.monotonic()
                 self._handle_one(consumer, message, handler, provider, log)
                 ended = time.monotonic()
-                first_pending = first_pending or ended
-                if ended - began > _FAST or ended - first_pending > _ACK_DELAY:
+                since[0] = since[0] or ended
+                if ended - began > _FAST or ended - since[0] > _ACK_DELAY:
+                    since[0] = 0.0
                     if not self._flush(consumer, log):
                         self._abandon(batch[index + 1 :], log)
                         break
-                    first_pending = 0.0
         self._flush(consumer, log)
 
     def _abandon(self, messages: list[Message], log: Any) -> None:

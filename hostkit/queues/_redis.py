@@ -47,42 +47,45 @@ __all__ = ["RedisStreamQueue"]
 
 GROUP = "hostkit"
 
-# KEYS: stream, delayed zset, dead stream. ARGV: group, prefix of the delayed hashes, now, then one
-# sextet per message: outcome ('a' ack, 'r' release, 'd' dead letter), stream id, consumer, delivery
-# count, attempts, and the due time (release) or the error (dead letter). Each message is settled only
-# if it is still pending for that consumer with that delivery count (its receipt); the reply has a 1
-# (settled) or a 0 (its lease went to another consumer) per message, in order.
+# KEYS: stream, delayed zset, dead stream. ARGV: group, prefix of the delayed hashes, now, then per
+# message: its outcome ('a' ack, 'r' release, 'd' dead letter), stream id, consumer and delivery count,
+# and for a release or a dead letter two more: attempts, and the due time (release) or the error. Each
+# message is settled only if it is still pending for that consumer with that delivery count (its
+# receipt); the reply has a 1 (settled) or a 0 (its lease went to another consumer) per message.
 _SETTLE = """
 local out = {}
-for k = 4, #ARGV, 6 do
+local k = 4
+while k <= #ARGV do
   local op, id = ARGV[k], ARGV[k + 1]
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #p == 0 or p[1][2] ~= ARGV[k + 2] or tostring(p[1][4]) ~= ARGV[k + 3] then
-    table.insert(out, 0)
-  else
-    if op ~= 'a' then
-      local f = {p = '', t = '0', i = id}
-      local e = redis.call('XRANGE', KEYS[1], id, id)
-      if #e > 0 then
-        local fields = e[1][2]
-        for n = 1, #fields, 2 do f[fields[n]] = fields[n + 1] end
-      end
-      f['a'] = tostring(tonumber(ARGV[k + 4]))
-      local flat = {}
-      for name, v in pairs(f) do table.insert(flat, name); table.insert(flat, v) end
-      if op == 'd' then
-        redis.call('XADD', KEYS[3], '*', 'e', ARGV[k + 5], 'f', ARGV[3], unpack(flat))
-      elseif tonumber(ARGV[k + 5]) > tonumber(ARGV[3]) then
-        redis.call('HSET', ARGV[2] .. f['i'], unpack(flat))
-        redis.call('ZADD', KEYS[2], ARGV[k + 5], f['i'])
-      else
-        redis.call('XADD', KEYS[1], '*', unpack(flat))
-      end
+  local held = #p > 0 and p[1][2] == ARGV[k + 2] and tostring(p[1][4]) == ARGV[k + 3]
+  if held and op ~= 'a' then
+    local f = {p = '', t = '0', i = id}
+    local e = redis.call('XRANGE', KEYS[1], id, id)
+    if #e > 0 then
+      local fields = e[1][2]
+      for n = 1, #fields, 2 do f[fields[n]] = fields[n + 1] end
     end
+    f['a'] = tostring(tonumber(ARGV[k + 4]))
+    local flat = {}
+    for name, v in pairs(f) do table.insert(flat, name); table.insert(flat, v) end
+    if op == 'd' then
+      redis.call('XADD', KEYS[3], '*', 'e', ARGV[k + 5], 'f', ARGV[3], unpack(flat))
+    elseif tonumber(ARGV[k + 5]) > tonumber(ARGV[3]) then
+      redis.call('HSET', ARGV[2] .. f['i'], unpack(flat))
+      redis.call('ZADD', KEYS[2], ARGV[k + 5], f['i'])
+    else
+      redis.call('XADD', KEYS[1], '*', unpack(flat))
+    end
+  end
+  if held then
     redis.call('XACK', KEYS[1], ARGV[1], id)
     redis.call('XDEL', KEYS[1], id)
     table.insert(out, 1)
+  else
+    table.insert(out, 0)
   end
+  if op == 'a' then k = k + 4 else k = k + 6 end
 end
 return out
 """
@@ -353,7 +356,7 @@ class RedisStreamQueue(Queue):
         for s in settlements:
             sid, consumer, count = self._parts(s.message)
             if s.outcome == "ack":
-                args.extend(("a", sid, consumer, count, 0, ""))
+                args.extend(("a", sid, consumer, count))
             elif s.outcome == "release":
                 attempts = s.message.attempts if s.count_attempt else s.message.attempts - 1
                 args.extend(("r", sid, consumer, count, attempts, repr(now + max(s.delay, 0.0))))

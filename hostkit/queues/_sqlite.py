@@ -129,6 +129,11 @@ class SQLiteQueue(Queue):
         self._conns_lock = threading.Lock()
         self._pid = os.getpid()
 
+    @property
+    def hold_settlements(self) -> bool:  # type: ignore[override]
+        # At "full" every settle commit waits for an fsync: consumers batch them.
+        return self.durability == "full"
+
     def _lease_conn(self) -> sqlite3.Connection:
         """The connection leases and renewals commit on: at most ``synchronous=NORMAL``.
 
