@@ -211,6 +211,16 @@ def read_records(record_dir: str) -> list[int]:
     return numbers
 
 
+def read_records_by_pid(record_dir: str) -> dict[int, list[int]]:
+    """The payload numbers each consumer process handled, by its pid."""
+    found = {}
+    for entry in os.listdir(record_dir):
+        if entry.endswith(".log"):
+            with open(os.path.join(record_dir, entry)) as f:
+                found[int(entry[: -len(".log")])] = [int(line) for line in f.read().splitlines() if line.strip()]
+    return found
+
+
 def main(argv: list[str]) -> int:
     from hostkit import HostBuilder
     from hostkit.queues import QueueConsumer
@@ -218,7 +228,10 @@ def main(argv: list[str]) -> int:
     backend, target, name, record_dir = argv[:4]
     lease_time = float(os.environ.get("QUEUE_LEASE_TIME", "1.5"))
     work = float(os.environ.get("QUEUE_WORK", "0.002"))
-    queue = open_queue(backend, target, name, lease_time=lease_time)
+    options: dict[str, Any] = {"lease_time": lease_time}
+    if "QUEUE_DURABILITY" in os.environ:
+        options["durability"] = os.environ["QUEUE_DURABILITY"]
+    queue = open_queue(backend, target, name, **options)
     builder = HostBuilder()
     builder.configure_options(shutdown_timeout=10)
     builder.services.add_hosted_service(

@@ -71,6 +71,7 @@ class _Pending:
     settlement: Settlement
     then: Callable[[], None] | None = None
 
+
 #: A message handler: ``handler(message, scope)``; raise to fail the delivery.
 Handler = Callable[[Message, Scope], object]
 

@@ -278,9 +278,7 @@ class RedisStreamQueue(Queue):
             claimed = self._reclaim(consumer, max_messages)
             if claimed:
                 return claimed
-        reply = self._ready().xreadgroup(
-            GROUP, consumer, {self.stream: ">"}, count=max_messages, block=_block_ms(wait)
-        )
+        reply = self._ready().xreadgroup(GROUP, consumer, {self.stream: ">"}, count=max_messages, block=_block_ms(wait))
         return self._read(consumer, reply)
 
     def _read(self, consumer: str, reply: Any) -> list[Message]:
