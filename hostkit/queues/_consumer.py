@@ -66,10 +66,11 @@ _ACK_DELAY = 0.05
 
 @dataclass(frozen=True)
 class _Pending:
-    """A settlement decided but not sent yet, and what to do once it held (count it, log it)."""
+    """A settlement decided but not sent yet; once it held, the count it adds to and the line it logs."""
 
     settlement: Settlement
-    then: Callable[[], None] | None = None
+    count: str = "handled"
+    note: tuple[Any, ...] = ()  # level, exception (or None), message, *args
 
 
 #: A message handler: ``handler(message, scope)``; raise to fail the delivery.
@@ -383,26 +384,15 @@ class QueueConsumer(BackgroundService):
             self._counts[key] += 1
 
     def _release_all(self, log: Any, *, count_attempt: bool = False) -> int:
+        """Release every message still in hand, in one settle call; return how many went back."""
         with self._lock:
             held, self._held = list(self._held.values()), {}
-        if not held:
-            return 0
-        try:
-            released = sum(self.queue.settle([Settlement(m, "release", count_attempt=count_attempt) for m in held]))
-        except Exception as exc:
-            self._log_failure(
-                log,
-                exc,
-                "WARNING",
-                "Queue consumer {!r}: releasing {} message(s) failed ({}); they return after their leases expire",
-                self.name,
-                len(held),
-                ", ".join(m.id for m in held),
-            )
-            return 0
-        with self._lock:
-            self._counts["released"] += released
-        return released
+            self._pending[""] = [
+                _Pending(Settlement(m, "release", count_attempt=count_attempt), "released") for m in held
+            ]
+            before = self._counts["released"]
+        self._flush("", log)
+        return self._counts["released"] - before
 
     def _consume(
         self, consumer: str, handler: Handler, provider: ServiceProvider, halt: CancellationTokenSource, log: Any
@@ -466,9 +456,7 @@ class QueueConsumer(BackgroundService):
                     for rest in batch[index:]:
                         if self._claim(rest):
                             self._defer(
-                                consumer,
-                                Settlement(rest, "release", count_attempt=False),
-                                lambda: self._count("released"),
+                                consumer, _Pending(Settlement(rest, "release", count_attempt=False), "released")
                             )
                     break
                 began = time.monotonic()
@@ -496,10 +484,10 @@ class QueueConsumer(BackgroundService):
                 ", ".join(left),
             )
 
-    def _defer(self, consumer: str, settlement: Settlement, then: Callable[[], None] | None = None) -> None:
+    def _defer(self, consumer: str, pending: _Pending) -> None:
         """Queue a claimed message's settlement for the thread's next flush or lease."""
         with self._lock:
-            self._pending[consumer].append(_Pending(settlement, then))
+            self._pending[consumer].append(pending)
 
     def _flush(self, consumer: str, log: Any) -> bool:
         """Send one consumer thread's pending settlements in one call; ``False`` if the broker was unreachable."""
@@ -518,45 +506,28 @@ class QueueConsumer(BackgroundService):
         return True
 
     def _settle_failed(self, batch: list[_Pending], exc: Exception, log: Any) -> None:
-        self._log_failure(
-            log,
-            exc,
-            "ERROR",
-            "Queue {!r}: settling {} message(s) failed ({}); they will be delivered again after their lease expires",
-            self.queue.name,
-            len(batch),
-            ", ".join(f"{p.settlement.outcome} {p.settlement.message.id}" for p in batch),
-        )
+        what = ", ".join(f"{p.settlement.outcome} of {p.settlement.message.id}" for p in batch)
+        line = "Queue {!r}: settling {} message(s) failed ({}); they will be delivered again after their lease expires"
+        self._log_failure(log, exc, "ERROR", line, self.queue.name, len(batch), what)
 
     def _settled(self, batch: list[_Pending], settled: list[bool], log: Any) -> None:
         """Count and log what a settle call did: per message, whether its lease still held."""
-        acked = lost_acks = 0
-        for pending, held in zip(batch, settled, strict=True):
-            s = pending.settlement
-            if s.outcome == "ack":
-                acked += held
-                lost_acks += not held
-            elif not held:
-                self._count("lease_lost")
-                log.warning(
-                    "Queue {!r}: the lease of message {} expired before its {} "
-                    "(handler slower than lease_time {} s?); another consumer has it, so it may be handled twice",
-                    self.queue.name,
-                    s.message.id,
-                    s.outcome.replace("_", "-"),
-                    self.queue.lease_time,
-                )
-            elif pending.then is not None:
-                pending.then()
+        outcomes = list(zip(batch, settled, strict=True))
+        lost = [f"{p.settlement.outcome} of {p.settlement.message.id}" for p, held in outcomes if not held]
         with self._lock:
-            self._counts["handled"] += acked
-            self._counts["lease_lost"] += lost_acks
-        if lost_acks:
+            for pending, held in outcomes:
+                self._counts[pending.count if held else "lease_lost"] += 1
+        for pending, held in outcomes:
+            if held and pending.note:
+                level, exc, text, *args = pending.note
+                log.opt(exception=exc).log(level, text, *args)
+        if lost:
             log.warning(
-                "Queue {!r}: {} lease(s) expired before the ack (handler slower than lease_time {} s?); "
+                "Queue {!r}: {} lease(s) expired before the settle ({}; handler slower than lease_time {} s?); "
                 "other consumers have those messages, so they may be handled twice",
                 self.queue.name,
-                lost_acks,
+                len(lost),
+                ", ".join(lost),
                 self.queue.lease_time,
             )
 
@@ -564,6 +535,7 @@ class QueueConsumer(BackgroundService):
         self, consumer: str, message: Message, handler: Handler, provider: ServiceProvider, log: Any
     ) -> None:
         """Run the handler and queue the message's settlement (ack, retry or dead letter)."""
+        name, mid = self.queue.name, message.id
         if message.attempts > self.max_deliveries:
             # Delivered again and again without being settled: each time its consumer
             # died or hung (a message that crashes the process?). Stop the cycle.
@@ -572,54 +544,31 @@ class QueueConsumer(BackgroundService):
                 f"its consumer died or hung each time; the handler was not run again"
             )
             if self._claim(message):
-
-                def dead_unrun() -> None:
-                    self._count("dead_lettered")
-                    log.error("Queue {!r}: message {} dead-lettered: {}", self.queue.name, message.id, error)
-
-                self._defer(consumer, Settlement(message, "dead_letter", error=error), dead_unrun)
+                line = "Queue {!r}: message {} dead-lettered: {}"
+                settlement = Settlement(message, "dead_letter", error=error)
+                self._defer(consumer, _Pending(settlement, "dead_lettered", ("ERROR", None, line, name, mid, error)))
             return
         try:
             with provider.create_scope() as scope:
                 handler(message, scope)
         except Exception as exc:
-            failure = exc  # `exc` is unbound when the except block ends; the log lines below run later
             summary, text = format_failure(exc)
             self._count("failed")
             if not self._claim(message):
                 return
+            note: tuple[Any, ...]
             if message.attempts >= self.max_attempts:
-
-                def dead() -> None:
-                    self._count("dead_lettered")
-                    log.opt(exception=failure).error(
-                        "Queue {!r}: message {} failed {} time(s) and was dead-lettered: {}",
-                        self.queue.name,
-                        message.id,
-                        message.attempts,
-                        summary,
-                    )
-
-                self._defer(consumer, Settlement(message, "dead_letter", error=text), dead)
+                line = "Queue {!r}: message {} failed {} time(s) and was dead-lettered: {}"
+                note = ("ERROR", exc, line, name, mid, message.attempts, summary)
+                self._defer(consumer, _Pending(Settlement(message, "dead_letter", error=text), "dead_lettered", note))
                 return
             delay = self.backoff_for(message.attempts)
-
-            def retried() -> None:
-                self._count("retried")
-                log.opt(exception=failure).warning(
-                    "Queue {!r}: message {} failed (attempt {}/{}), retrying in {:.3g} s: {}",
-                    self.queue.name,
-                    message.id,
-                    message.attempts,
-                    self.max_attempts,
-                    delay,
-                    summary,
-                )
-
-            self._defer(consumer, Settlement(message, "release", delay=delay), retried)
+            line = "Queue {!r}: message {} failed (attempt {}/{}), retrying in {:.3g} s: {}"
+            note = ("WARNING", exc, line, name, mid, message.attempts, self.max_attempts, delay, summary)
+            self._defer(consumer, _Pending(Settlement(message, "release", delay=delay), "retried", note))
             return
         if self._claim(message):
-            self._defer(consumer, Settlement(message, "ack"))
+            self._defer(consumer, _Pending(Settlement(message, "ack")))
 
     def _log_failure(self, log: Any, exc: Exception, level: str, message: str, *args: Any) -> None:
         """Log a failed queue call: one line for an outage (its traceback at DEBUG), else with the traceback.
