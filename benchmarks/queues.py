@@ -27,8 +27,9 @@ Figures are medians over ``--rounds`` rounds (5 by default); ratios are medians 
 per-round ratios (hostkit rate / baseline rate: above 1 is faster than the
 baseline). A calibration loop is timed in every round and reported. Beside each
 end-to-end rate, the consumers' CPU time per message (psutil, all consumer
-processes together) shows what each message costs: on a shared 2-core machine the
-wall-clock rates with four consumers mostly measure who gets the CPU.
+processes together), and for Redis the server's, show what each message costs: on
+a shared 2-core machine the wall-clock rates with four consumers mostly measure
+who gets the CPU.
 
 Run from the repository root::
 
@@ -70,6 +71,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PREFETCHES = (1, 16)
 CONSUMERS = (1, 4)
+# The redis-server this run started: its CPU time per message is measured beside the consumers'.
+SERVER: list[int] = []
+SERVER_CPU: list[float] = []  # the last end-to-end run's server CPU per message, in microseconds
 
 
 def make_huey(target: str, name: str) -> tuple[Any, Any]:
@@ -241,12 +245,12 @@ class Storage:
             self.client.close()
 
 
-def cpu_seconds(procs: list[subprocess.Popen[str]]) -> float:
+def cpu_seconds(pids: list[int]) -> float:
     import psutil
 
     total = 0.0
-    for p in procs:
-        times = psutil.Process(p.pid).cpu_times()
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
         total += times.user + times.system
     return total
 
@@ -266,13 +270,17 @@ def end_to_end(
             line = p.stdout.readline().strip()
             if line != "READY":
                 raise RuntimeError(f"consumer process did not start: {line!r}")
-        cpu_before = cpu_seconds(procs)
+        server = SERVER if backend == "redis" else []
+        cpu_before, server_before = cpu_seconds([p.pid for p in procs]), cpu_seconds(server)
         start = time.perf_counter()
         storage.enqueue(n)
         while storage.remaining() > 0:
             time.sleep(0.005)
         rate = n / (time.perf_counter() - start)
-        return rate, (cpu_seconds(procs) - cpu_before) / n * 1e6
+        cpu_us = (cpu_seconds([p.pid for p in procs]) - cpu_before) / n * 1e6
+        if server:
+            SERVER_CPU.append((cpu_seconds(server) - server_before) / n * 1e6)
+        return rate, cpu_us
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -343,6 +351,8 @@ def run(rounds: int, n_e2e: int, n_enqueue: int, n_full: int, backends: list[str
     skipped: dict[str, str] = {}
     if "redis" in backends:
         redis_proc, redis_url = start_redis(workdir)
+        if redis_proc is not None:
+            SERVER.append(redis_proc.pid)
         if redis_proc is None:
             skipped["redis"] = str(redis_url)
             backends = [b for b in backends if b != "redis"]
@@ -376,6 +386,8 @@ def run(rounds: int, n_e2e: int, n_enqueue: int, n_full: int, backends: list[str
                         )
                         raw.setdefault(f"{backend}/{measure}/{kind}", []).append(rate)
                         cpu.setdefault(f"{backend}/{measure}/{kind}", []).append(cpu_us)
+                        if backend == "redis":
+                            cpu.setdefault(f"server/{measure}/{kind}", []).append(SERVER_CPU.pop())
                 print(f"round {r + 1}/{rounds}: {backend} done", file=sys.stderr, flush=True)
     finally:
         if redis_proc is not None:
@@ -405,6 +417,11 @@ def run(rounds: int, n_e2e: int, n_enqueue: int, n_full: int, backends: list[str
                 ours_cpu, base_cpu = cpu[f"{backend}/{what}/hostkit"], cpu[f"{backend}/{what}/{base_kind}"]
                 row["hostkit_consumer_cpu_us_per_msg"] = round(statistics.median(ours_cpu), 1)
                 row["baseline_consumer_cpu_us_per_msg"] = round(statistics.median(base_cpu), 1)
+                if backend == "redis":
+                    row["hostkit_server_cpu_us_per_msg"] = round(statistics.median(cpu[f"server/{what}/hostkit"]), 1)
+                    row["baseline_server_cpu_us_per_msg"] = round(
+                        statistics.median(cpu[f"server/{what}/{base_kind}"]), 1
+                    )
             rows.append(row)
     return {
         "benchmark": "queue",
@@ -469,7 +486,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
     head = (
         f"{'backend':8} {'measure':38} {'hostkit msg/s':>14} {'baseline':>16} {'hostkit/base':>13} "
-        f"{'consumer CPU us/msg (hostkit / base)':>37}"
+        f"{'consumer (server) CPU us/msg, hostkit / base':>46}"
     )
     print(head)
     print("-" * len(head))
@@ -485,10 +502,13 @@ def print_table(result: dict[str, Any]) -> None:
         cpu_text = ""
         if "hostkit_consumer_cpu_us_per_msg" in row:
             cpu_text = f"{row['hostkit_consumer_cpu_us_per_msg']:.0f} / {row['baseline_consumer_cpu_us_per_msg']:.0f}"
+            if "hostkit_server_cpu_us_per_msg" in row:
+                ours, theirs = row["hostkit_server_cpu_us_per_msg"], row["baseline_server_cpu_us_per_msg"]
+                cpu_text += f" (server {ours:.0f} / {theirs:.0f})"
         base = f"{row['baseline_per_s']:,} {row['baseline']}"
         print(
             f"{row['backend']:8} {label:38} {row['hostkit_per_s']:>14,} {base:>16} "
-            f"{row['ratio']:>12.2f}x {cpu_text:>37}"
+            f"{row['ratio']:>12.2f}x {cpu_text:>46}"
         )
     for what, why in result["skipped"].items():
         print(f"{what}: skipped ({why})")
