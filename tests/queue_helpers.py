@@ -211,6 +211,16 @@ def read_records(record_dir: str) -> list[int]:
     return numbers
 
 
+def read_records_by_pid(record_dir: str) -> dict[int, list[int]]:
+    """The payload numbers each consumer process handled, by its pid."""
+    found = {}
+    for entry in os.listdir(record_dir):
+        if entry.endswith(".log"):
+            with open(os.path.join(record_dir, entry)) as f:
+                found[int(entry[: -len(".log")])] = [int(line) for line in f.read().splitlines() if line.strip()]
+    return found
+
+
 def main(argv: list[str]) -> int:
     from hostkit import HostBuilder
     from hostkit.queues import QueueConsumer
@@ -218,7 +228,10 @@ def main(argv: list[str]) -> int:
     backend, target, name, record_dir = argv[:4]
     lease_time = float(os.environ.get("QUEUE_LEASE_TIME", "1.5"))
     work = float(os.environ.get("QUEUE_WORK", "0.002"))
-    queue = open_queue(backend, target, name, lease_time=lease_time)
+    options: dict[str, Any] = {"lease_time": lease_time}
+    if "QUEUE_DURABILITY" in os.environ:
+        options["durability"] = os.environ["QUEUE_DURABILITY"]
+    queue = open_queue(backend, target, name, **options)
     builder = HostBuilder()
     builder.configure_options(shutdown_timeout=10)
     builder.services.add_hosted_service(
@@ -361,6 +374,66 @@ class QueueContract:
         assert (q.stats().depth, q.stats().in_flight) == (0, 1)
         assert q.ack_many(got) == 1
 
+    def test_settle_applies_mixed_outcomes_of_a_batch_in_one_call(self, make_queue: Callable[..., Any]) -> None:
+        """settle() acks, retries (now and later) and dead-letters the messages of one batch, each its own way."""
+        from hostkit.queues import Settlement
+
+        q = make_queue()
+        q.enqueue_many([{"n": i} for i in range(4)])
+        done, now, later, dead = q.lease("c1", max_messages=4)
+        outcomes = [
+            Settlement(done, "ack"),
+            Settlement(now, "release"),
+            Settlement(later, "release", delay=60),
+            Settlement(dead, "dead_letter", error="ValueError: bad input"),
+        ]
+        assert q.settle(outcomes) == [True, True, True, True]
+        s = q.stats()
+        assert (s.depth, s.in_flight, s.dead) == (2, 0, 1), "one retry ready, one delayed, one dead, one gone"
+        [again] = q.lease("c1", max_messages=4)
+        assert (again.id, again.payload, again.attempts) == (now.id, {"n": 1}, 2)
+        [letter] = q.dead_letters()
+        assert (letter.id, letter.payload, letter.error) == (dead.id, {"n": 3}, "ValueError: bad input")
+        assert q.settle([Settlement(done, "ack")]) == [False], "a settled delivery cannot be settled again"
+
+    def test_settle_refuses_a_stolen_message_in_a_batch(self, make_queue: Callable[..., Any]) -> None:
+        """A message re-leased by another consumer is neither acked, released nor dead-lettered by the old one."""
+        from hostkit.queues import Settlement
+
+        q = make_queue(lease_time=0.3)
+        q.enqueue_many([{"n": i} for i in range(4)])
+        batch = q.lease("c1", max_messages=4)
+        stolen: list[Any] = []
+        assert wait_until(lambda: stolen.extend(q.lease("c2", max_messages=1)) or stolen, timeout=10)
+        [theirs] = stolen
+        mine = [m for m in batch if m.id != theirs.id]
+        assert q.renew(mine) == 3
+        old = next(m for m in batch if m.id == theirs.id)
+        for outcome in ("ack", "release", "dead_letter"):
+            settled = q.settle([Settlement(mine[0], "ack"), Settlement(old, outcome, error="late")])  # type: ignore[arg-type]
+            assert settled == [True, False], f"the stolen message must not be settled by {outcome}"
+            mine.pop(0)
+        s = q.stats()
+        assert (s.depth, s.in_flight, s.dead) == (0, 1, 0), "only the thief's delivery is still leased"
+        assert q.settle([Settlement(theirs, "ack")]) == [True], "the consumer holding it now settles it"
+
+    def test_settle_and_lease_settles_first_then_leases(self, make_queue: Callable[..., Any]) -> None:
+        """The last batch's settlements and the next lease go in one call; settling never waits for the lease."""
+        from hostkit.queues import Settlement
+
+        q = make_queue()
+        q.enqueue_many([{"n": i} for i in range(3)])
+        [first] = q.lease("c1")
+        settled, batch = q.settle_and_lease([Settlement(first, "ack")], "c1", max_messages=5)
+        assert settled == [True]
+        assert [m.payload["n"] for m in batch] == [1, 2]
+        settled, nothing = q.settle_and_lease(
+            [Settlement(batch[0], "ack"), Settlement(batch[1], "release", delay=60)], "c1", wait=0.2
+        )
+        assert (settled, nothing) == ([True, True], [])
+        s = q.stats()
+        assert (s.depth, s.in_flight) == (1, 0), "settled even though the lease found nothing"
+
     def test_cli_shows_stats_and_dead_letters_and_requeues(self, make_queue: Callable[..., Any], capsys: Any) -> None:
         """`hostkit queue stats|dead|requeue` report the queue's counts and put dead letters back."""
         import json
@@ -476,6 +549,49 @@ class ConsumerContract:
         assert consumer.stats()["handled"] == 1
         assert logs.find("failed 3 time(s) and was dead-lettered", level="ERROR")
         assert logs.find("retrying in", level="WARNING")
+
+    def test_a_batch_with_mixed_outcomes_is_settled_in_one_call(
+        self, make_queue: Callable[..., Any], logs: Any
+    ) -> None:
+        """Successes, a retry and a dead letter of one leased batch reach the queue in one settle call."""
+        from hostkit import HostBuilder
+        from hostkit.queues import QueueConsumer
+
+        q = make_queue()
+        q.enqueue_many([{"n": "ok-1"}, {"n": "dying"}, {"n": "flaky"}, {"n": "ok-2"}])
+        for m in q.lease("setup", max_messages=2):
+            # "dying" uses up a delivery: its next is its second, the last of max_attempts=2.
+            assert q.release(m, count_attempt=m.payload["n"] == "dying") is True
+        calls: list[list[str]] = []
+        settle, settle_and_lease = q.settle, q.settle_and_lease
+
+        def spy(settlements: list[Any]) -> list[bool]:
+            calls.append(sorted(s.outcome for s in settlements))
+            return settle(settlements)  # type: ignore[no-any-return]
+
+        def spy_with_lease(settlements: list[Any], *args: Any, **kwargs: Any) -> Any:
+            if settlements:
+                calls.append(sorted(s.outcome for s in settlements))
+            return settle_and_lease(settlements, *args, **kwargs)
+
+        q.settle, q.settle_and_lease = spy, spy_with_lease
+
+        def handler(message: Any, scope: Any) -> None:
+            if message.payload["n"] in ("dying", "flaky"):
+                raise ValueError(f"cannot handle {message.payload['n']}")
+
+        consumer = QueueConsumer(q, handler, prefetch=4, max_attempts=2, backoff=60, poll_interval=0.05)
+        builder = HostBuilder()
+        builder.services.add_hosted_service(consumer)
+        with builder.build():
+            assert wait_until(lambda: consumer.stats()["handled"] == 2 and q.stats().dead == 1, timeout=20)
+        assert calls == [["ack", "ack", "dead_letter", "release"]], "one call for the whole batch"
+        s = q.stats()
+        assert (s.depth, s.in_flight, s.dead) == (1, 0, 1), "the flaky one waits for its retry"
+        counts = consumer.stats()
+        assert (counts["handled"], counts["retried"], counts["dead_lettered"]) == (2, 1, 1)
+        assert logs.find("failed 2 time(s) and was dead-lettered", level="ERROR")
+        assert logs.find("failed (attempt 1/2), retrying in 60 s", level="WARNING")
 
     def test_backoff_uses_tenacity_strategies(self, make_queue: Callable[..., Any]) -> None:
         """The retry delay follows the tenacity wait strategy given as backoff."""

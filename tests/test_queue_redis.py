@@ -102,6 +102,19 @@ class TestRedisSpecifics:
         q.enqueue({"n": 1})
         assert [m.payload for m in q.lease("c")] == [{"n": 1}]
 
+    def test_settle_and_lease_reloads_a_script_the_server_forgot(self, make_queue: Any) -> None:
+        """After SCRIPT FLUSH (or a restarted server) the settle script is loaded again; nothing is lost."""
+        from hostkit.queues import Settlement
+
+        q = make_queue()
+        q.enqueue_many([{"n": 1}, {"n": 2}])
+        [first] = q.lease("c1")
+        q.client.script_flush()
+        settled, [second] = q.settle_and_lease([Settlement(first, "ack")], "c1")
+        assert (settled, second.payload) == ([True], {"n": 2})
+        assert q.ack(second) is True
+        assert (q.stats().depth, q.stats().in_flight) == (0, 0)
+
     def test_acked_messages_leave_the_stream(self, make_queue: Any) -> None:
         """Acks delete stream entries, so the stream holds only waiting and in-flight messages."""
         q = make_queue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -64,6 +65,41 @@ class TestSQLiteConsumer(ConsumerContract):
     """QueueConsumer over SQLite."""
 
 
+class TestSQLiteConsumerAtFullDurability(ConsumerContract):
+    """QueueConsumer over SQLite at durability='full', where consumers hold settlements to share an fsync."""
+
+    @pytest.fixture
+    def make_queue(self, tmp_path: Path) -> Any:
+        made: list[SQLiteQueue] = []
+
+        def make(**options: Any) -> SQLiteQueue:
+            q = SQLiteQueue(tmp_path / "queue.db", unique_name(), **{"durability": "full", **options})
+            made.append(q)
+            return q
+
+        yield make
+        for q in made:
+            q.close()
+
+
+# Counts the fsyncs of each phase: strace logs the syscalls, and chdir(".") marks where a phase ends.
+FSYNC_PHASES = textwrap.dedent(
+    """
+    import os, sys
+    from hostkit.queues import SQLiteQueue
+    q = SQLiteQueue(sys.argv[1], "f", durability="full")
+    # One lease and ack first: starting a fresh write-ahead log syncs its header once.
+    assert q.ack(q.lease("c1")[0])
+    os.chdir(".")
+    held = [q.lease("c1")[0] for _ in range(20)]
+    os.chdir(".")
+    assert all(q.ack(m) for m in held)
+    os.chdir(".")
+    q.close()
+    """
+)
+
+
 class TestSQLiteSpecifics:
     def test_durability_sets_synchronous(self, tmp_path: Path) -> None:
         """durability='full' and 'normal' set SQLite's synchronous mode in WAL journal mode."""
@@ -73,6 +109,35 @@ class TestSQLiteSpecifics:
             assert conn.execute("PRAGMA synchronous").fetchone()[0] == expected
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             q.close()
+
+    def test_at_full_durability_a_lease_waits_for_no_fsync_and_an_ack_does(self, tmp_path: Path) -> None:
+        """durability='full': a lease commits without an fsync (losing it only re-delivers), each ack with one."""
+        strace = shutil.which("strace")
+        if strace is None:
+            pytest.skip("strace is not installed (.ci/system-deps installs it)")
+        db = tmp_path / "full.db"
+        with SQLiteQueue(db, "f", durability="full") as q:
+            q.enqueue_many([{"n": n} for n in range(21)])
+        trace = tmp_path / "trace"
+        traced = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=fsync,fdatasync,chdir"]
+        run = subprocess.run(
+            [*traced, sys.executable, "-c", FSYNC_PHASES, str(db)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if run.returncode != 0 and "ptrace" in run.stderr:
+            pytest.skip(f"strace cannot trace here: {run.stderr.strip()}")
+        assert run.returncode == 0, run.stderr
+        phases = [0]
+        for line in trace.read_text().splitlines():
+            if "chdir(" in line:
+                phases.append(0)
+            elif "fsync(" in line or "fdatasync(" in line:
+                phases[-1] += 1
+        _, leasing, acking, _ = phases
+        assert leasing == 0, f"20 leases at durability 'full' waited for {leasing} fsync(s)"
+        assert acking >= 20, f"20 acks at durability 'full' made only {acking} fsync(s): an ack must be durable"
 
     def test_bad_arguments_are_refused(self, tmp_path: Path) -> None:
         """A memory database, a missing directory, an unknown durability or queue name fail at construction."""

@@ -49,7 +49,7 @@ Example::
 
 from __future__ import annotations
 
-from ._base import DeadLetter, Message, Queue, QueueStats
+from ._base import DeadLetter, Message, Queue, QueueStats, Settlement
 from ._codec import Codec, CodecName, JsonCodec, PickleCodec
 from ._consumer import Handler, QueueConsumer
 from ._redis import RedisStreamQueue
@@ -69,4 +69,5 @@ __all__ = [
     "QueueStats",
     "RedisStreamQueue",
     "SQLiteQueue",
+    "Settlement",
 ]

@@ -8,10 +8,13 @@ queue, so it survives a crash), or dead-letter it once it has failed
 messages in hand every third of ``lease_time``, so a slow handler keeps its
 message while a dead consumer's messages come back after one ``lease_time``.
 
-Acks are batched for fast handlers: a success is acked at once if its handler took
-longer than ``_FAST`` (5 ms), otherwise with the other successes of its batch in
-one transaction or round trip, at most ``_ACK_DELAY`` (50 ms) later. A crash in that
-window means a re-delivery (at least once), never a loss.
+Settlements are batched for fast handlers: each outcome (ack, retry, dead letter)
+waits with the others of its batch and goes in one ``Queue.settle`` call (one
+transaction or one script), at most ``_ACK_DELAY`` (50 ms) later; after a handler
+slower than ``_FAST`` (5 ms) they go at once. Those of a batch's end travel with the
+next lease (``Queue.settle_and_lease``: one transaction or round trip for both). A
+message is settled only after its handler returned; a crash before the settle
+means a re-delivery (at least once), never a loss.
 
 Settling is claimed exactly once per delivery (``_claim``): at a stop, a handler
 still running when ``drain_timeout`` (or the host's budget) runs out has its
@@ -31,6 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +50,7 @@ from .._token import CancellationToken, CancellationTokenSource
 from .._validate import describe, to_seconds
 from ..exceptions import ConfigurationError
 from ..health import HealthCheckResult, HealthChecks
-from ._base import Message, Queue, check_positive_int
+from ._base import Message, Queue, Settlement, check_positive_int
 from ._outage import DETAIL_PREFIXES, Link, default_reconnect
 
 if TYPE_CHECKING:
@@ -54,10 +58,20 @@ if TYPE_CHECKING:
 
 __all__ = ["Handler", "QueueConsumer"]
 
-# Handlers faster than this have their acks batched; slower ones are acked at once.
+# Handlers faster than this have their settlements batched; after a slower one they go at once.
 _FAST = 0.005
-# The longest a finished message waits for its batched ack.
+# The longest a finished message waits for its batched settlement.
 _ACK_DELAY = 0.05
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A settlement decided but not sent yet; once it held, the count it adds to and the line it logs."""
+
+    settlement: Settlement
+    count: str = "handled"
+    note: tuple[Any, ...] = ()  # level, exception (or None), message, *args
+
 
 #: A message handler: ``handler(message, scope)``; raise to fail the delivery.
 Handler = Callable[[Message, Scope], object]
@@ -153,14 +167,14 @@ class QueueConsumer(BackgroundService):
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str], Message] = {}
         self._budget: threading.Event | None = None
-        # Successes claimed but not acked yet, per consumer thread (see _flush).
-        self._unacked: dict[str, list[Message]] = {}
+        # Settlements claimed but not sent yet, per consumer thread (see _flush).
+        self._pending: dict[str, list[_Pending]] = {}
         self._counts = {"handled": 0, "failed": 0, "retried": 0, "dead_lettered": 0, "released": 0, "lease_lost": 0}
         self._crash: tuple[str, BaseException] | None = None
         # The link to the broker while execute() runs (a new one per run), else None.
         self._link: Link | None = None
 
-    _RUNTIME = ("_lock", "_held", "_budget", "_unacked", "_counts", "_crash", "_link")
+    _RUNTIME = ("_lock", "_held", "_budget", "_pending", "_counts", "_crash", "_link")
 
     def __getstate__(self) -> dict[str, Any]:
         # placement="process": the consumer crosses to its child without its locks and
@@ -311,8 +325,8 @@ class QueueConsumer(BackgroundService):
                 t.join(min(left, renew_every, 0.1))
             self._renew(log, only_if_due=True)
         stuck = [t.name for t in threads if t.is_alive()]
-        for consumer in list(self._unacked):
-            self._flush(consumer, log)  # successes a stuck thread had not acked yet
+        for consumer in list(self._pending):
+            self._flush(consumer, log)  # settlements a stuck thread had not sent yet
         # Messages of a stuck or dead thread go back. A death counts as a failed
         # delivery (as a crashed process would), a stop does not.
         released = self._release_all(log, count_attempt=self._crash is not None)
@@ -383,32 +397,15 @@ class QueueConsumer(BackgroundService):
             self._counts[key] += 1
 
     def _release_all(self, log: Any, *, count_attempt: bool = False) -> int:
+        """Release every message still in hand, in one settle call; return how many went back."""
         with self._lock:
             held, self._held = list(self._held.values()), {}
-        released = 0
-        failed: list[str] = []
-        error: Exception | None = None
-        for m in held:
-            try:
-                if self.queue.release(m, count_attempt=count_attempt):
-                    released += 1
-            except Exception as exc:
-                error = error or exc
-                failed.append(m.id)
-        if error is not None:
-            # One line for all: in an outage every release fails the same way.
-            self._log_failure(
-                log,
-                error,
-                "WARNING",
-                "Queue consumer {!r}: releasing {} message(s) failed ({}); they return after their leases expire",
-                self.name,
-                len(failed),
-                ", ".join(failed),
-            )
-        with self._lock:
-            self._counts["released"] += released
-        return released
+            self._pending[""] = [
+                _Pending(Settlement(m, "release", count_attempt=count_attempt), "released") for m in held
+            ]
+            before = self._counts["released"]
+        self._flush("", log)
+        return self._counts["released"] - before
 
     def _consume(
         self, consumer: str, handler: Handler, provider: ServiceProvider, halt: CancellationTokenSource, log: Any
@@ -428,43 +425,66 @@ class QueueConsumer(BackgroundService):
         self, consumer: str, handler: Handler, provider: ServiceProvider, stopping: CancellationToken, log: Any
     ) -> None:
         with self._lock:
-            self._unacked[consumer] = []
+            self._pending[consumer] = []
         link = self._link
         assert link is not None  # set by execute() before the threads start
 
+        # When this thread's oldest unsent settlement was decided (0.0: none unsent).
+        since = [0.0]
+
         def lease(wait: float) -> list[Message]:
-            return self.queue.lease(consumer, max_messages=self.prefetch, wait=wait, token=stopping)
+            if since[0] and self.queue.hold_settlements:
+                # Each settle costs a disk sync here: settlements younger than _ACK_DELAY
+                # wait for company while leasing goes on, then go together.
+                left = _ACK_DELAY - (time.monotonic() - since[0])
+                if left > 0:
+                    got = self.queue.lease(consumer, max_messages=self.prefetch, wait=min(wait, left), token=stopping)
+                    if got or stopping.is_set():
+                        return got
+            # The unsent settlements go with this lease: one call for both.
+            with self._lock:
+                batch, self._pending[consumer] = self._pending[consumer], []
+            since[0] = 0.0
+            if not batch:
+                return self.queue.lease(consumer, max_messages=self.prefetch, wait=wait, token=stopping)
+            try:
+                settled, messages = self.queue.settle_and_lease(
+                    [p.settlement for p in batch], consumer, max_messages=self.prefetch, wait=wait, token=stopping
+                )
+            except Exception as exc:
+                self._settle_failed(batch, exc, log)
+                raise  # and the link treats it as a failed lease: back-off, one line per try
+            self._settled(batch, settled, log)
+            return messages
 
         while not stopping.is_set():
             batch = link.lease(lease, self.poll_interval, stopping, log)
             if not batch:
                 continue
             self._hold(batch)
-            first_unacked = 0.0
             for index, message in enumerate(batch):
                 if stopping.is_set():
                     # Stop requested: messages of the batch not started yet go straight
                     # back, without counting a delivery against them.
                     for rest in batch[index:]:
                         if self._claim(rest):
-                            self._settle(log, rest, "release", lambda m: self.queue.release(m, count_attempt=False))
-                            self._count("released")
+                            self._defer(
+                                consumer, _Pending(Settlement(rest, "release", count_attempt=False), "released")
+                            )
                     break
                 began = time.monotonic()
-                if self._handle_one(message, handler, provider, log):
-                    ended = time.monotonic()
-                    with self._lock:
-                        self._unacked[consumer].append(message)
-                    first_unacked = first_unacked or ended
-                    if ended - began > _FAST or ended - first_unacked > _ACK_DELAY:
-                        if not self._flush(consumer, log):
-                            self._abandon(batch[index + 1 :], log)
-                            break
-                        first_unacked = 0.0
-            self._flush(consumer, log)
+                self._handle_one(consumer, message, handler, provider, log)
+                ended = time.monotonic()
+                since[0] = since[0] or ended
+                if ended - began > _FAST or ended - since[0] > _ACK_DELAY:
+                    since[0] = 0.0
+                    if not self._flush(consumer, log):
+                        self._abandon(batch[index + 1 :], log)
+                        break
+        self._flush(consumer, log)
 
     def _abandon(self, messages: list[Message], log: Any) -> None:
-        """Leave the rest of a batch unhandled: the broker cannot take acks now."""
+        """Leave the rest of a batch unhandled: the broker cannot take settlements now."""
         # Handling them would be work whose acks fail too, done again when the
         # messages come back; left as they are, they come back after their lease.
         left = [m.id for m in messages if self._claim(m)]
@@ -477,41 +497,58 @@ class QueueConsumer(BackgroundService):
                 ", ".join(left),
             )
 
+    def _defer(self, consumer: str, pending: _Pending) -> None:
+        """Queue a claimed message's settlement for the thread's next flush or lease."""
+        with self._lock:
+            self._pending[consumer].append(pending)
+
     def _flush(self, consumer: str, log: Any) -> bool:
-        """Ack the claimed successes of one consumer thread in one call; ``False`` if the broker was unreachable."""
+        """Send one consumer thread's pending settlements in one call; ``False`` if the broker was unreachable."""
         with self._lock:
             # Swap under the lock: the worker and, at a stuck stop, the service thread
-            # may both flush; whoever takes the list acks it, so nothing is acked twice.
-            batch, self._unacked[consumer] = self._unacked.get(consumer, []), []
+            # may both flush; whoever takes the list settles it, so nothing is settled twice.
+            batch, self._pending[consumer] = self._pending.get(consumer, []), []
         if not batch:
             return True
         try:
-            acked = self.queue.ack_many(batch)
+            settled = self.queue.settle([p.settlement for p in batch])
         except Exception as exc:
-            self._log_failure(
-                log,
-                exc,
-                "ERROR",
-                "Queue {!r}: acking {} message(s) failed; they will be delivered again after their lease expires",
-                self.queue.name,
-                len(batch),
-            )
+            self._settle_failed(batch, exc, log)
             return not self.queue.is_outage(exc)
-        with self._lock:
-            self._counts["handled"] += acked
-            self._counts["lease_lost"] += len(batch) - acked
-        if acked < len(batch):
-            log.warning(
-                "Queue {!r}: {} lease(s) expired before the ack (handler slower than lease_time {} s?); "
-                "other consumers have those messages, so they may be handled twice",
-                self.queue.name,
-                len(batch) - acked,
-                self.queue.lease_time,
-            )
+        self._settled(batch, settled, log)
         return True
 
-    def _handle_one(self, message: Message, handler: Handler, provider: ServiceProvider, log: Any) -> bool:
-        """Run the handler; settle a failure here. ``True``: it succeeded and the caller must ack it."""
+    def _settle_failed(self, batch: list[_Pending], exc: Exception, log: Any) -> None:
+        what = ", ".join(f"{p.settlement.outcome} of {p.settlement.message.id}" for p in batch)
+        line = "Queue {!r}: settling {} message(s) failed ({}); they will be delivered again after their lease expires"
+        self._log_failure(log, exc, "ERROR", line, self.queue.name, len(batch), what)
+
+    def _settled(self, batch: list[_Pending], settled: list[bool], log: Any) -> None:
+        """Count and log what a settle call did: per message, whether its lease still held."""
+        outcomes = list(zip(batch, settled, strict=True))
+        lost = [f"{p.settlement.outcome} of {p.settlement.message.id}" for p, held in outcomes if not held]
+        with self._lock:
+            for pending, held in outcomes:
+                self._counts[pending.count if held else "lease_lost"] += 1
+        for pending, held in outcomes:
+            if held and pending.note:
+                level, exc, text, *args = pending.note
+                log.opt(exception=exc).log(level, text, *args)
+        if lost:
+            log.warning(
+                "Queue {!r}: {} lease(s) expired before the settle ({}; handler slower than lease_time {} s?); "
+                "other consumers have those messages, so they may be handled twice",
+                self.queue.name,
+                len(lost),
+                ", ".join(lost),
+                self.queue.lease_time,
+            )
+
+    def _handle_one(
+        self, consumer: str, message: Message, handler: Handler, provider: ServiceProvider, log: Any
+    ) -> None:
+        """Run the handler and queue the message's settlement (ack, retry or dead letter)."""
+        name, mid = self.queue.name, message.id
         if message.attempts > self.max_deliveries:
             # Delivered again and again without being settled: each time its consumer
             # died or hung (a message that crashes the process?). Stop the cycle.
@@ -519,12 +556,11 @@ class QueueConsumer(BackgroundService):
                 f"delivered {message.attempts} times (max_deliveries {self.max_deliveries}) without being settled: "
                 f"its consumer died or hung each time; the handler was not run again"
             )
-            if self._claim(message) and self._settle(
-                log, message, "dead-letter", lambda m: self.queue.dead_letter(m, error)
-            ):
-                self._count("dead_lettered")
-                log.error("Queue {!r}: message {} dead-lettered: {}", self.queue.name, message.id, error)
-            return False
+            if self._claim(message):
+                line = "Queue {!r}: message {} dead-lettered: {}"
+                settlement = Settlement(message, "dead_letter", error=error)
+                self._defer(consumer, _Pending(settlement, "dead_lettered", ("ERROR", None, line, name, mid, error)))
+            return
         try:
             with provider.create_scope() as scope:
                 handler(message, scope)
@@ -532,58 +568,20 @@ class QueueConsumer(BackgroundService):
             summary, text = format_failure(exc)
             self._count("failed")
             if not self._claim(message):
-                return False
+                return
+            note: tuple[Any, ...]
             if message.attempts >= self.max_attempts:
-                if self._settle(log, message, "dead-letter", lambda m: self.queue.dead_letter(m, text)):
-                    self._count("dead_lettered")
-                    log.opt(exception=exc).error(
-                        "Queue {!r}: message {} failed {} time(s) and was dead-lettered: {}",
-                        self.queue.name,
-                        message.id,
-                        message.attempts,
-                        summary,
-                    )
-                return False
+                line = "Queue {!r}: message {} failed {} time(s) and was dead-lettered: {}"
+                note = ("ERROR", exc, line, name, mid, message.attempts, summary)
+                self._defer(consumer, _Pending(Settlement(message, "dead_letter", error=text), "dead_lettered", note))
+                return
             delay = self.backoff_for(message.attempts)
-            if self._settle(log, message, "release", lambda m: self.queue.release(m, delay=delay)):
-                self._count("retried")
-                log.opt(exception=exc).warning(
-                    "Queue {!r}: message {} failed (attempt {}/{}), retrying in {:.3g} s: {}",
-                    self.queue.name,
-                    message.id,
-                    message.attempts,
-                    self.max_attempts,
-                    delay,
-                    summary,
-                )
-            return False
-        return self._claim(message)
-
-    def _settle(self, log: Any, message: Message, what: str, action: Callable[[Message], bool]) -> bool:
-        try:
-            held = action(message)
-        except Exception as exc:
-            self._log_failure(
-                log,
-                exc,
-                "ERROR",
-                "Queue {!r}: {} of message {} failed; it will be delivered again after its lease expires",
-                self.queue.name,
-                what,
-                message.id,
-            )
-            return False
-        if not held:
-            self._count("lease_lost")
-            log.warning(
-                "Queue {!r}: the lease of message {} expired before its {} (handler slower than lease_time {} s?); "
-                "another consumer has it, so it may be handled twice",
-                self.queue.name,
-                message.id,
-                what,
-                self.queue.lease_time,
-            )
-        return held
+            line = "Queue {!r}: message {} failed (attempt {}/{}), retrying in {:.3g} s: {}"
+            note = ("WARNING", exc, line, name, mid, message.attempts, self.max_attempts, delay, summary)
+            self._defer(consumer, _Pending(Settlement(message, "release", delay=delay), "retried", note))
+            return
+        if self._claim(message):
+            self._defer(consumer, _Pending(Settlement(message, "ack")))
 
     def _log_failure(self, log: Any, exc: Exception, level: str, message: str, *args: Any) -> None:
         """Log a failed queue call: one line for an outage (its traceback at DEBUG), else with the traceback.

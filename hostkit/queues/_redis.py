@@ -13,10 +13,13 @@ has been idle longer than ``lease_time``: it died or hung). The stream entry sta
 until it is settled; acks ``XACK`` *and* ``XDEL`` it, so the stream holds only
 waiting and in-flight messages and its length is the queue's size.
 
-Every settle runs as one Lua script that first checks the entry is still pending
-for *this* consumer with *this* delivery count (the receipt). Without that check a
-consumer whose lease expired would ``XACK`` a message another consumer now holds;
-Redis itself accepts an ``XACK`` from anyone.
+Settling (ack, release, dead letter) is one Lua script for a whole batch, each
+message first checked to be still pending for *this* consumer with *this* delivery
+count (the receipt). Without that check a consumer whose lease expired would
+``XACK`` a message another consumer now holds; Redis itself accepts an ``XACK`` from
+anyone. A consumer sends the settlements of one batch in the same round trip as its
+next ``XREADGROUP`` (``settle_and_lease``, a pipeline): the script runs first, so a
+read that blocks never holds them back, and a message costs one round trip, not two.
 
 Making a queue object never talks to the server: the consumer group is created by
 the first call that needs it. A worker host can then be built and started while
@@ -37,74 +40,55 @@ from loguru import logger
 
 from .._util import describe
 from ..exceptions import ConfigurationError, PayloadError
-from ._base import DeadLetter, Message, Queue, QueueStats, check_positive_int
+from ._base import DeadLetter, Message, Queue, QueueStats, Settlement, check_positive_int
 from ._codec import Codec, CodecName
 
 __all__ = ["RedisStreamQueue"]
 
 GROUP = "hostkit"
 
-# Shared prologue: is ARGV[2] (an id) pending for consumer ARGV[3] with delivery count ARGV[4]?
-_OWNED = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] or tostring(p[1][4]) ~= ARGV[4] then return 0 end
-"""
-
-# KEYS: stream. ARGV: group, then (id, consumer, count) triples. Acks those still held.
-_ACK = """
-local n = 0
-for k = 2, #ARGV, 3 do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[k], ARGV[k], 1)
-  if #p > 0 and p[1][2] == ARGV[k + 1] and tostring(p[1][4]) == ARGV[k + 2] then
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[k])
-    redis.call('XDEL', KEYS[1], ARGV[k])
-    n = n + 1
+# KEYS: stream, delayed zset, dead stream. ARGV: group, prefix of the delayed hashes, now, then per
+# message: its outcome ('a' ack, 'r' release, 'd' dead letter), stream id, consumer and delivery count,
+# and for a release or a dead letter two more: attempts, and the due time (release) or the error. Each
+# message is settled only if it is still pending for that consumer with that delivery count (its
+# receipt); the reply has a 1 (settled) or a 0 (its lease went to another consumer) per message.
+_SETTLE = """
+local out = {}
+local k = 4
+while k <= #ARGV do
+  local op, id = ARGV[k], ARGV[k + 1]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  local held = #p > 0 and p[1][2] == ARGV[k + 2] and tostring(p[1][4]) == ARGV[k + 3]
+  if held and op ~= 'a' then
+    local f = {p = '', t = '0', i = id}
+    local e = redis.call('XRANGE', KEYS[1], id, id)
+    if #e > 0 then
+      local fields = e[1][2]
+      for n = 1, #fields, 2 do f[fields[n]] = fields[n + 1] end
+    end
+    f['a'] = tostring(tonumber(ARGV[k + 4]))
+    local flat = {}
+    for name, v in pairs(f) do table.insert(flat, name); table.insert(flat, v) end
+    if op == 'd' then
+      redis.call('XADD', KEYS[3], '*', 'e', ARGV[k + 5], 'f', ARGV[3], unpack(flat))
+    elseif tonumber(ARGV[k + 5]) > tonumber(ARGV[3]) then
+      redis.call('HSET', ARGV[2] .. f['i'], unpack(flat))
+      redis.call('ZADD', KEYS[2], ARGV[k + 5], f['i'])
+    else
+      redis.call('XADD', KEYS[1], '*', unpack(flat))
+    end
   end
+  if held then
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('XDEL', KEYS[1], id)
+    table.insert(out, 1)
+  else
+    table.insert(out, 0)
+  end
+  if op == 'a' then k = k + 4 else k = k + 6 end
 end
-return n
+return out
 """
-
-# Fields of entry ARGV[2] as a table, with 'a' (attempts so far) and 'i' (first id) set.
-_FIELDS = """
-local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-local f = {p = '', t = '0', a = '0', i = ARGV[2]}
-if #e > 0 then
-  local flat = e[1][2]
-  for n = 1, #flat, 2 do f[flat[n]] = flat[n + 1] end
-end
-f['a'] = tostring(tonumber(ARGV[5]))
-local flat = {}
-for k, v in pairs(f) do table.insert(flat, k); table.insert(flat, v) end
-"""
-
-# KEYS: stream, delayed zset, delayed hash key. ARGV: group, id, consumer, count, attempts, due, now
-_RELEASE = (
-    _OWNED
-    + _FIELDS
-    + """
-if tonumber(ARGV[6]) > tonumber(ARGV[7]) then
-  redis.call('HSET', KEYS[3], unpack(flat))
-  redis.call('ZADD', KEYS[2], ARGV[6], f['i'])
-else
-  redis.call('XADD', KEYS[1], '*', unpack(flat))
-end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return 1
-"""
-)
-
-# KEYS: stream, dead stream. ARGV: group, id, consumer, count, attempts, error, failed_at
-_DEAD = (
-    _OWNED
-    + _FIELDS
-    + """
-redis.call('XADD', KEYS[2], '*', 'e', ARGV[6], 'f', ARGV[7], unpack(flat))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return 1
-"""
-)
 
 # KEYS: stream. ARGV: group, consumer, then (id, count) pairs. Renews those still ours.
 _RENEW = """
@@ -216,9 +200,7 @@ class RedisStreamQueue(Queue):
                     self._scripts = {
                         name: client.register_script(src)
                         for name, src in (
-                            ("ack", _ACK),
-                            ("release", _RELEASE),
-                            ("dead", _DEAD),
+                            ("settle", _SETTLE),
                             ("renew", _RENEW),
                             ("promote", _PROMOTE),
                         )
@@ -296,12 +278,11 @@ class RedisStreamQueue(Queue):
             claimed = self._reclaim(consumer, max_messages)
             if claimed:
                 return claimed
-        # XREADGROUP blocks in the server and cannot be woken by `token`: callers keep
-        # `wait` short (the consumer's poll_interval), which bounds the stop latency.
-        block = int(wait * 1000) if wait > 0 else None
-        if block == 0:
-            block = 1
-        reply = self._ready().xreadgroup(GROUP, consumer, {self.stream: ">"}, count=max_messages, block=block)
+        reply = self._ready().xreadgroup(GROUP, consumer, {self.stream: ">"}, count=max_messages, block=_block_ms(wait))
+        return self._read(consumer, reply)
+
+    def _read(self, consumer: str, reply: Any) -> list[Message]:
+        """The messages of an ``XREADGROUP`` reply."""
         if not reply:
             return []
         entries = reply[0][1]
@@ -356,35 +337,70 @@ class RedisStreamQueue(Queue):
         return sid, consumer, count
 
     def ack(self, message: Message) -> bool:
-        return self.ack_many([message]) == 1
+        return self.settle([Settlement(message, "ack")]) == [True]
 
     def ack_many(self, messages: list[Message]) -> int:
-        if not messages:
-            return 0
-        args: list[str] = [GROUP]
-        for m in messages:
-            args.extend(self._parts(m))
-        return int(self._scripts_ready()["ack"](keys=[self.stream], args=args))
+        return sum(self.settle([Settlement(m, "ack") for m in messages]))
 
     def release(self, message: Message, *, delay: float = 0.0, count_attempt: bool = True) -> bool:
-        sid, consumer, count = self._parts(message)
-        attempts = message.attempts if count_attempt else message.attempts - 1
-        now = time.time()
-        return bool(
-            self._scripts_ready()["release"](
-                keys=[self.stream, self.delayed, self._hash_prefix + message.id],
-                args=[GROUP, sid, consumer, count, attempts, now + max(delay, 0.0), now],
-            )
-        )
+        return self.settle([Settlement(message, "release", delay=delay, count_attempt=count_attempt)]) == [True]
 
     def dead_letter(self, message: Message, error: str) -> bool:
-        sid, consumer, count = self._parts(message)
-        return bool(
-            self._scripts_ready()["dead"](
-                keys=[self.stream, self.dead_stream],
-                args=[GROUP, sid, consumer, count, message.attempts, error, repr(time.time())],
-            )
-        )
+        return self.settle([Settlement(message, "dead_letter", error=error)]) == [True]
+
+    def _settle_args(self, settlements: list[Settlement]) -> tuple[list[str], list[Any]]:
+        now = time.time()
+        args: list[Any] = [GROUP, self._hash_prefix, repr(now)]
+        for s in settlements:
+            sid, consumer, count = self._parts(s.message)
+            if s.outcome == "ack":
+                args.extend(("a", sid, consumer, count))
+            elif s.outcome == "release":
+                attempts = s.message.attempts if s.count_attempt else s.message.attempts - 1
+                args.extend(("r", sid, consumer, count, attempts, repr(now + max(s.delay, 0.0))))
+            else:
+                args.extend(("d", sid, consumer, count, s.message.attempts, s.error))
+        return [self.stream, self.delayed, self.dead_stream], args
+
+    def settle(self, settlements: list[Settlement]) -> list[bool]:
+        if not settlements:
+            return []
+        keys, args = self._settle_args(settlements)
+        return [bool(n) for n in self._scripts_ready()["settle"](keys=keys, args=args)]
+
+    def settle_and_lease(
+        self,
+        settlements: list[Settlement],
+        consumer: str,
+        *,
+        max_messages: int = 1,
+        wait: float = 0.0,
+        token: threading.Event | None = None,
+    ) -> tuple[list[bool], list[Message]]:
+        check_positive_int(max_messages, "max_messages")
+        if not settlements or time.monotonic() >= self._next_maintenance:
+            # Maintenance may claim expired leases instead of reading: the plain path.
+            return self.settle(settlements), self.lease(consumer, max_messages=max_messages, wait=wait, token=token)
+        redis = _redis_module()
+        keys, args = self._settle_args(settlements)
+        script = self._scripts_ready()["settle"]
+        # One round trip: the settle script runs before the read, so a read that
+        # blocks waiting for new messages never holds the settlements back.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=max_messages, block=_block_ms(wait))
+        settled, reply = pipe.execute(raise_on_error=False)
+        if isinstance(settled, redis.exceptions.NoScriptError):
+            # The server forgot the script (restarted, SCRIPT FLUSH): this call loads it.
+            settled = script(keys=keys, args=args)
+        elif isinstance(settled, Exception):
+            raise settled
+        if isinstance(reply, Exception):
+            if not isinstance(reply, redis.ResponseError) or "NOGROUP" not in str(reply):
+                raise reply
+            self._ensure_group()  # the stream was deleted under us (a purge, FLUSHDB)
+            reply = None
+        return [bool(n) for n in settled], self._read(consumer, reply)
 
     def renew(self, messages: list[Message]) -> int:
         by_consumer: dict[str, list[str]] = {}
@@ -507,6 +523,14 @@ def _redis_module() -> Any:
     # Imported on first use, never at module import: `import hostkit.queues` must work
     # without redis-py, and type-checking hostkit must not need it either.
     return importlib.import_module("redis")
+
+
+def _block_ms(wait: float) -> int | None:
+    # XREADGROUP blocks in the server and cannot be woken by a token: callers keep
+    # `wait` short (the consumer's poll_interval), which bounds the stop latency.
+    if wait <= 0:
+        return None
+    return max(int(wait * 1000), 1)
 
 
 def _text(value: Any) -> str:
