@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,14 +26,15 @@ import pytest
 
 from hostkit import BackgroundService, CancellationToken, HostBuilder, LockStatus, OncePerDeployment
 from hostkit._ledger import SlotLedger, SlotState, current_ledger
-from hostkit.cluster import FileLock, Lease, RedisLease, current_lease
+from hostkit.cluster import FileLock, Lease, PostgresLock, RedisLease, current_lease
 from hostkit.exceptions import ConfigurationError
-from tests.cluster_helpers import record_lines
+from tests.cluster_helpers import POSTGRES_SCHEMA, record_lines
 from tests.conftest import wait_until
+from tests.pg_helpers import PostgresServer, postgres_server, start_postgres
 from tests.queue_helpers import RedisServer, redis_server
 from tests.subproc import python
 
-__all__ = ["redis_server"]  # the session fixture, imported so pytest finds it here
+__all__ = ["postgres_server", "redis_server"]  # session fixtures, imported so pytest finds them here
 
 HELPER = Path(__file__).with_name("cluster_helpers.py")
 SLOT = datetime(2026, 3, 29, 1, 0, tzinfo=timezone.utc)
@@ -60,7 +62,7 @@ class TestOptionalExtras:
             import sys
             import hostkit
             from hostkit import OncePerDeployment
-            from hostkit.cluster import FileLock, RedisLease, current_lease
+            from hostkit.cluster import FileLock, PostgresLock, RedisLease, current_lease
             print(sorted(m for m in ("redis", "psycopg") if m in sys.modules))
             """
         )
@@ -504,6 +506,216 @@ class TestRedisCluster:
             assert_exactly_once_for_a_while(record_dir, 1.0)
             [(_, token)] = running(record_dir).items()
             assert token > before, "the token after the restart is higher than any before it"
+            assert_never_two_at_once(record_dir, {})
+            for p in hosts:
+                p.signal(signal.SIGTERM)
+                p.wait(30)
+        finally:
+            server.stop()
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def prepare_resource(server: PostgresServer, key: str) -> None:
+    """The fenced resource the host processes write to: a row remembering the highest token seen."""
+    import psycopg
+
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        conn.execute(POSTGRES_SCHEMA)
+        conn.execute("INSERT INTO fenced_resource (name, token) VALUES (%s, 0)", (key,))
+
+
+def pg_backend_of(server: PostgresServer, lease: Lease) -> int:
+    """The server pid of the session holding ``lease``'s advisory lock."""
+    import psycopg
+
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+            (f"hostkit {os.getpid()} {socket.gethostname()[:40]}",),
+        ).fetchall()
+    assert row, "the holder's session must be visible"
+    return int(row[0][0])
+
+
+class TestPostgresLock:
+    def test_bad_options_are_refused_at_construction(self) -> None:
+        """Neither or both of dsn/connect, bad timings, a bad table name or DSN fail when the backend is made."""
+        with pytest.raises(ConfigurationError, match=r"needs exactly one of dsn= .* and connect="):
+            PostgresLock()
+        with pytest.raises(ConfigurationError, match=r"needs exactly one of dsn= .* and connect="):
+            PostgresLock("dbname=x", connect=lambda: None)
+        with pytest.raises(ConfigurationError, match=r"renew_interval \(1 s\) must be less than half of ttl \(2 s\)"):
+            PostgresLock("dbname=x", ttl=2, renew_interval=1)
+        with pytest.raises(ConfigurationError, match=r"PostgresLock ttl must be at least 1 second, not: 0.5"):
+            PostgresLock("dbname=x", ttl=0.5)
+        with pytest.raises(ConfigurationError, match=r"table must be a plain SQL name .* not: 'a; drop'"):
+            PostgresLock("dbname=x", table="a; drop")
+        with pytest.raises(ConfigurationError, match=r"dsn is not a connection string libpq accepts"):
+            PostgresLock("host=db port")
+        with pytest.raises(ConfigurationError, match=r"connect must be a function returning a new psycopg connection"):
+            PostgresLock(connect=3)  # type: ignore[arg-type]
+        lock = PostgresLock("postgresql://app:secret@db.example:5433/shop", ttl=3)
+        assert lock.renew_interval == 1.0
+        assert lock.where == "postgresql://app@db.example:5433/shop", "no password in status pages"
+
+    def test_one_holder_and_the_token_grows_with_every_takeover(self, postgres_server: PostgresServer) -> None:
+        """Of two leases on a key one holds; the standby sees the holder's pid; each takeover adds one."""
+        backend = PostgresLock(postgres_server.dsn, ttl=TTL)
+        key = unique_key()
+        a, b = backend.lease(key), backend.lease(key)
+        assert a.try_acquire()
+        assert a.token == 1
+        assert not b.try_acquire()
+        assert b.holder.pid == os.getpid() and b.holder.host == socket.gethostname()[:40]
+        a.release()
+        assert b.try_acquire() and b.token == 2
+        assert b.renew() and b.is_current()
+        b.release()
+        assert a.try_acquire() and a.token == 3
+        a.release()
+
+    def test_ledger_refuses_a_stale_token(self, postgres_server: PostgresServer) -> None:
+        """The server ended the holder's session; another took the lock; the old holder records nothing."""
+        import psycopg
+
+        backend = PostgresLock(postgres_server.dsn, ttl=TTL)
+        key = unique_key()
+        old, new = backend.lease(key), backend.lease(key)
+
+        def take_over() -> None:
+            with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pg_backend_of(postgres_server, old),))
+
+        check_ledger_refuses_a_stale_token(old, new, take_over)
+
+    def test_connect_factory_and_django_settings(self, postgres_server: PostgresServer) -> None:
+        """connect= takes a connection factory; from_django() builds the DSN from DATABASES in a Django process."""
+        import psycopg
+
+        lease = PostgresLock(connect=lambda: psycopg.connect(postgres_server.dsn), ttl=TTL).lease(unique_key())
+        assert lease.try_acquire() and lease.token == 1
+        lease.release()
+        out = _fresh(
+            f"""
+            import django
+            from django.conf import settings
+            settings.configure(DATABASES={{"default": {{
+                "ENGINE": "django.db.backends.postgresql", "NAME": "postgres", "USER": "postgres",
+                "HOST": "127.0.0.1", "PORT": "{postgres_server.port}", "OPTIONS": {{"connect_timeout": 5}},
+            }}, "other": {{"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}}})
+            django.setup()
+            from hostkit.cluster import PostgresLock
+            from hostkit.exceptions import ConfigurationError
+            lock = PostgresLock.from_django(ttl=3)
+            lease = lock.lease("django-{uuid.uuid4().hex[:8]}")
+            print(lock.where, lease.try_acquire(), lease.token)
+            lease.release()
+            for alias in ("other", "missing"):
+                try:
+                    PostgresLock.from_django(alias)
+                except ConfigurationError as err:
+                    print(err)
+            """
+        )
+        assert out.splitlines() == [
+            f"postgresql://postgres@127.0.0.1:{postgres_server.port}/postgres True 1",
+            "PostgresLock.from_django: DATABASES['other'] is 'django.db.backends.sqlite3', not a PostgreSQL database",
+            out.splitlines()[2],
+        ]
+        assert out.splitlines()[2].startswith("PostgresLock.from_django: no database alias 'missing' in DATABASES")
+
+
+class TestPostgresCluster:
+    @pytest.mark.timeout(120)
+    def test_three_hosts_run_it_once_and_take_over_after_sigkill(
+        self, postgres_server: PostgresServer, spawn: Callable[..., Any], record_dir: Path
+    ) -> None:
+        """Three host processes: the service runs in one; SIGKILL of the holder -> the server frees the lock at once."""
+        key = unique_key()
+        prepare_resource(postgres_server, key)
+        hosts = start_hosts(spawn, "postgres", postgres_server.dsn, key, record_dir, 3)
+        killed: dict[int, float] = {}
+        assert_exactly_once_for_a_while(record_dir, 1.0)
+        for _ in range(2):
+            _, took = kill_and_measure(hosts, record_dir, killed, TTL)
+            print(f"postgres takeover after SIGKILL: {took:.3f} s (ttl {TTL} s)")
+            assert took <= TTL + 0.5
+            assert_exactly_once_for_a_while(record_dir, 0.5, killed)
+        assert_never_two_at_once(record_dir, killed)
+        for proc in hosts:
+            if proc.pid not in killed:
+                proc.signal(signal.SIGTERM)
+                proc.wait(30)
+
+    @pytest.mark.timeout(120)
+    def test_a_paused_holder_is_fenced_out_and_stops(
+        self, postgres_server: PostgresServer, spawn: Callable[..., Any], record_dir: Path
+    ) -> None:
+        """SIGSTOP the holder mid-work: the server ends its silent session after the TTL, another takes over;
+        after SIGCONT the old holder's write is refused by the fencing token, and it stops."""
+        import psycopg
+
+        key = unique_key()
+        prepare_resource(postgres_server, key)
+        hosts = start_hosts(spawn, "postgres", postgres_server.dsn, key, record_dir, 2)
+        holder = assert_exactly_once_for_a_while(record_dir, 0.2)
+        proc = next(p for p in hosts if p.pid == holder)
+        (record_dir / "work").touch()
+        assert wait_until(lambda: any(e == "working" for e, _, _ in record_lines(record_dir)[holder]), timeout=10)
+        proc.signal(signal.SIGSTOP)
+        paused = time.monotonic()
+        try:
+            (record_dir / "work").unlink()
+            assert wait_until(lambda: len(starts(record_dir)) == 2, timeout=TTL + 10)
+            _, new_pid, new_token = starts(record_dir)[-1]
+            assert new_pid != holder
+
+            def new_wrote() -> bool:
+                return ("write-ok", new_token) in [(e, t) for e, t, _ in record_lines(record_dir)[new_pid]]
+
+            assert wait_until(new_wrote, timeout=10)
+        finally:
+            proc.signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        took = starts(record_dir)[-1][0] - paused
+        print(f"postgres takeover of a paused holder: {took:.3f} s after SIGSTOP (ttl {TTL} s)")
+        assert paused < starts(record_dir)[-1][0] < resumed
+        old = lambda: record_lines(record_dir)[holder]  # noqa: E731
+        assert wait_until(lambda: any(e == "stop" for e, _, _ in old()), timeout=10)
+        after = [e for e, _, t in old() if t > paused]
+        assert after[0] == "write-refused", f"the write after the pause must be refused: {old()}"
+        assert "write-ok" not in after, "a stale write was accepted"
+        stop_at = next(t for e, _, t in old() if e == "stop")
+        assert stop_at - resumed <= TTL / 3 + 0.5, "the old holder stops within one renewal period of resuming"
+        with psycopg.connect(postgres_server.dsn) as conn:
+            assert conn.execute("SELECT token FROM fenced_resource WHERE name = %s", (key,)).fetchone() == (new_token,)
+            tokens = [t for (t,) in conn.execute("SELECT token FROM fenced_log WHERE name = %s", (key,))]
+        old_token = next(t for e, t, _ in old() if e == "start")
+        assert old_token < new_token
+        assert tokens == sorted(tokens), "the resource saw no token lower than one before it"
+        assert running(record_dir) == {new_pid: new_token}
+        for p in hosts:
+            p.signal(signal.SIGTERM)
+            p.wait(30)
+
+    @pytest.mark.timeout(120)
+    def test_a_postgres_restart_is_survived(self, spawn: Callable[..., Any], record_dir: Path) -> None:
+        """The server restarts: the holder stops its service; once it is back, the service runs again, once."""
+        server = start_postgres()
+        try:
+            key = unique_key()
+            prepare_resource(server, key)
+            hosts = start_hosts(spawn, "postgres", server.dsn, key, record_dir, 2)
+            assert_exactly_once_for_a_while(record_dir, 0.3)
+            before = starts(record_dir)[-1][2]
+            server.halt()
+            assert wait_until(lambda: not running(record_dir), timeout=TTL + 10)
+            server.start()
+            assert_exactly_once_for_a_while(record_dir, 1.0)
+            [(_, token)] = running(record_dir).items()
+            assert token > before
             assert_never_two_at_once(record_dir, {})
             for p in hosts:
                 p.signal(signal.SIGTERM)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ._base import Lease, LockBackend, current_lease
 from ._file import FileLock
+from ._postgres import PostgresLock
 from ._redis import RedisLease
 
-__all__ = ["FileLock", "Lease", "LockBackend", "RedisLease", "current_lease"]
+__all__ = ["FileLock", "Lease", "LockBackend", "PostgresLock", "RedisLease", "current_lease"]

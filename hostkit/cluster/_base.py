@@ -185,15 +185,17 @@ def slot_text(slot: datetime) -> str:
     return slot.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
-def slot_from_text(text: str | bytes | None) -> datetime | None:
+def slot_from_text(text: str | bytes | datetime | None) -> datetime | None:
     if text is None:
         return None
+    if isinstance(text, datetime):
+        return text.astimezone(timezone.utc)
     if isinstance(text, bytes):
         text = text.decode()
     return datetime.fromisoformat(text).astimezone(timezone.utc)
 
 
-def state_of(completed: str | bytes | None, begun: str | bytes | None) -> SlotState:
+def state_of(completed: str | bytes | datetime | None, begun: str | bytes | datetime | None) -> SlotState:
     """A :class:`SlotState` from the stored texts; a begun slot at or before the completed one is no longer open."""
     done, started = slot_from_text(completed), slot_from_text(begun)
     if started is not None and done is not None and started <= done:
