@@ -6,7 +6,7 @@ As a script:
   whose only service is ``OncePerDeployment(Writer(), lock=...)`` on a Redis lease
   (``BACKEND`` ``redis``, ``TARGET`` a URL) or a PostgreSQL lock (``postgres``, a DSN).
   The writer makes a fenced write every 50 ms: into the same Redis (a Lua check of
-  the highest token seen) or the same database (``UPDATE ... WHERE token <= %s``).
+  the highest token seen) or the same database (``Lease.fence_postgres``).
   Every event goes to ``RECORD_DIR/<pid>.log`` as ``event token monotonic-time``:
   ``start``, ``write-ok``, ``write-refused``, ``working``, ``stop``. While the file
   ``RECORD_DIR/work`` exists, each round first does two seconds of uninterruptible
@@ -40,21 +40,7 @@ redis.call('RPUSH', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
 return 1
 """
 
-# The fenced write on PostgreSQL: the same check, in the statement that writes.
-POSTGRES_FENCED_WRITE = """
-WITH fence AS (
-    UPDATE fenced_resource SET token = %(token)s, writer = %(pid)s, writes = writes + 1
-    WHERE name = %(name)s AND token <= %(token)s
-    RETURNING token
-)
-INSERT INTO fenced_log (name, token, pid) SELECT %(name)s, token, %(pid)s FROM fence RETURNING token
-"""
-
-POSTGRES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fenced_resource (
-    name text PRIMARY KEY, token bigint NOT NULL, writer integer, writes bigint NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS fenced_log (name text NOT NULL, token bigint NOT NULL, pid integer NOT NULL);
-"""
+POSTGRES_SCHEMA = "CREATE TABLE IF NOT EXISTS fenced_log (name text NOT NULL, token bigint NOT NULL, pid integer)"
 
 
 def record_lines(folder: Path) -> dict[int, list[tuple[str, int, float]]]:
@@ -70,7 +56,7 @@ def record_lines(folder: Path) -> dict[int, list[tuple[str, int, float]]]:
     return events
 
 
-def _fenced_writer(backend: str, target: str, key: str) -> Any:
+def _fenced_writer(backend: str, target: str, key: str, lease: Any) -> Any:
     """A function token -> bool that makes one fenced write (True: accepted)."""
     pid = os.getpid()
     if backend == "redis":
@@ -87,8 +73,13 @@ def _fenced_writer(backend: str, target: str, key: str) -> Any:
     def write(token: int) -> bool:
         conn = state.get("conn")
         if conn is None or conn.closed:
-            conn = state["conn"] = psycopg.connect(target, autocommit=True, connect_timeout=2)
-        return conn.execute(POSTGRES_FENCED_WRITE, {"token": token, "pid": pid, "name": key}).fetchone() is not None
+            conn = state["conn"] = psycopg.connect(target, connect_timeout=2)
+        # The documented pattern: pass the fence, then write, in one transaction.
+        with conn.transaction():
+            if not lease.fence_postgres(conn, key):
+                return False
+            conn.execute("INSERT INTO fenced_log (name, token, pid) VALUES (%s, %s, %s)", (key, token, pid))
+        return True
 
     return write
 
@@ -109,7 +100,7 @@ def run_host(backend: str, target: str, key: str, folder: str, ttl: float) -> No
             lease = current_lease()
             assert lease is not None and lease.token is not None
             token = lease.token
-            write = _fenced_writer(backend, target, key)
+            write = _fenced_writer(backend, target, key, lease)
             record("start", token)
             try:
                 while True:

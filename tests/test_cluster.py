@@ -518,12 +518,11 @@ class TestRedisCluster:
 
 
 def prepare_resource(server: PostgresServer, key: str) -> None:
-    """The fenced resource the host processes write to: a row remembering the highest token seen."""
+    """The table the host processes write to, behind the fence of ``key``."""
     import psycopg
 
     with psycopg.connect(server.dsn, autocommit=True) as conn:
         conn.execute(POSTGRES_SCHEMA)
-        conn.execute("INSERT INTO fenced_resource (name, token) VALUES (%s, 0)", (key,))
 
 
 def pg_backend_of(server: PostgresServer, lease: Lease) -> int:
@@ -589,6 +588,44 @@ class TestPostgresLock:
                 conn.execute("SELECT pg_terminate_backend(%s)", (pg_backend_of(postgres_server, old),))
 
         check_ledger_refuses_a_stale_token(old, new, take_over)
+
+    def test_fence_postgres_refuses_a_stale_token_in_the_writing_transaction(
+        self, postgres_server: PostgresServer
+    ) -> None:
+        """A write behind the fence lands for the newest token; an older one is refused and writes nothing."""
+        import psycopg
+
+        backend = PostgresLock(postgres_server.dsn, ttl=TTL)
+        key = unique_key()
+        old, new = backend.lease(key), backend.lease(key)
+        assert old.try_acquire()
+        with psycopg.connect(postgres_server.dsn) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS fence_demo (resource text, token bigint)")
+            conn.commit()
+
+            def write(lease: Lease) -> bool:
+                with conn.transaction():
+                    if not lease.fence_postgres(conn, key):
+                        return False
+                    conn.execute("INSERT INTO fence_demo VALUES (%s, %s)", (key, lease.token))
+                return True
+
+            assert write(old)
+            stale = old.token
+            old.release()
+            old.token = stale  # the old holder does not know it lost the lock
+            assert new.try_acquire()
+            assert write(new)
+            assert not write(old), "the stale token must not pass the fence"
+            assert write(new), "the current token passes again"
+            rows = conn.execute("SELECT token FROM fence_demo WHERE resource = %s", (key,)).fetchall()
+            assert rows == [(stale,), (new.token,), (new.token,)]
+            with psycopg.connect(postgres_server.dsn, autocommit=True) as auto:
+                with pytest.raises(ConfigurationError, match=r"must run in the transaction that makes the write"):
+                    new.fence_postgres(auto, key)
+            new.release()
+            with pytest.raises(ConfigurationError, match=r"needs a held lease"):
+                new.fence_postgres(conn, key)
 
     def test_connect_factory_and_django_settings(self, postgres_server: PostgresServer) -> None:
         """connect= takes a connection factory; from_django() builds the DSN from DATABASES in a Django process."""
@@ -690,7 +727,9 @@ class TestPostgresCluster:
         stop_at = next(t for e, _, t in old() if e == "stop")
         assert stop_at - resumed <= TTL / 3 + 0.5, "the old holder stops within one renewal period of resuming"
         with psycopg.connect(postgres_server.dsn) as conn:
-            assert conn.execute("SELECT token FROM fenced_resource WHERE name = %s", (key,)).fetchone() == (new_token,)
+            assert conn.execute("SELECT token FROM hostkit_fences WHERE resource = %s", (key,)).fetchone() == (
+                new_token,
+            )
             tokens = [t for (t,) in conn.execute("SELECT token FROM fenced_log WHERE name = %s", (key,))]
         old_token = next(t for e, t, _ in old() if e == "start")
         assert old_token < new_token

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .._ledger import SlotState
 from .._util import describe
@@ -103,6 +103,40 @@ class Lease(ABC):
         not land after a takeover carries :attr:`token` to the resource, which refuses
         tokens lower than the highest it has seen (see the docs, "Fenced writes").
         """
+
+    def fence_postgres(self, conn: Any, resource: str, *, table: str = "hostkit_fences") -> bool:
+        """Pass the fence of ``resource`` in a PostgreSQL transaction: ``False`` if a later holder passed it.
+
+        Call it in the transaction that makes the write, before the write, and roll
+        back (or skip the write) on ``False``::
+
+            lease = current_lease()
+            with conn.transaction():
+                if not lease.fence_postgres(conn, "daily-report"):
+                    raise RuntimeError("a newer holder took over; this run's writes are stale")
+                conn.execute("INSERT INTO reports ...")
+
+        The table ``table`` (made on first use) keeps the highest token that passed
+        each resource's fence. Passing it raises that number to this lease's token and
+        locks its row until the transaction ends, so a newer holder's transaction waits
+        for this one, and this one, run after the newer holder's, is refused. Works with
+        a token of any backend (a Redis lease can fence PostgreSQL writes).
+
+        Args:
+            conn: a psycopg 3 connection, in a transaction (or not in autocommit mode).
+            resource: the name of what the write changes.
+            table: the fence table.
+
+        Raises:
+            ConfigurationError: the lease is not held, the connection is in autocommit
+                mode outside a transaction (the fence would not cover the write), or
+                ``table`` is not a plain SQL name.
+
+        .. versionadded:: 0.2
+        """
+        from ._fence import fence_postgres
+
+        return fence_postgres(conn, resource, self.token, table)
 
     # -- the slot ledger (hostkit._ledger.SlotLedger) -------------------------------
 
