@@ -295,6 +295,34 @@ class TestOncePerDeploymentOnRedis:
             assert wait_until(lambda: len(service.seen) == 2, timeout=10)
         assert logs.find("'LeaseRecorder' stopped: it lost the redis lock", level="WARNING")
 
+    @pytest.mark.timeout(120)
+    def test_process_placement_the_child_holds_the_lease(self, redis_server: RedisServer) -> None:
+        """With placement='process' the child takes the Redis lease; status shows its token; released at stop."""
+        import redis
+
+        key = unique_key()
+        once = OncePerDeployment(Idle(), lock=RedisLease(redis_server.url, key=key, ttl=TTL), poll_interval=0.05)
+        host = HostBuilder().add_hosted_service(once, placement="process", name="Idle").build()
+        lease_key = f"hostkit:lock:{{{key}}}"
+        with host, redis.Redis.from_url(redis_server.url) as client:
+
+            def child_holds() -> bool:
+                s = host.status()["Idle"]
+                return (
+                    s.lock is not None
+                    and s.lock.role == "holder"
+                    and s.lock.backend == "redis"
+                    and s.pid != os.getpid()
+                    and s.lock.holder_pid == s.pid
+                    and s.lock.token is not None
+                )
+
+            assert wait_until(child_holds, timeout=60)
+            status = host.status()["Idle"]
+            assert status.lock is not None
+            assert client.get(lease_key).decode().split(" ")[:2] == [str(status.lock.token), str(status.pid)]
+        assert not client.exists(lease_key), "the child released the lease when it stopped"
+
 
 # -- hosts in separate processes ------------------------------------------------------------
 
@@ -433,6 +461,9 @@ class TestRedisCluster:
         finally:
             proc.signal(signal.SIGCONT)
         resumed = time.monotonic()
+        print(
+            f"redis takeover of a paused holder: {starts(record_dir)[-1][0] - paused:.3f} s after SIGSTOP (ttl {TTL} s)"
+        )
         assert paused < starts(record_dir)[-1][0] < resumed, "the other host took over while the holder was paused"
         # The old holder finishes its work, writes with its old token: refused. Then it stops.
         old = lambda: record_lines(record_dir)[holder]  # noqa: E731
@@ -585,7 +616,8 @@ class TestPostgresLock:
 
         def take_over() -> None:
             with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
-                conn.execute("SELECT pg_terminate_backend(%s)", (pg_backend_of(postgres_server, old),))
+                # With a timeout, it waits until the session has ended (and its lock is free).
+                conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pg_backend_of(postgres_server, old),))
 
         check_ledger_refuses_a_stale_token(old, new, take_over)
 

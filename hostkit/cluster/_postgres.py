@@ -257,7 +257,15 @@ class PostgresLock(LockBackend):
             conn.execute(f"SET statement_timeout = {half_ms}")
             conn.execute(f"SET application_name = 'hostkit {os.getpid()} {socket.gethostname()[:40]}'")
             # The server ends the session (and releases the lock) of a holder silent for ttl.
-            conn.execute(f"SET idle_session_timeout = {int((self.ttl or 0) * 1000)}")
+            try:
+                conn.execute(f"SET idle_session_timeout = {int((self.ttl or 0) * 1000)}")
+            except psycopg.errors.UndefinedObject:
+                # PostgreSQL before 14: a silent holder keeps the lock until TCP gives up on it.
+                logger.warning(
+                    "PostgreSQL server {} has no idle_session_timeout (it is older than 14): a holder that is "
+                    "paused or cut off keeps the lock until the server's TCP keepalives end its session",
+                    self.where,
+                )
         except BaseException:
             conn.close()
             raise
