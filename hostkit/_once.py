@@ -262,6 +262,9 @@ class OncePerDeployment(BackgroundService):
         self.poll_interval = interval
         #: Whether this process holds the lock now (for status pages).
         self.holding = False
+        #: The lease this process holds while it runs the service (its ``token`` is the fencing
+        #: token), else ``None``; :func:`hostkit.cluster.current_lease` gives the same in ``execute``.
+        self.lease: Lease | None = None
 
     @property
     def lock_path(self) -> str | None:
@@ -340,6 +343,7 @@ class OncePerDeployment(BackgroundService):
         runner = runner_for(self)
         host_name = None if lease.backend == "file" else socket.gethostname()
         self.holding = True
+        self.lease = lease
         report(LockStatus("holder", lease.where, os.getpid(), lease.backend, lease.token, host_name))
         if runner is not None:
             # The inner service's heartbeat() reaches the runner of the wrapper.
@@ -376,6 +380,7 @@ class OncePerDeployment(BackgroundService):
             if runner is not None:
                 detach_runner(self.service, runner)
             self.holding = False
+            self.lease = None
             token = lease.token
             lease.release()
             if lost:

@@ -252,12 +252,14 @@ class TestOncePerDeploymentOnRedis:
         key = unique_key()
         service = LeaseRecorder()
         builder = HostBuilder()
-        builder.add_hosted_service(OncePerDeployment(service, lock=RedisLease(redis_server.url, key=key, ttl=TTL)))
+        once = OncePerDeployment(service, lock=RedisLease(redis_server.url, key=key, ttl=TTL))
+        builder.add_hosted_service(once)
         host = builder.build()
         with host:
             assert wait_until(lambda: service.seen)
             [(lease, ledger)] = service.seen
             assert lease is not None and ledger is lease and lease.token is not None
+            assert once.lease is lease and once.holding
             status = host.status()["OncePerDeployment"].lock
             assert status == LockStatus(
                 "holder", lease.where, os.getpid(), "redis", lease.token, status.holder_host if status else None
@@ -267,6 +269,7 @@ class TestOncePerDeploymentOnRedis:
             detail = host.status()["OncePerDeployment"].detail
             assert detail == f"holds the redis lock {lease.where} (pid {os.getpid()}), fencing token {lease.token}"
         assert current_lease() is None
+        assert once.lease is None and not once.holding
 
     def test_a_lost_lease_cancels_the_service_within_one_renewal_period(
         self, redis_server: RedisServer, logs: Any
