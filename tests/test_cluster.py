@@ -296,7 +296,55 @@ class TestOncePerDeploymentOnRedis:
             assert host.status()["R"].lock.holder_host == "elsewhere"  # type: ignore[union-attr]
             client.delete(lease_key)
             assert wait_until(lambda: len(service.seen) == 2, timeout=10)
-        assert logs.find("'LeaseRecorder' stopped: it lost the redis lock", level="WARNING")
+        assert logs.find("'LeaseRecorder' lost the redis lock", level="WARNING")
+        assert logs.find("the lease has another holder or expired")
+        assert logs.find("'LeaseRecorder' stopped after it lost the redis lock")
+
+    def test_a_service_that_returns_runs_once_and_the_lease_is_released(self, redis_server: RedisServer) -> None:
+        """execute returning on its own ends the wrapper too (it is not run again), and frees the lease."""
+        import redis
+
+        key = unique_key()
+        runs: list[int] = []
+
+        class OneShot(BackgroundService):
+            def execute(self, stopping: CancellationToken) -> None:
+                runs.append(1)
+
+        once = OncePerDeployment(OneShot(), lock=RedisLease(redis_server.url, key=key, ttl=TTL), poll_interval=0.05)
+        host = HostBuilder().add_hosted_service(once, name="OneShot").build()
+        with host, redis.Redis.from_url(redis_server.url) as client:
+            assert wait_until(lambda: host.status()["OneShot"].state.value == "completed")
+            assert runs == [1]
+            assert not client.exists(f"hostkit:lock:{{{key}}}")
+
+    def test_raise_if_cancelled_after_a_lost_lease_is_a_stop_not_a_failure(
+        self, redis_server: RedisServer, logs: Any
+    ) -> None:
+        """A service that raises OperationCancelledError when its lease is lost stands by; nothing failed."""
+        import redis
+
+        key = unique_key()
+        started: list[int] = []
+
+        class Strict(BackgroundService):
+            def execute(self, stopping: CancellationToken) -> None:
+                started.append(1)
+                while True:
+                    stopping.raise_if_cancelled()
+                    stopping.wait(0.02)
+
+        once = OncePerDeployment(Strict(), lock=RedisLease(redis_server.url, key=key, ttl=TTL), poll_interval=0.05)
+        host = HostBuilder().add_hosted_service(once, name="Strict").build()
+        with host, redis.Redis.from_url(redis_server.url) as client:
+            assert wait_until(lambda: started == [1])
+            client.set(f"hostkit:lock:{{{key}}}", "1 1 elsewhere", px=int(TTL * 1000))
+            assert wait_until(lambda: (s := host.status()["Strict"].lock) is not None and s.role == "standby")
+            status = host.status()["Strict"]
+            assert (status.state.value, status.restarts, status.error) == ("running", 0, None)
+            client.delete(f"hostkit:lock:{{{key}}}")
+            assert wait_until(lambda: started == [1, 1], timeout=10)
+        assert not [r["message"] for r in logs.records if r["level"] in ("ERROR", "CRITICAL")]
 
     @pytest.mark.timeout(120)
     def test_process_placement_the_child_holds_the_lease(self, redis_server: RedisServer) -> None:
