@@ -695,8 +695,7 @@ class TestPostgresLock:
 
             assert write(old)
             stale = old.token
-            old.release()
-            old.token = stale  # the old holder does not know it lost the lock
+            old.release()  # as if it lost the lock: it keeps its token, which the fence now refuses
             assert new.try_acquire()
             assert write(new)
             assert not write(old), "the stale token must not pass the fence"
@@ -707,8 +706,8 @@ class TestPostgresLock:
                 with pytest.raises(ConfigurationError, match=r"must run in the transaction that makes the write"):
                     new.fence_postgres(auto, key)
             new.release()
-            with pytest.raises(ConfigurationError, match=r"needs a held lease"):
-                new.fence_postgres(conn, key)
+            with pytest.raises(ConfigurationError, match=r"needs a lease that was acquired"):
+                backend.lease(key).fence_postgres(conn, key)
 
     def test_connect_factory_and_django_settings(self, postgres_server: PostgresServer) -> None:
         """connect= takes a connection factory; from_django() builds the DSN from DATABASES in a Django process."""
