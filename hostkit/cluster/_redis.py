@@ -124,7 +124,10 @@ class RedisLease(LockBackend):
         renew_interval: how often the holder renews (default ``ttl / 3``; must be
             less than ``ttl / 2``).
         prefix: the key prefix (as the queues').
-        client_options: extra keyword arguments for ``redis.Redis.from_url``.
+        client_options: extra keyword arguments for ``redis.Redis.from_url``. The lease
+            sets ``socket_timeout`` and ``socket_connect_timeout`` to half a renewal
+            period, so that a renewal that cannot complete counts as failed in time;
+            longer ones given here delay how soon a cut-off holder stops.
 
     Needs redis-py: ``pip install 'pyhostkit[redis]'``.
 
