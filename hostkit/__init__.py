@@ -15,6 +15,8 @@ from loguru import logger as _logger
 if TYPE_CHECKING:
     from . import exceptions as exceptions
     from ._builder import HostBuilder as HostBuilder
+    from ._cron import CronTimer as CronTimer
+    from ._cron import ScheduledService as ScheduledService
     from ._di import Scope as Scope
     from ._di import ServiceCollection as ServiceCollection
     from ._di import ServiceProvider as ServiceProvider
@@ -48,6 +50,7 @@ __all__ = [
     "CancellationToken",
     "CancellationTokenRegistration",
     "CancellationTokenSource",
+    "CronTimer",
     "ExitCode",
     "Host",
     "HostAware",
@@ -62,6 +65,7 @@ __all__ = [
     "PeriodicTimer",
     "Placement",
     "RestartPolicy",
+    "ScheduledService",
     "Scope",
     "ServiceCollection",
     "ServiceProvider",
@@ -79,6 +83,7 @@ _SOURCES: dict[str, str] = {
     "CancellationToken": "._token",
     "CancellationTokenRegistration": "._token",
     "CancellationTokenSource": "._token",
+    "CronTimer": "._cron",
     "ExitCode": "._host",
     "Host": "._host",
     "HostAware": "._hostaware",
@@ -93,6 +98,7 @@ _SOURCES: dict[str, str] = {
     "PeriodicTimer": "._periodic",
     "Placement": "._services",
     "RestartPolicy": "._options",
+    "ScheduledService": "._cron",
     "Scope": "._di",
     "ServiceCollection": "._di",
     "ServiceProvider": "._di",
