@@ -265,11 +265,13 @@ class CronTimer:
         self._rerun: datetime | None = None
         self._started = False
         self._ledger: SlotLedger | None = None
-        #: Slots run (yielded) and completed (the body returned for them).
+        #: Slots yielded (begun).
         self.runs = 0
+        #: Slots completed: the loop body returned for them and the loop asked for the next.
         self.completed = 0
-        #: Slots that misfired and were not run, and those run late under ``run_late``.
+        #: Slots that misfired and were not run.
         self.missed = 0
+        #: Misfired slots run late (``misfire="run_late"``).
         self.late = 0
         #: Set when a ledger write said this process no longer holds the lock.
         self.lost_lock = False
@@ -338,14 +340,14 @@ class CronTimer:
                 if latest >= self._ready_since:
                     # Came due while the timer waited for it: on time. Older slots can
                     # only be here if the wait overslept them (a suspended machine).
-                    self._missed(count - 1, latest, now)
+                    self._missed(count - 1, latest)
                     return latest
                 if self.misfire == "run_late" and self.grace is not None and now - latest <= self.grace:
-                    self._missed(count - 1, latest, now)
+                    self._missed(count - 1, latest)
                     self.late += 1
                     self._log.warning("slot {} misfired; running it {} late", self._local(latest), now - latest)
                     return latest
-                self._missed(count, latest, now)
+                self._missed(count, latest)
             upcoming = self._schedule.next_after(self._handled)
             if upcoming is None:
                 self._log.info("the schedule has no more slots")
@@ -355,7 +357,7 @@ class CronTimer:
                 return None
         return None
 
-    def _missed(self, count: int, latest: datetime, now: datetime) -> None:
+    def _missed(self, count: int, latest: datetime) -> None:
         if count <= 0:
             return
         self.missed += count
