@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,9 +15,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from hostkit import CancellationToken, CronTimer, ScheduledService
+from hostkit import CancellationToken, CronTimer, HostBuilder, ScheduledService
 from hostkit._ledger import SlotState, using_ledger
 from hostkit.exceptions import ConfigurationError, ConfigurationTypeError, InvalidServiceError
+from tests.conftest import wait_until
+from tests.cron_helpers import FastForwardClock, SlotFile, read_slots
 
 UTC = timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -472,3 +475,25 @@ class TestOptionalExtra:
             """
         )
         assert out.stdout.strip() == "CronTimer needs cronsim, which is not installed: pip install 'pyhostkit[cron]'"
+
+
+class TestInAHost:
+    @pytest.mark.parametrize("placement", ["thread", "process"])
+    def test_a_scheduled_service_runs_its_slots_and_stops_with_the_host(self, tmp_path, placement: str) -> None:
+        """Hourly slots (fast-forwarded) reach the function, in a thread or a child; the host stops it."""
+        record = tmp_path / "slots.txt"
+        service = ScheduledService(
+            SlotFile(record),
+            "0 * * * *",
+            tz="Europe/Berlin",
+            clock=FastForwardClock(local("2026-03-29 00:30")),
+        )
+        host = HostBuilder().add_hosted_service(service, placement=placement, name="Hourly").build()  # type: ignore[arg-type]
+        with host:
+            assert wait_until(lambda: len(read_slots(record)) >= 3, timeout=30)
+            stopping = time.monotonic()
+        assert time.monotonic() - stopping < 10
+        slots, pids = zip(*read_slots(record))
+        assert slots[:3] == ("2026-03-29T01:00:00+01:00", "2026-03-29T03:00:00+02:00", "2026-03-29T04:00:00+02:00")
+        assert (set(pids) == {os.getpid()}) is (placement == "thread")
+        assert host.status()["Hourly"].error is None
