@@ -1,4 +1,4 @@
-"""Once per deployment: a background service that runs in one worker process of a machine.
+"""Once per deployment: a background service that runs in one worker process of a machine, or of a cluster.
 
 Under a pre-fork server with N workers every worker builds the same host, so
 every service runs N times: right for a per-worker cache refresher (the
@@ -19,6 +19,12 @@ runtime directory (see :mod:`hostkit._rundir`), it is created 0600 and opened
 without following links, so another local user can neither hold it (and keep
 the service from ever running) nor turn it into a link that a host running as
 root would truncate.
+
+Across machines the flock is the wrong tool: the lock backends of
+:mod:`hostkit.cluster` (a Redis lease, a PostgreSQL advisory lock) take its place
+through ``lock=``. The holder then renews its lease on a thread of its own and
+cancels the service's token the moment a renewal fails, and the service finds its
+lease (and fencing token) with :func:`hostkit.cluster.current_lease`.
 """
 
 from __future__ import annotations
@@ -27,20 +33,27 @@ import errno
 import fcntl
 import hashlib
 import os
+import socket
+import threading
+import time
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from ._rundir import check_shared_location, open_private, runtime_dir
+from ._ledger import using_ledger
+from ._rundir import open_private, runtime_dir
 from ._services import BackgroundService
 from ._status import LockStatus
-from ._token import CancellationToken
+from ._token import CancellationToken, CancellationTokenSource
 from ._util import describe, to_seconds
+from .cluster._base import LockBackend, using_lease
+from .cluster._file import FileLock
 from .exceptions import ConfigurationError, InvalidServiceError
 
 if TYPE_CHECKING:
     from ._runners._base import RunnerLike
+    from .cluster import Lease
 
 __all__ = ["DeploymentLock", "OncePerDeployment", "default_lock_path"]
 
@@ -159,37 +172,58 @@ class _LockReporter:
 
 
 class OncePerDeployment(BackgroundService):
-    """Run ``service`` in one process of the machine at a time; take over if that process dies.
+    """Run ``service`` in one process at a time, of one machine or of a cluster; take over if that process dies.
 
     Register the wrapper instead of the service (give it a ``name=``)::
 
         builder.add_hosted_service(OncePerDeployment(Cleaner()), name="cleaner")
+        # once per cluster: every machine competes for a lease on the Redis the queues use
+        from hostkit.cluster import RedisLease
+        once = OncePerDeployment(Cleaner(), lock=RedisLease("redis://redis:6379/0"))
+        builder.add_hosted_service(once, name="cleaner")
 
     A service registered without it runs once per worker (once per host).
 
     Args:
         service: the background service (an instance, or a class made with no arguments).
-        lock_path: the lock file; default :func:`default_lock_path` of the service's class name, in
-            hostkit's private runtime directory. A path given here must be in a directory other
-            users cannot write (or a sticky one, as ``/tmp``); the file is created 0600 and must
-            not be a link or another user's file.
-        poll_interval: how often a waiting worker tries the lock (takeover delay).
+        lock: where the lock lives (a :class:`hostkit.cluster.LockBackend`): the default
+            :class:`~hostkit.cluster.FileLock` locks among the processes of one machine;
+            :class:`~hostkit.cluster.RedisLease` and :class:`~hostkit.cluster.PostgresLock`
+            among every machine that reaches the server.
+        lock_path: the shortcut for ``lock=FileLock(lock_path)``: the lock file; default
+            :func:`default_lock_path` of the service's class name, in hostkit's private
+            runtime directory. A path given here must be in a directory other users cannot
+            write (or a sticky one, as ``/tmp``); the file is created 0600 and must not be a
+            link or another user's file.
+        poll_interval: how often a waiting process tries the lock (takeover delay; a
+            standby on a Redis lease also tries the moment the holder's lease ends).
+
+    The holder gets a :class:`~hostkit.cluster.Lease` (:func:`hostkit.cluster.current_lease`
+    in the thread that runs ``execute``) whose fencing token grows with every takeover.
+    A holder of a lease that must be renewed (Redis, PostgreSQL) that fails to renew it
+    cancels the token its service's ``execute`` got, stands by again once ``execute``
+    returned, and competes for the lock like any standby.
 
     Works with ``placement="thread"`` and ``"process"`` (the child takes the lock).
     The service's status (:attr:`~hostkit.ServiceStatus.lock`) says whether this
-    host holds the lock or stands by, with the lock's path and the holder's pid.
+    host holds the lock or stands by, with the lock's place, the holder's pid and
+    the fencing token.
 
     Raises:
         UnsafePathError: the lock's directory or file could be tampered with by
             another user (the message names it and the fix).
+        ConfigurationError: both ``lock`` and ``lock_path``, or a ``lock`` that is not a backend.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``lock=``: once per cluster on Redis or PostgreSQL; the fencing token.
     """
 
     def __init__(
         self,
         service: BackgroundService | type[BackgroundService],
         *,
+        lock: LockBackend | None = None,
         lock_path: str | os.PathLike[str] | None = None,
         poll_interval: float | timedelta = 1.0,
     ) -> None:
@@ -206,69 +240,180 @@ class OncePerDeployment(BackgroundService):
             msg = f"poll_interval must be > 0 seconds, not: {describe(poll_interval)}"
             raise ConfigurationError(msg)
         self.service = service
-        self._given_path: str | None = None
-        if lock_path is not None:
-            self._given_path = os.fspath(lock_path)
-            check_shared_location(self._given_path, "deployment lock")
-        else:
-            # Make and check the private directory now, so a problem shows at registration.
-            # The path itself is resolved again where the service runs: a worker may run as
-            # another user than the process that registered it (gunicorn's `user` setting).
-            default_lock_path(type(service).__name__)
+        if lock is not None and lock_path is not None:
+            msg = (
+                "OncePerDeployment() takes lock= or lock_path=, not both: lock_path=PATH is the shortcut "
+                "for lock=FileLock(PATH)"
+            )
+            raise ConfigurationError(msg)
+        if lock is None:
+            # Checks a given path now; the default path is resolved again where the service
+            # runs: a worker may run as another user than the process that registered it
+            # (gunicorn's `user` setting).
+            lock = FileLock(lock_path)
+        elif not isinstance(lock, LockBackend):
+            msg = (  # type: ignore[unreachable]
+                "lock must be a lock backend from hostkit.cluster (FileLock, RedisLease or PostgresLock), "
+                f"not: {describe(lock)}"
+            )
+            raise ConfigurationError(msg)
+        lock.check()
+        self.lock = lock
         self.poll_interval = interval
         #: Whether this process holds the lock now (for status pages).
         self.holding = False
 
     @property
-    def lock_path(self) -> str:
-        """The lock file: ``lock_path`` as given, or :func:`default_lock_path` for this process's user."""
-        if self._given_path is not None:
-            return self._given_path
-        return default_lock_path(type(self.service).__name__)
+    def lock_path(self) -> str | None:
+        """The file of a :class:`~hostkit.cluster.FileLock` (as given, or :func:`default_lock_path`); else ``None``."""
+        if isinstance(self.lock, FileLock):
+            return self.lock.resolve(type(self.service).__name__)
+        return None
 
     def execute(self, stopping: CancellationToken) -> None:
         name = type(self.service).__name__
         log = logger.bind(service=name, pid=os.getpid())
-        path = self.lock_path
-        if self._given_path is not None:
-            check_shared_location(path, "deployment lock")
-        lock = DeploymentLock(path)
-        from ._runners._base import attach_runner, detach_runner, runner_for
+        lease = self.lock.lease(name)
+        from ._runners._base import runner_for
 
-        runner = runner_for(self)
-        report = _LockReporter(runner)
+        report = _LockReporter(runner_for(self))
         try:
-            waiting_logged = False
             while not stopping.is_set():
-                if lock.try_acquire():
-                    break
-                report(LockStatus("standby", path, lock.holder_pid))
-                if not waiting_logged:
-                    holder = "" if lock.holder_pid is None else f" (pid {lock.holder_pid})"
-                    log.info(
-                        "{!r} runs once per deployment and another process holds {}{}; waiting", name, path, holder
-                    )
-                    waiting_logged = True
-                stopping.wait(self.poll_interval)
-            else:
-                return
-            self.holding = True
-            report(LockStatus("holder", path, os.getpid()))
-            # The inner service's heartbeat() reaches the runner of the wrapper.
-            if runner is not None:
-                attach_runner(self.service, runner)
-            log.info("{!r} took the deployment lock {} (pid {}); running it here", name, path, os.getpid())
-            try:
-                self.service.execute(stopping)
-            finally:
-                if runner is not None:
-                    detach_runner(self.service, runner)
-                self.holding = False
-                lock.release()
-                log.info("{!r} released the deployment lock {}", name, path)
+                acquired_at = self._wait_for(lease, stopping, report, log)
+                if acquired_at is None:
+                    return
+                self._hold(lease, acquired_at, stopping, report, log)
         finally:
             report(None)
+            lease.release()
+
+    def _wait_for(self, lease: Lease, stopping: CancellationToken, report: _LockReporter, log: Any) -> float | None:
+        """Poll until ``lease`` is ours (the monotonic time the winning try was sent), or ``None`` on stop."""
+        name = type(self.service).__name__
+        waiting_logged = failing = False
+        while not stopping.is_set():
+            sent = time.monotonic()
+            try:
+                if lease.try_acquire():
+                    if failing:
+                        log.info("{!r}: the {} lock {} is reachable again", name, lease.backend, lease.where)
+                    return sent
+            except Exception as err:
+                if not lease.is_outage(err):
+                    raise
+                # A server that is down is waited for, quietly: one WARNING per outage.
+                if not failing:
+                    log.warning(
+                        "{!r}: cannot reach the {} lock {} ({}: {}); trying again every {:g} s",
+                        name, lease.backend, lease.where, type(err).__name__, err, self.poll_interval,
+                    )  # fmt: skip
+                    failing = True
+                else:
+                    log.opt(exception=err).debug("{!r}: the {} lock is still unreachable", name, lease.backend)
+                stopping.wait(self.poll_interval)
+                continue
+            if failing:
+                log.info("{!r}: the {} lock {} is reachable again", name, lease.backend, lease.where)
+                failing = False
+            holder = lease.holder
+            report(LockStatus("standby", lease.where, holder.pid, lease.backend, None, holder.host))
+            if not waiting_logged:
+                who = (
+                    ""
+                    if holder.pid is None
+                    else f" (pid {holder.pid}" + (f" on {holder.host})" if holder.host else ")")
+                )
+                log.info(
+                    "{!r} runs once per deployment and another process holds {}{}; waiting", name, lease.where, who
+                )
+                waiting_logged = True
+            stopping.wait(lease.standby_wait(self.poll_interval))
+        return None
+
+    def _hold(
+        self, lease: Lease, acquired_at: float, stopping: CancellationToken, report: _LockReporter, log: Any
+    ) -> None:
+        """Run the service under ``lease`` until it returns; renew the lease meanwhile; cancel the service if lost."""
+        from ._runners._base import attach_runner, detach_runner, runner_for
+
+        name = type(self.service).__name__
+        runner = runner_for(self)
+        host_name = None if lease.backend == "file" else socket.gethostname()
+        self.holding = True
+        report(LockStatus("holder", lease.where, os.getpid(), lease.backend, lease.token, host_name))
+        if runner is not None:
+            # The inner service's heartbeat() reaches the runner of the wrapper.
+            attach_runner(self.service, runner)
+        what = "deployment lock" if lease.backend == "file" else f"{lease.backend} lock"
+        log.info(
+            "{!r} took the {} {} (pid {}, fencing token {}); running it here",
+            name,
+            what,
+            lease.where,
+            os.getpid(),
+            lease.token,
+        )
+        lost: list[str] = []
+        finished = threading.Event()
+        source = CancellationTokenSource(stopping, name=f"{name} lease")
+        renewer = None
+        if self.lock.renew_interval is not None:
+            renewer = threading.Thread(
+                target=self._renew,
+                args=(lease, acquired_at, source, finished, lost),
+                name=f"hostkit-{name}-lease",
+                daemon=True,
+            )
+            renewer.start()
+        try:
+            with using_lease(lease), using_ledger(lease):
+                self.service.execute(source.token)
+        finally:
+            finished.set()
+            if renewer is not None:
+                renewer.join()
+            source.close()
+            if runner is not None:
+                detach_runner(self.service, runner)
+            self.holding = False
+            token = lease.token
+            lease.release()
+            if lost:
+                log.warning("{!r} stopped: it lost the {} {} ({}); standing by", name, what, lease.where, lost[0])
+            else:
+                log.info("{!r} released the {} {} (fencing token {})", name, what, lease.where, token)
+
+    def _renew(
+        self,
+        lease: Lease,
+        acquired_at: float,
+        source: CancellationTokenSource,
+        finished: threading.Event,
+        lost: list[str],
+    ) -> None:
+        """Renew every ``renew_interval``; on the first failure, or once the lease's time is up, cancel the service."""
+        interval, ttl = self.lock.renew_interval, self.lock.ttl
+        assert interval is not None
+        valid_until = acquired_at + ttl if ttl is not None else None
+        next_at = acquired_at + interval
+        while not finished.wait(max(next_at - time.monotonic(), 0)):
+            now = time.monotonic()
+            if valid_until is not None and now >= valid_until:
+                # Paused past the lease (a stopped process, a long GC pause): another instance
+                # may hold it now. Do not even ask the server: stop at once.
+                why = f"its lease ran out {now - valid_until:.1f} s ago without a renewal (was the process paused?)"
+            else:
+                try:
+                    if lease.renew():
+                        valid_until = now + ttl if ttl is not None else None
+                        next_at = now + interval
+                        continue
+                    why = "the lease has another holder or expired"
+                except Exception as err:
+                    why = f"could not renew it: {type(err).__name__}: {err}"
+            lost.append(why)
+            source.cancel()
+            return
 
     def __repr__(self) -> str:
-        where = self._given_path if self._given_path is not None else "default"
-        return f"<OncePerDeployment {type(self.service).__name__} lock={where!r} holding={self.holding}>"
+        return f"<OncePerDeployment {type(self.service).__name__} lock={self.lock!r} holding={self.holding}>"

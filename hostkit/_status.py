@@ -74,27 +74,43 @@ class LockStatus:
     Attributes:
         role: ``"holder"`` (this host runs the service) or ``"standby"`` (another
             process holds the lock; this host takes over when it is released).
-        path: the lock file.
+        path: where the lock lives: the lock file, or for a cluster lock the server
+            (its URL or DSN, without a password) and the key.
         holder_pid: the pid of the process holding the lock (for a process-placed
             service, the child's), or ``None`` if a standby could not read it yet.
+        backend: ``"file"``, ``"redis"`` or ``"postgres"``.
+        token: the holder's fencing token (see :class:`hostkit.cluster.Lease`), or
+            ``None`` for a standby.
+        holder_host: the host name of the holder's machine, where the backend
+            records it (Redis, PostgreSQL), else ``None``.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``backend``, ``token`` and ``holder_host``.
     """
 
     role: Literal["holder", "standby"]
     path: str
     holder_pid: int | None = None
+    backend: str = "file"
+    token: int | None = None
+    holder_host: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``role``, ``path``, ``holder_pid``."""
+        """A JSON-ready dict: ``role``, ``path``, ``holder_pid``, ``backend``, ``token``, ``holder_host``."""
         return asdict(self)
 
     def describe(self) -> str:
         """One line for people: who holds the lock, where."""
+        what = "deployment lock" if self.backend == "file" else f"{self.backend} lock"
         if self.role == "holder":
-            return f"holds the deployment lock {self.path} (pid {self.holder_pid})"
-        holder = "another process" if self.holder_pid is None else f"pid {self.holder_pid}"
-        return f"standby: {holder} holds the deployment lock {self.path}"
+            token = "" if self.token is None else f", fencing token {self.token}"
+            return f"holds the {what} {self.path} (pid {self.holder_pid}){token}"
+        if self.holder_pid is None:
+            holder = "another process"
+        else:
+            holder = f"pid {self.holder_pid}" + ("" if self.holder_host is None else f" on {self.holder_host}")
+        return f"standby: {holder} holds the {what} {self.path}"
 
 
 @dataclass(frozen=True)

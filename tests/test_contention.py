@@ -431,4 +431,11 @@ class TestTopLockStatus:
             raw = json.loads(capsys.readouterr().out)
         row = next(line for line in out.splitlines() if line.startswith("Holder"))
         assert f"holds the deployment lock {lock} (pid {os.getpid()})" in row
-        assert raw["services"][0]["lock"] == {"role": "holder", "path": lock, "holder_pid": os.getpid()}
+        assert raw["services"][0]["lock"] == {
+            "role": "holder",
+            "path": lock,
+            "holder_pid": os.getpid(),
+            "backend": "file",
+            "token": 1,
+            "holder_host": None,
+        }

@@ -316,24 +316,31 @@ class TestLockStatus:
         a, b = hosts
         a.start()
         try:
-            holder = LockStatus("holder", path, os.getpid())
+            # The fencing token counts takeovers of this lock file: 1 for the first holder.
+            holder = LockStatus("holder", path, os.getpid(), "file", 1)
             assert wait_until(lambda: a.status()["H"].lock == holder)
             b.start()
             try:
-                standby = LockStatus("standby", path, os.getpid())
+                standby = LockStatus("standby", path, os.getpid(), "file")
                 assert wait_until(lambda: b.status()["H"].lock == standby)
-                assert a.status()["H"].detail == f"holds the deployment lock {path} (pid {os.getpid()})"
+                assert (
+                    a.status()["H"].detail == f"holds the deployment lock {path} (pid {os.getpid()}), fencing token 1"
+                )
                 assert b.status()["H"].detail == f"standby: pid {os.getpid()} holds the deployment lock {path}"
-                assert b.status().to_dict()["services"][0]["lock"] == {
+                expected = {
                     "role": "standby",
                     "path": path,
                     "holder_pid": os.getpid(),
+                    "backend": "file",
+                    "token": None,
+                    "holder_host": None,
                 }
+                assert b.status().to_dict()["services"][0]["lock"] == expected
                 data = HealthChecks().attach(b).run().to_dict()["checks"]["services"]["data"]
-                assert data["locks"] == {"H": {"role": "standby", "path": path, "holder_pid": os.getpid()}}
+                assert data["locks"] == {"H": expected}
             finally:
                 a.stop()
-                assert wait_until(lambda: b.status()["H"].lock == holder)
+                assert wait_until(lambda: b.status()["H"].lock == LockStatus("holder", path, os.getpid(), "file", 2))
                 assert a.status()["H"].lock is None
                 b.stop()
             assert b.status()["H"].lock is None and b.status()["H"].detail is None
@@ -355,7 +362,7 @@ class TestLockStatus:
 
             def a_holds() -> bool:
                 s = a.status()["H"]
-                return s.lock == LockStatus("holder", path, s.pid) and s.pid != os.getpid()
+                return s.lock == LockStatus("holder", path, s.pid, "file", 1) and s.pid != os.getpid()
 
             assert wait_until(a_holds, timeout=60)
             a_child = a.status()["H"].pid
@@ -363,7 +370,8 @@ class TestLockStatus:
 
                 def b_stands_by() -> bool:
                     s = b.status()["H"]
-                    return s.lock == LockStatus("standby", path, a_child) and s.pid not in (os.getpid(), a_child)
+                    want = LockStatus("standby", path, a_child, "file")
+                    return s.lock == want and s.pid not in (os.getpid(), a_child)
 
                 assert wait_until(b_stands_by, timeout=60)
                 assert b.status()["H"].detail == f"standby: pid {a_child} holds the deployment lock {path}"
@@ -372,7 +380,7 @@ class TestLockStatus:
 
                 def b_holds() -> bool:
                     s = b.status()["H"]
-                    return s.lock == LockStatus("holder", path, s.pid)
+                    return s.lock == LockStatus("holder", path, s.pid, "file", 2)
 
                 assert wait_until(b_holds, timeout=30)
             assert b.status()["H"].lock is None
