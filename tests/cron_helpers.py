@@ -31,9 +31,12 @@ UTC = timezone.utc
 
 
 class FastForwardClock:
-    """Each wait takes ``real_step`` real seconds (or ends at once on a cancel) and moves time by what was asked."""
+    """Each wait takes ``real_step`` real seconds (or ends at once on a cancel) and moves time by what was asked.
 
-    def __init__(self, start: datetime, real_step: float = 0.02) -> None:
+    A CronTimer waits at most a minute at a time, so an hourly slot is 60 such waits.
+    """
+
+    def __init__(self, start: datetime, real_step: float = 0.002) -> None:
         self.current = start.astimezone(UTC)
         self.real_step = real_step
 

@@ -497,3 +497,32 @@ class TestInAHost:
         assert slots[:3] == ("2026-03-29T01:00:00+01:00", "2026-03-29T03:00:00+02:00", "2026-03-29T04:00:00+02:00")
         assert (set(pids) == {os.getpid()}) is (placement == "thread")
         assert host.status()["Hourly"].error is None
+
+    def test_under_once_per_deployment_slots_go_to_the_lock_and_a_restart_resumes_there(self, tmp_path) -> None:
+        """With a FileLock, the timer records in the lock's ledger; a host started again repeats no slot."""
+        from hostkit import OncePerDeployment
+        from hostkit.cluster import FileLock
+
+        record = tmp_path / "slots.txt"
+        lock = tmp_path / "hourly.lock"
+
+        def run_host(count: int) -> None:
+            service = ScheduledService(SlotFile(record), "0 * * * *", clock=FastForwardClock(local("2026-03-29 00:30")))
+            once = OncePerDeployment(service, lock=FileLock(lock), poll_interval=0.05)
+            with HostBuilder().add_hosted_service(once, name="Hourly").build():
+                assert wait_until(lambda: len(read_slots(record)) >= count, timeout=30)
+
+        run_host(3)
+        first = [slot for slot, _ in read_slots(record)]
+        lease = FileLock(lock).lease("Hourly")
+        assert lease.try_acquire()
+        try:
+            state = lease.slot_state("0 * * * * UTC")
+        finally:
+            lease.release()
+        assert state.completed == datetime.fromisoformat(first[-1])
+        # The second host's clock starts at the same fake moment, before the slots already completed.
+        run_host(len(first) + 2)
+        slots = [datetime.fromisoformat(slot) for slot, _ in read_slots(record)]
+        assert slots == sorted(set(slots)), "no slot ran twice"
+        assert {b - a for a, b in itertools.pairwise(slots)} == {timedelta(hours=1)}, "and none was left out"
