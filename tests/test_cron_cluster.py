@@ -28,11 +28,12 @@ from tests.subproc import python
 __all__ = ["redis_server"]  # the session fixture, imported so pytest finds it here
 
 HELPER = Path(__file__).with_name("cron_helpers.py")
-#: One fake minute every 5 real seconds: longer than a takeover (ttl 2 s) plus a run (0.5 s),
-#: so that the slot after the killed one comes due while the new holder waits for it. The
+#: One fake minute every 6 real seconds: well over a takeover (ttl 2 s) plus a run (0.5 s), on
+#: a loaded machine too, so that the slot after the killed one comes due while the new holder
+#: waits for it. The
 #: timer's misfire policy is "skip": the killed slot runs again because the ledger says it
 #: was begun, not as a late misfire.
-SPEED = 12.0
+SPEED = 10.0
 #: Slots to complete after the one whose holder is killed.
 AFTER = 3
 
