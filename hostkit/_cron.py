@@ -195,9 +195,10 @@ class CronTimer:
     it is at most ``grace`` old (older misfires are counted as missed). Slots
     before the timer was first iterated are not owed, unless a ledger says so.
 
-    Once per cluster: inside a service wrapped by a once-per-cluster lock, the lock
-    sets a :class:`~hostkit._ledger.SlotLedger` for the service's thread, and the
-    timer records each slot there: begun before the body runs, completed after.
+    Once per cluster: inside a service wrapped by :class:`~hostkit.OncePerDeployment`,
+    the lock's lease (a :class:`~hostkit.cluster.Lease`, which is a slot ledger) is
+    set for the service's thread, and the timer records each slot there: begun
+    before the body runs, completed after.
     A new holder reads where the last one stopped: a slot begun but not completed
     runs again, at once (it came due on time; it is no misfire); slots that came due
     while no one held the lock follow the misfire policy. If a ledger write says
@@ -218,8 +219,10 @@ class CronTimer:
             slot (seconds or a timedelta); required there, refused with ``"skip"``.
         name: the schedule's name in the ledger; default the expression and the zone,
             so a changed schedule starts afresh. Give one name per schedule in a service.
-        ledger: the :class:`~hostkit._ledger.SlotLedger` to record slots in; default
-            the iterating thread's current one (``None`` there: the timer works alone).
+        ledger: the slot ledger to record slots in (an object with ``slot_state``,
+            ``begin_slot`` and ``complete_slot``, as a :class:`~hostkit.cluster.Lease`);
+            default the iterating thread's current one, set by ``OncePerDeployment``
+            (none outside it: the timer works alone). ``None``: never record.
         clock: a :class:`CronClock`; default the system clock (injectable for tests).
 
     Raises:
@@ -431,8 +434,9 @@ class ScheduledService(BackgroundService):
     The arguments after ``func`` are :class:`CronTimer`'s, checked here, at
     registration. A slot is completed when ``func`` returns for it; an exception
     from ``func`` fails the service (its restart policy applies) and leaves the
-    slot begun but not completed. Wrap the service in a
-    once-per-cluster lock to run each slot once across machines.
+    slot begun but not completed. Wrap the service in
+    :class:`~hostkit.OncePerDeployment` with a cluster lock to run each slot once
+    across machines.
 
     .. versionadded:: 0.2
     """
