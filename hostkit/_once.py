@@ -49,7 +49,7 @@ from ._token import CancellationToken, CancellationTokenSource
 from ._util import describe, to_seconds
 from .cluster._base import LockBackend, using_lease
 from .cluster._file import FileLock
-from .exceptions import ConfigurationError, InvalidServiceError
+from .exceptions import ConfigurationError, InvalidServiceError, OperationCancelledError
 
 if TYPE_CHECKING:
     from ._runners._base import RunnerLike
@@ -262,6 +262,9 @@ class OncePerDeployment(BackgroundService):
         self.poll_interval = interval
         #: Whether this process holds the lock now (for status pages).
         self.holding = False
+        #: The lease this process holds while it runs the service (its ``token`` is the fencing
+        #: token), else ``None``; :func:`hostkit.cluster.current_lease` gives the same in ``execute``.
+        self.lease: Lease | None = None
 
     @property
     def lock_path(self) -> str | None:
@@ -282,7 +285,10 @@ class OncePerDeployment(BackgroundService):
                 acquired_at = self._wait_for(lease, stopping, report, log)
                 if acquired_at is None:
                     return
-                self._hold(lease, acquired_at, stopping, report, log)
+                if not self._hold(lease, acquired_at, stopping, report, log):
+                    # The service returned on its own, or the host is stopping: done, as without a lock.
+                    return
+                # It lost the lock: stand by and compete again, as every other process does.
         finally:
             report(None)
             lease.release()
@@ -332,14 +338,18 @@ class OncePerDeployment(BackgroundService):
 
     def _hold(
         self, lease: Lease, acquired_at: float, stopping: CancellationToken, report: _LockReporter, log: Any
-    ) -> None:
-        """Run the service under ``lease`` until it returns; renew the lease meanwhile; cancel the service if lost."""
+    ) -> bool:
+        """Run the service under ``lease`` until it returns; renew the lease meanwhile; cancel the service if lost.
+
+        Returns whether it ended because the lease was lost (and the host is not stopping).
+        """
         from ._runners._base import attach_runner, detach_runner, runner_for
 
         name = type(self.service).__name__
         runner = runner_for(self)
         host_name = None if lease.backend == "file" else socket.gethostname()
         self.holding = True
+        self.lease = lease
         report(LockStatus("holder", lease.where, os.getpid(), lease.backend, lease.token, host_name))
         if runner is not None:
             # The inner service's heartbeat() reaches the runner of the wrapper.
@@ -368,6 +378,10 @@ class OncePerDeployment(BackgroundService):
         try:
             with using_lease(lease), using_ledger(lease):
                 self.service.execute(source.token)
+        except OperationCancelledError:
+            # raise_if_cancelled() after the lease was lost is this wrapper's stop, not a failure.
+            if not lost or stopping.is_set():
+                raise
         finally:
             finished.set()
             if renewer is not None:
@@ -376,12 +390,14 @@ class OncePerDeployment(BackgroundService):
             if runner is not None:
                 detach_runner(self.service, runner)
             self.holding = False
+            self.lease = None
             token = lease.token
             lease.release()
             if lost:
-                log.warning("{!r} stopped: it lost the {} {} ({}); standing by", name, what, lease.where, lost[0])
+                log.info("{!r} stopped after it lost the {} {}; standing by", name, what, lease.where)
             else:
                 log.info("{!r} released the {} {} (fencing token {})", name, what, lease.where, token)
+        return bool(lost) and not stopping.is_set()
 
     def _renew(
         self,
@@ -412,6 +428,13 @@ class OncePerDeployment(BackgroundService):
                 except Exception as err:
                     why = f"could not renew it: {type(err).__name__}: {err}"
             lost.append(why)
+            logger.bind(service=type(self.service).__name__, pid=os.getpid()).warning(
+                "{!r} lost the {} lock {} ({}); cancelling it",
+                type(self.service).__name__,
+                lease.backend,
+                lease.where,
+                why,
+            )
             source.cancel()
             return
 

@@ -252,12 +252,14 @@ class TestOncePerDeploymentOnRedis:
         key = unique_key()
         service = LeaseRecorder()
         builder = HostBuilder()
-        builder.add_hosted_service(OncePerDeployment(service, lock=RedisLease(redis_server.url, key=key, ttl=TTL)))
+        once = OncePerDeployment(service, lock=RedisLease(redis_server.url, key=key, ttl=TTL))
+        builder.add_hosted_service(once)
         host = builder.build()
         with host:
             assert wait_until(lambda: service.seen)
             [(lease, ledger)] = service.seen
             assert lease is not None and ledger is lease and lease.token is not None
+            assert once.lease is lease and once.holding
             status = host.status()["OncePerDeployment"].lock
             assert status == LockStatus(
                 "holder", lease.where, os.getpid(), "redis", lease.token, status.holder_host if status else None
@@ -267,6 +269,7 @@ class TestOncePerDeploymentOnRedis:
             detail = host.status()["OncePerDeployment"].detail
             assert detail == f"holds the redis lock {lease.where} (pid {os.getpid()}), fencing token {lease.token}"
         assert current_lease() is None
+        assert once.lease is None and not once.holding
 
     def test_a_lost_lease_cancels_the_service_within_one_renewal_period(
         self, redis_server: RedisServer, logs: Any
@@ -293,7 +296,55 @@ class TestOncePerDeploymentOnRedis:
             assert host.status()["R"].lock.holder_host == "elsewhere"  # type: ignore[union-attr]
             client.delete(lease_key)
             assert wait_until(lambda: len(service.seen) == 2, timeout=10)
-        assert logs.find("'LeaseRecorder' stopped: it lost the redis lock", level="WARNING")
+        assert logs.find("'LeaseRecorder' lost the redis lock", level="WARNING")
+        assert logs.find("the lease has another holder or expired")
+        assert logs.find("'LeaseRecorder' stopped after it lost the redis lock")
+
+    def test_a_service_that_returns_runs_once_and_the_lease_is_released(self, redis_server: RedisServer) -> None:
+        """execute returning on its own ends the wrapper too (it is not run again), and frees the lease."""
+        import redis
+
+        key = unique_key()
+        runs: list[int] = []
+
+        class OneShot(BackgroundService):
+            def execute(self, stopping: CancellationToken) -> None:
+                runs.append(1)
+
+        once = OncePerDeployment(OneShot(), lock=RedisLease(redis_server.url, key=key, ttl=TTL), poll_interval=0.05)
+        host = HostBuilder().add_hosted_service(once, name="OneShot").build()
+        with host, redis.Redis.from_url(redis_server.url) as client:
+            assert wait_until(lambda: host.status()["OneShot"].state.value == "completed")
+            assert runs == [1]
+            assert not client.exists(f"hostkit:lock:{{{key}}}")
+
+    def test_raise_if_cancelled_after_a_lost_lease_is_a_stop_not_a_failure(
+        self, redis_server: RedisServer, logs: Any
+    ) -> None:
+        """A service that raises OperationCancelledError when its lease is lost stands by; nothing failed."""
+        import redis
+
+        key = unique_key()
+        started: list[int] = []
+
+        class Strict(BackgroundService):
+            def execute(self, stopping: CancellationToken) -> None:
+                started.append(1)
+                while True:
+                    stopping.raise_if_cancelled()
+                    stopping.wait(0.02)
+
+        once = OncePerDeployment(Strict(), lock=RedisLease(redis_server.url, key=key, ttl=TTL), poll_interval=0.05)
+        host = HostBuilder().add_hosted_service(once, name="Strict").build()
+        with host, redis.Redis.from_url(redis_server.url) as client:
+            assert wait_until(lambda: started == [1])
+            client.set(f"hostkit:lock:{{{key}}}", "1 1 elsewhere", px=int(TTL * 1000))
+            assert wait_until(lambda: (s := host.status()["Strict"].lock) is not None and s.role == "standby")
+            status = host.status()["Strict"]
+            assert (status.state.value, status.restarts, status.error) == ("running", 0, None)
+            client.delete(f"hostkit:lock:{{{key}}}")
+            assert wait_until(lambda: started == [1, 1], timeout=10)
+        assert not [r["message"] for r in logs.records if r["level"] in ("ERROR", "CRITICAL")]
 
     @pytest.mark.timeout(120)
     def test_process_placement_the_child_holds_the_lease(self, redis_server: RedisServer) -> None:
@@ -644,8 +695,7 @@ class TestPostgresLock:
 
             assert write(old)
             stale = old.token
-            old.release()
-            old.token = stale  # the old holder does not know it lost the lock
+            old.release()  # as if it lost the lock: it keeps its token, which the fence now refuses
             assert new.try_acquire()
             assert write(new)
             assert not write(old), "the stale token must not pass the fence"
@@ -656,8 +706,8 @@ class TestPostgresLock:
                 with pytest.raises(ConfigurationError, match=r"must run in the transaction that makes the write"):
                     new.fence_postgres(auto, key)
             new.release()
-            with pytest.raises(ConfigurationError, match=r"needs a held lease"):
-                new.fence_postgres(conn, key)
+            with pytest.raises(ConfigurationError, match=r"needs a lease that was acquired"):
+                backend.lease(key).fence_postgres(conn, key)
 
     def test_connect_factory_and_django_settings(self, postgres_server: PostgresServer) -> None:
         """connect= takes a connection factory; from_django() builds the DSN from DATABASES in a Django process."""

@@ -46,8 +46,10 @@ class Lease(ABC):
         key: what is locked (the service's name unless the backend names it).
         where: where the lock lives, for status pages (a path, a URL or a DSN
             without its password, and the key).
-        token: the fencing token while held, else ``None``. It is greater than
-            every token an earlier holder of this key had.
+        token: the fencing token this lease got when it last took the lock (``None``
+            before): greater than every token an earlier holder of this key had. It is
+            kept after the lease is lost or released, so that the writes a stale
+            holder still makes carry it, and a fenced resource refuses them.
         holder: the holder, as the last failed :meth:`try_acquire` saw it.
 
     .. versionadded:: 0.2
@@ -59,12 +61,13 @@ class Lease(ABC):
         self.key = key
         self.where = where
         self.token: int | None = None
+        self._held = False
         self.holder = Holder()
 
     @property
     def held(self) -> bool:
         """Whether this lease is held (as far as this process knows: see :meth:`is_current`)."""
-        return self.token is not None
+        return self._held
 
     @abstractmethod
     def try_acquire(self) -> bool:

@@ -28,7 +28,7 @@ _SCHEMA_LOCK = 0x686F73746B6974
 
 def fence_postgres(conn: Any, resource: str, token: int | None, table: str) -> bool:
     if token is None:
-        msg = "fence_postgres() needs a held lease: this lease has no fencing token (it is not held)"
+        msg = "fence_postgres() needs a lease that was acquired: this one never held the lock, so it has no token"
         raise ConfigurationError(msg)
     if not table.replace("_", "").isalnum() or not table[0].isalpha():
         msg = f"fence table must be a plain SQL name (letters, digits, _), not: {describe(table)}"

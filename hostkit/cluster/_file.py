@@ -75,7 +75,7 @@ class FileLease(Lease):
         self.state_path = path + ".state"
 
     def try_acquire(self) -> bool:
-        if self.token is not None:
+        if self._held:
             return True
         if not self.lock.try_acquire():
             self.holder = Holder(self.lock.holder_pid, None)
@@ -89,6 +89,7 @@ class FileLease(Lease):
             self.lock.release()
             raise
         self.token = token
+        self._held = True
         self.holder = Holder(os.getpid(), None)
         return True
 
@@ -125,11 +126,11 @@ class FileLease(Lease):
             raise
 
     def release(self) -> None:
-        self.token = None
+        self._held = False
         self.lock.release()
 
     def is_current(self) -> bool:
-        return self.token is not None and self.lock.held and int(self._read().get("token", 0)) == self.token
+        return self._held and self.lock.held and int(self._read().get("token", 0)) == self.token
 
     def slot_state(self, schedule: str) -> SlotState:
         state = self._read()
@@ -137,7 +138,7 @@ class FileLease(Lease):
 
     def _slot(self, schedule: str, slot: datetime, step: str) -> bool:
         text = slot_text(slot)
-        if self.token is None or not self.lock.held:
+        if not self._held or not self.lock.held:
             return False
         state = self._read()
         if int(state.get("token", 0)) != self.token:

@@ -311,7 +311,7 @@ class _PostgresLease(Lease):
         return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError, OSError))
 
     def try_acquire(self) -> bool:
-        if self.token is not None:
+        if self._held:
             return True
         conn = self._connection()
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (self._lock,)).fetchone()[0]:
@@ -331,27 +331,28 @@ class _PostgresLease(Lease):
             self._drop()
             raise
         self.token = int(token)
+        self._held = True
         self.holder = Holder(os.getpid(), socket.gethostname())
         return True
 
     def renew(self) -> bool:
-        if self.token is None:
+        if not self._held:
             return False
         row = self._connection().execute(self._sql["held"], {**self._params, "token": self.token}).fetchone()
         if row[0]:
             return True
-        self.token = None
+        self._held = False
         return False
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        self.token = None
+        self._held = False
         if conn is not None:
             conn.close()
 
     def release(self) -> None:
         conn = self._conn
-        held = self.token is not None
+        held = self._held
         try:
             if held and conn is not None and not conn.closed and not conn.broken:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (self._lock,))
@@ -362,7 +363,7 @@ class _PostgresLease(Lease):
             self._drop()
 
     def is_current(self) -> bool:
-        if self.token is None:
+        if not self._held:
             return False
         try:
             return bool(
@@ -387,7 +388,7 @@ class _PostgresLease(Lease):
 
     def _slot(self, step: str, schedule: str, slot: datetime) -> bool:
         text = slot_text(slot)
-        if self.token is None or self._conn is None:
+        if not self._held or self._conn is None:
             return False
         try:
             row = self._conn.execute(

@@ -242,6 +242,7 @@ class _RedisLease(Lease):
             return False
         self._value = _text(reply[1])
         self.token = token
+        self._held = True
         self.holder = Holder(os.getpid(), socket.gethostname())
         return True
 
@@ -268,11 +269,11 @@ class _RedisLease(Lease):
 
     def _lost(self) -> None:
         self._value = None
-        self.token = None
+        self._held = False
 
     def release(self) -> None:
         value, self._value = self._value, None
-        self.token = None
+        self._held = False
         try:
             if value is not None:
                 self._scripts["release"](keys=self._keys[:1], args=[value])
