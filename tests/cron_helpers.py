@@ -50,6 +50,32 @@ class FastForwardClock:
         return False
 
 
+class GateClock:
+    """Fake time that moves only while the test holds ``gate`` open; ``waiting`` is set while a wait is blocked.
+
+    In one process only (it holds events): for a thread-placed service.
+    """
+
+    def __init__(self, start: datetime) -> None:
+        import threading
+
+        self.current = start.astimezone(UTC)
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def now(self) -> datetime:
+        return self.current
+
+    def wait(self, token: CancellationToken, seconds: float) -> bool:
+        while not self.gate.is_set():
+            self.waiting.set()
+            if token.wait(0.01):
+                return True
+        self.waiting.clear()
+        self.current += timedelta(seconds=seconds)
+        return token.is_set()
+
+
 class AcceleratedClock:
     """Time that runs ``speed`` times faster than the wall clock, from ``start`` at the real moment ``epoch``.
 

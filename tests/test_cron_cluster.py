@@ -121,3 +121,50 @@ class TestExactlyOncePerSlot:
             f"cron cluster: {len(slots)} slots completed once each; slot {victim_slot} begun again "
             f"{rerun - killed_at:.2f} s after the SIGKILL of its holder (lease ttl 2 s)"
         )
+
+
+class TestRefusedLedgerWrite:
+    @pytest.mark.timeout(60)
+    def test_a_holder_whose_slot_write_is_refused_stands_by_and_competes_again(
+        self, redis_server: RedisServer, tmp_path: Path
+    ) -> None:
+        """The lease is taken over between two renewals; the timer's begin_slot is refused, so it stops.
+
+        The wrapper must not take that stop for "the service is done": the process
+        stands by and, once the lock is free again, holds it and runs the schedule.
+        """
+        import redis
+
+        from hostkit import HostBuilder, OncePerDeployment, ScheduledService
+        from hostkit.cluster import RedisLease
+        from tests.cron_helpers import GateClock, SlotFile, read_slots
+
+        key = f"cron-{uuid.uuid4().hex[:10]}"
+        client = redis.Redis.from_url(redis_server.url)
+        record_path = tmp_path / "slots.txt"
+        clock = GateClock(CLUSTER_START)
+        # A long lease: the renewer will not notice the takeover before the slot's write does.
+        lock = RedisLease(redis_server.url, key=key, ttl=60)
+        service = ScheduledService(SlotFile(record_path), "* * * * *", clock=clock)
+        host = (
+            HostBuilder()
+            .add_hosted_service(OncePerDeployment(service, lock=lock, poll_interval=0.05), name="S")
+            .build()
+        )
+
+        def role() -> str | None:
+            lock_status = host.status()["S"].lock
+            return None if lock_status is None else lock_status.role
+
+        with host:
+            assert wait_until(lambda: role() == "holder" and clock.waiting.is_set(), timeout=30)
+            # Another instance takes the lock over (as after this holder was paused past its lease).
+            client.delete(f"hostkit:lock:{{{key}}}")
+            thief = RedisLease(redis_server.url, key=key, ttl=60).lease(key)
+            assert thief.try_acquire()
+            clock.gate.set()  # the slot comes due: begin_slot is refused, the iteration ends
+            assert wait_until(lambda: role() == "standby", timeout=10), host.status()["S"]
+            assert read_slots(record_path) == []
+            thief.release()
+            assert wait_until(lambda: read_slots(record_path), timeout=10), host.status()["S"]
+            assert role() == "holder"
