@@ -68,7 +68,13 @@ class PostgresServer:
         self._log_file: Any = None
         self._user: dict[str, Any] = {}
         if os.geteuid() == 0:
-            entry = pwd.getpwnam("postgres")
+            try:
+                entry = pwd.getpwnam("postgres")
+            except KeyError:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise RuntimeError(
+                    "postgres refuses to run as root, and there is no user `postgres` to run it as"
+                ) from None
             self._user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
             os.chown(self.dir, entry.pw_uid, entry.pw_gid)
         out = subprocess.run(
@@ -88,11 +94,12 @@ class PostgresServer:
             **self._user,
         )
         if out.returncode != 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
             raise RuntimeError(f"initdb failed: {out.stderr.decode(errors='replace')[-500:]}")
 
     def start(self) -> None:
-        # No unix socket (its default directory may not exist), TCP on loopback only, no fsync:
-        # a test server that a restart must not lose committed rows, only the crash-safety.
+        # No unix socket (its default directory may not exist), TCP on loopback only. No fsync:
+        # a clean restart still keeps every committed row; only crash safety is given up.
         self._log_file = open(os.path.join(self.dir, "server.log"), "ab")  # closed in halt()
         self.proc = subprocess.Popen(
             [
@@ -160,12 +167,20 @@ def start_postgres() -> PostgresServer:
         server = PostgresServer()
     except RuntimeError as err:
         pytest.skip(PG_SKIP.format(why=err))
-    try:
-        server.start()
-    except RuntimeError as err:
-        server.stop()
-        pytest.skip(PG_SKIP.format(why=err))
-    return server
+    for attempt in range(3):
+        try:
+            server.start()
+            return server
+        except RuntimeError as err:
+            server.halt()
+            if "already in use" in str(err) and attempt < 2:
+                # Another program took the port between free_port() and the bind: take another.
+                server.port = free_port()
+                server.dsn = f"host=127.0.0.1 port={server.port} user=postgres dbname=postgres"
+                continue
+            server.stop()
+            pytest.skip(PG_SKIP.format(why=err))
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,8 @@ __all__ = ["postgres_server", "redis_server"]  # session fixtures, imported so p
 HELPER = Path(__file__).with_name("cluster_helpers.py")
 SLOT = datetime(2026, 3, 29, 1, 0, tzinfo=timezone.utc)
 TTL = 2.0
+#: Scheduling delay allowed on top of a promised time, on a loaded 2-core machine.
+SLACK = 1.0
 
 #: Takeover times measured by the kill tests (seconds from SIGKILL to the new holder's start).
 TAKEOVERS: list[float] = []
@@ -290,7 +292,7 @@ class TestOncePerDeploymentOnRedis:
             taken = time.monotonic()
             assert wait_until(lambda: service.stopped_at is not None, timeout=10)
             assert service.stopped_at is not None
-            assert service.stopped_at - taken <= backend.renew_interval + 0.5  # type: ignore[operator]
+            assert service.stopped_at - taken <= backend.renew_interval + SLACK  # type: ignore[operator]
             assert wait_until(lambda: (s := host.status()["R"].lock) is not None and s.role == "standby")
             assert host.status()["R"].lock.holder_host == "elsewhere"  # type: ignore[union-attr]
             client.delete(lease_key)
@@ -474,7 +476,7 @@ class TestRedisCluster:
             TAKEOVERS.append(took)
             print(f"redis takeover after SIGKILL: {took:.3f} s (ttl {TTL} s)")
             # Within the lease time of the holder's last renewal (at most ttl after the kill), plus scheduling.
-            assert took <= TTL + 0.5
+            assert took <= TTL + SLACK
             assert_exactly_once_for_a_while(record_dir, 0.5, killed)
         assert_never_two_at_once(record_dir, killed)
         for proc in hosts:
@@ -524,7 +526,7 @@ class TestRedisCluster:
         assert "write-ok" not in after, "a stale write was accepted"
         stop_at = next(t for e, _, t in old() if e == "stop")
         renew = TTL / 3
-        assert stop_at - resumed <= renew + 0.5, "the old holder stops within one renewal period of resuming"
+        assert stop_at - resumed <= renew + SLACK, "the old holder stops within one renewal period of resuming"
         # The resource saw the new token and kept the old one out.
         with redis.Redis.from_url(redis_server.url) as client:
             assert int(client.get(f"resource:{key}:fence")) == new_token
@@ -759,7 +761,8 @@ class TestPostgresCluster:
         for _ in range(2):
             _, took = kill_and_measure(hosts, record_dir, killed, TTL)
             print(f"postgres takeover after SIGKILL: {took:.3f} s (ttl {TTL} s)")
-            assert took <= TTL + 0.5
+            # The server released the lock when the killed process's socket closed: one poll, not a TTL.
+            assert took <= SLACK
             assert_exactly_once_for_a_while(record_dir, 0.5, killed)
         assert_never_two_at_once(record_dir, killed)
         for proc in hosts:
@@ -806,7 +809,7 @@ class TestPostgresCluster:
         assert after[0] == "write-refused", f"the write after the pause must be refused: {old()}"
         assert "write-ok" not in after, "a stale write was accepted"
         stop_at = next(t for e, _, t in old() if e == "stop")
-        assert stop_at - resumed <= TTL / 3 + 0.5, "the old holder stops within one renewal period of resuming"
+        assert stop_at - resumed <= TTL / 3 + SLACK, "the old holder stops within one renewal period of resuming"
         with psycopg.connect(postgres_server.dsn) as conn:
             assert conn.execute("SELECT token FROM hostkit_fences WHERE resource = %s", (key,)).fetchone() == (
                 new_token,
