@@ -21,6 +21,8 @@ with _remembered_paths():
 if TYPE_CHECKING:
     from . import exceptions as exceptions
     from ._builder import HostBuilder as HostBuilder
+    from ._cron import CronTimer as CronTimer
+    from ._cron import ScheduledService as ScheduledService
     from ._di import Scope as Scope
     from ._di import ServiceCollection as ServiceCollection
     from ._di import ServiceProvider as ServiceProvider
@@ -57,6 +59,7 @@ __all__ = [
     "CancellationToken",
     "CancellationTokenRegistration",
     "CancellationTokenSource",
+    "CronTimer",
     "ExitCode",
     "Host",
     "HostAware",
@@ -73,6 +76,7 @@ __all__ = [
     "ReloadReport",
     "Replica",
     "RestartPolicy",
+    "ScheduledService",
     "Scope",
     "ServiceCollection",
     "ServiceProvider",
@@ -91,6 +95,7 @@ _SOURCES: dict[str, str] = {
     "CancellationToken": "._token",
     "CancellationTokenRegistration": "._token",
     "CancellationTokenSource": "._token",
+    "CronTimer": "._cron",
     "ExitCode": "._host",
     "Host": "._host",
     "HostAware": "._hostaware",
@@ -107,6 +112,7 @@ _SOURCES: dict[str, str] = {
     "ReloadReport": "._reloading",
     "Replica": "._services",
     "RestartPolicy": "._options",
+    "ScheduledService": "._cron",
     "Scope": "._di",
     "ServiceCollection": "._di",
     "ServiceProvider": "._di",

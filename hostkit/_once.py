@@ -378,6 +378,8 @@ class OncePerDeployment(BackgroundService):
         try:
             with using_lease(lease), using_ledger(lease):
                 self.service.execute(source.token)
+            if not lost and not stopping.is_set() and not self._still_holds(lease):
+                lost.append("a write under it was refused, or could not be confirmed")
         except OperationCancelledError:
             # raise_if_cancelled() after the lease was lost is this wrapper's stop, not a failure.
             if not lost or stopping.is_set():
@@ -398,6 +400,21 @@ class OncePerDeployment(BackgroundService):
             else:
                 log.info("{!r} released the {} {} (fencing token {})", name, what, lease.where, token)
         return bool(lost) and not stopping.is_set()
+
+    @staticmethod
+    def _still_holds(lease: Lease) -> bool:
+        """Whether the lease is still ours, asked after the service returned on its own.
+
+        A schedule stops when the slot ledger refuses a write (the lease was taken over,
+        or the server could not confirm it), and that can happen before the renewer
+        notices. Such a service did not finish: its process stands by and competes again.
+        """
+        try:
+            return lease.renew()
+        except Exception as err:
+            if lease.is_outage(err):
+                return False
+            raise
 
     def _renew(
         self,
