@@ -123,8 +123,15 @@ class ServiceStatus:
         lock: for a service wrapped in :class:`~hostkit.OncePerDeployment`, whether
             this host holds its deployment lock or stands by (a :class:`LockStatus`),
             else ``None``.
+        cpu_priority: for a process-placed service, its child's CPU priority
+            (``"nice 19"``, ``"SCHED_BATCH, nice 19"``, ``"SCHED_IDLE"``, ``"inherited"``),
+            else ``None``.
+        cpu_affinity: for a process-placed service pinned to some CPUs (``cpu_affinity=``,
+            or what ``keep_cores=`` left it at start), those CPUs, else ``None``.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``cpu_priority`` and ``cpu_affinity``.
     """
 
     name: str
@@ -143,6 +150,8 @@ class ServiceStatus:
     detail: str | None = None
     healthy: bool = True
     lock: LockStatus | None = None
+    cpu_priority: str | None = None
+    cpu_affinity: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; times are ISO 8601 strings in UTC."""
@@ -213,6 +222,8 @@ class ServiceRecord:
         self.detail: str | None = None
         self.healthy = True
         self.lock: LockStatus | None = None
+        #: The child's CPUs, once the runner has worked them out at start (``keep_cores=``).
+        self.cpu_affinity: tuple[int, ...] | None = self.process_options.cpu_affinity
         self.exception: BaseException | None = None
         #: What runs a background service in its placement (``None`` for a hosted service).
         self.runner: Runner | None = None
@@ -264,6 +275,8 @@ class ServiceRecord:
                 detail=self.detail if self.detail is not None or self.lock is None else self.lock.describe(),
                 healthy=self.healthy,
                 lock=self.lock,
+                cpu_priority=self.process_options.describe_priority() if self.placement == "process" else None,
+                cpu_affinity=self.cpu_affinity if self.placement == "process" else None,
             )
 
     def __repr__(self) -> str:

@@ -68,6 +68,8 @@ class ChildSettings:
     stdlib_level: int
     nice: int | None = None
     cpu_affinity: tuple[int, ...] | None = None
+    #: ``"batch"`` (SCHED_BATCH), ``"idle"`` (SCHED_IDLE), or ``None``: the policy stays as inherited.
+    sched_policy: str | None = None
 
 
 @dataclass(frozen=True)
