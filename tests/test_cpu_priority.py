@@ -18,6 +18,7 @@ from hostkit import BackgroundService, CancellationToken, HostBuilder, HostOptio
 from hostkit.cli import main as cli_main
 from hostkit.contention import ContentionMonitor, ContentionSnapshot, advise, snapshot_path
 from hostkit.exceptions import ConfigurationError, HostStartupError
+from hostkit.health import use_health
 from tests.conftest import wait_until
 
 
@@ -162,6 +163,26 @@ class TestBadValues:
         """cpu_priority= and keep_cores= apply to a child only."""
         with pytest.raises(ConfigurationError, match=r"cpu_priority=, keep_cores= applies to placement='process'"):
             _builder().add_hosted_service(Waits, cpu_priority="low", keep_cores=1)
+
+
+class TestHealth:
+    @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="keeping a core for the host needs two CPUs")
+    @pytest.mark.timeout(60)
+    def test_the_services_check_says_what_each_child_runs_at(self) -> None:
+        """The health report's services check carries each child's priority and CPUs; threads have none."""
+        builder = _builder()
+        builder.add_hosted_service(Waits(), placement="process", name="Yielding")
+        builder.add_hosted_service(Waits(), placement="process", name="Kept", cpu_priority="idle", keep_cores=1)
+        builder.add_hosted_service(Waits(), name="Threaded")
+        checks = use_health(builder)
+        host = builder.build()
+        with host:
+            _running_children(host, ["Yielding", "Kept"])
+            data = checks.run("ready")["services"].result.data
+        assert data["cpu"] == {
+            "Yielding": {"priority": "nice 19", "cpus": None},
+            "Kept": {"priority": "SCHED_IDLE", "cpus": sorted(os.sched_getaffinity(0))[1:]},
+        }
 
 
 class TestTop:
