@@ -33,6 +33,8 @@ Targets (item 3 of issue 14), as medians of per-round ratios:
   - process3 (the default priority): p99 / none <= 2.0;
   - process3-keep: p99 / none <= 1.3;
   - every hostkit process case: iterations/s >= 0.95x the bare case at the same priority.
+And issue 5's checks of the contention monitor: its lag probe's p99 at least twice as high
+with the thread as with the process service, and its own CPU under 1% of a core.
 
 Charts (matplotlib, ``pip install -e ".[bench]"``): the latency distribution of every
 case on one chart, and request latency over time with the host's start marked, written
@@ -154,10 +156,11 @@ APP = textwrap.dedent(
 
     @app.get("/_marks")
     def marks():
-        lag = None
+        lag, monitor_cpu = None, None
         if KIND in ("thread", "process"):
-            lag = Hostkit.state(app).embedded.monitor.probe.summary()
-        return jsonify(marks=MARKS, lag=lag, now=time.monotonic())
+            monitor = Hostkit.state(app).embedded.monitor
+            lag, monitor_cpu = monitor.probe.summary(), monitor.cpu_seconds + monitor.probe.cpu_seconds
+        return jsonify(marks=MARKS, lag=lag, monitor_cpu_seconds=monitor_cpu, now=time.monotonic())
     """
 )
 
@@ -210,6 +213,7 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
         BENCH_COUNT_FILE=str(count_file),
     )
     with _load.gunicorn(workdir, env, "/_marks", case.name) as port:
+        before = _load.get_json(port, "/_marks")
         requests = _load.open_loop(port, args.rate, args.duration)
         report = _load.get_json(port, "/_marks")
         rates = [_load.iterations_per_second(f"{count_file}-{i}") for i in range(case.children)]
@@ -221,6 +225,10 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
         "bg_iter_per_s": sum(r for r in rates if r is not None) if case.children else None,
         "children_reporting": sum(r is not None for r in rates),
         "lag_p99_ms": report["lag"]["p99"] if report["lag"] else None,
+        # The contention monitor's own CPU (sampler and lag probe threads), % of one core.
+        "monitor_cpu_percent": None
+        if report["monitor_cpu_seconds"] is None
+        else (report["monitor_cpu_seconds"] - before["monitor_cpu_seconds"]) / (report["now"] - before["now"]) * 100,
         # (due time after the host's start s, latency ms) of every request: the chart over time.
         "series": [(round(due - start, 4), round(latency * 1000, 3)) for due, latency in requests],
     }
@@ -255,6 +263,7 @@ def summarise(cases: list[Case], per_case: dict[str, list[dict[str, Any]]]) -> d
                 "max_ms",
                 "bg_iter_per_s",
                 "lag_p99_ms",
+                "monitor_cpu_percent",
                 "host_start_ms",
                 "load_began_after_start_s",
             )
@@ -291,6 +300,13 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[Target]:
                 op=">=",
             )
         )
+    # Issue 5's checks of the monitor: its lag probe tells a GIL-holding thread from a child,
+    # and it costs under 1% of a core.
+    lag_thread, lag_process = get("thread", "lag_p99_ms"), get("process", "lag_p99_ms")
+    separation = None if lag_thread is None or not lag_process else lag_thread / lag_process
+    out.append(Target("lag probe p99: thread / process", separation, 2.0, op=">="))
+    cost = [s["monitor_cpu_percent"] for s in summary.values() if s.get("monitor_cpu_percent") is not None]
+    out.append(Target("contention monitor's own CPU (worst case)", max(cost) if cost else None, 1.0, unit="%"))
     began = [s["load_began_after_start_s_max"] for s in summary.values()]
     out.append(Target("measured window begins after the host's start (worst round)", max(began), 2.0, unit=" s"))
     return out
