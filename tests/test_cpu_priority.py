@@ -224,9 +224,10 @@ class TestTop:
 def _starving(priority: str, affinity: list[int] | None, *, children: int = 3) -> ContentionSnapshot:
     """A snapshot with the figures of three busy children on a 2-CPU host while requests waited.
 
-    The CPU figures are what the monitor read on the 2-core development machine with three
-    CPU-bound children at the host's own priority; the request p99 is that run's, against
-    the best window of the same app with no background work.
+    The figures are issue 14's, measured on the 2-core development machine: three bare
+    CPU-bound children did 2,356 iterations/s where one alone did 1,300 (60% of a core
+    each), and the request p99 was 3.53 times that with no background work (here 21.2 ms
+    against a 6 ms baseline).
     """
     return ContentionSnapshot(
         time=0.0,
@@ -237,14 +238,14 @@ def _starving(priority: str, affinity: list[int] | None, *, children: int = 3) -
             {
                 "name": f"Crunch-{i}",
                 "placement": "process",
-                "cpu_percent": 64.0,
+                "cpu_percent": 60.0,
                 "cpu_priority": priority,
                 "cpu_affinity": affinity,
             }
             for i in range(1, children + 1)
         ],
         lag=None,
-        requests={"p99": 21.0, "count": 100},
+        requests={"p99": 21.2, "count": 100},
         monitor_cpu_percent=0.1,
     )
 
@@ -252,22 +253,22 @@ def _starving(priority: str, affinity: list[int] | None, *, children: int = 3) -
 class TestAdvice:
     def test_busy_children_at_the_host_s_priority_are_told_to_yield(self) -> None:
         """More busy children than CPUs, at the host's priority, while requests wait: cpu_priority='low' for each."""
-        advice = advise(_starving("inherited", None), request_baseline_ms=5.9)
+        advice = advise(_starving("inherited", None), request_baseline_ms=6.0)
         assert len(advice) == 3
-        assert advice[0].startswith("give it cpu_priority='low' (nice 19; it runs at inherited): 'Crunch-1' used 64%")
+        assert advice[0].startswith("give it cpu_priority='low' (nice 19; it runs at inherited): 'Crunch-1' used 60%")
         assert (
             "3 busy child process(es) compete for the host's 2 CPU(s), leaving none to its request threads"
             in (advice[0])
         )
-        assert "request p99 was 21.0 ms (3.6x its baseline)" in advice[0]
+        assert "request p99 was 21.2 ms (3.5x its baseline)" in advice[0]
 
     def test_yielding_children_on_every_core_are_told_to_leave_one(self) -> None:
         """Children already at nice 19 on every CPU: keep a core for the host (keep_cores=1)."""
-        (first, *_rest) = advise(_starving("nice 19", None), request_baseline_ms=5.9)
+        (first, *_rest) = advise(_starving("nice 19", None), request_baseline_ms=6.0)
         assert first.startswith("leave a core to the host with keep_cores=1 (it runs at nice 19 on every CPU)")
 
     def test_no_advice_when_a_core_is_left_or_requests_are_fine(self) -> None:
         """Children kept off a core, fewer busy children than CPUs, or requests at their baseline: no advice."""
-        assert advise(_starving("nice 19", [1]), request_baseline_ms=5.9) == []
-        assert advise(_starving("inherited", None, children=1), request_baseline_ms=5.9) == []
+        assert advise(_starving("nice 19", [1]), request_baseline_ms=6.0) == []
+        assert advise(_starving("inherited", None, children=1), request_baseline_ms=6.0) == []
         assert advise(_starving("inherited", None), request_baseline_ms=15.0) == []
