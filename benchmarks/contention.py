@@ -21,7 +21,7 @@ background work is the same pure-Python kernel (``_load.crunch``) in every case:
   (--candidates adds process3/bare3 under SCHED_BATCH and SCHED_IDLE: -batch, -idle)
 
 hostkit cases run the contention monitor with its lag probe (as ``hostkit top`` would
-need); the bare cases do not import hostkit. Each round runs every case once on a
+need; ``--no-monitor`` leaves it out); the bare cases do not import hostkit. Each round runs every case once on a
 fresh gunicorn, in rotating order. Reported per case, as medians over the rounds:
 p50 / p99 / p99.9 / max latency, the p99 ratio to ``none`` and to the bare case at the
 same priority (medians of per-round ratios), the background kernel's iterations per
@@ -146,6 +146,8 @@ APP = textwrap.dedent(
             return b
 
         contention = {"interval": 1.0, "log_every": None, "probe": LagProbe(window=60.0)}
+        if os.environ["BENCH_MONITOR"] == "0":
+            contention = False
         app.config.update(HOSTKIT_START="manual", HOSTKIT_CONTENTION=contention)
         Hostkit(app, builder=make_builder)
 
@@ -157,7 +159,7 @@ APP = textwrap.dedent(
     @app.get("/_marks")
     def marks():
         lag, monitor_cpu = None, None
-        if KIND in ("thread", "process"):
+        if KIND in ("thread", "process") and os.environ["BENCH_MONITOR"] == "1":
             monitor = Hostkit.state(app).embedded.monitor
             lag, monitor_cpu = monitor.probe.summary(), monitor.cpu_seconds + monitor.probe.cpu_seconds
         return jsonify(marks=MARKS, lag=lag, monitor_cpu_seconds=monitor_cpu, now=time.monotonic())
@@ -211,6 +213,7 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
         BENCH_PRIORITY=case.priority,
         BENCH_KEEP=str(case.keep_cores),
         BENCH_COUNT_FILE=str(count_file),
+        BENCH_MONITOR="0" if args.no_monitor else "1",
     )
     with _load.gunicorn(workdir, env, "/_marks", case.name) as port:
         before = _load.get_json(port, "/_marks")
@@ -416,6 +419,9 @@ def main() -> int:
     parser.add_argument("--candidates", action="store_true", help="add the SCHED_BATCH and SCHED_IDLE cases")
     known = [c.name for c in CASES + CANDIDATES]
     parser.add_argument("--cases", nargs="+", choices=known, default=None, help="run only these cases")
+    parser.add_argument(
+        "--no-monitor", action="store_true", help="hostkit cases without the contention monitor and its lag probe"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--figures", type=Path, default=FIGURES, help="folder for the PNGs (default docs/_static)")
     parser.add_argument("--no-figures", action="store_true")
@@ -467,6 +473,7 @@ def main() -> int:
             "rate": args.rate,
             "duration_s": args.duration,
             "rounds": rounds,
+            "monitor": not args.no_monitor,
             "calibration_s": calibration,
             "summary": summary,
             "targets": checked,
