@@ -255,7 +255,8 @@ class TestAdvice:
         """More busy children than CPUs, at the host's priority, while requests wait: cpu_priority='low' for each."""
         advice = advise(_starving("inherited", None), request_baseline_ms=6.0)
         assert len(advice) == 3
-        assert advice[0].startswith("give it cpu_priority='low' (nice 19; it runs at inherited): 'Crunch-1' used 60%")
+        assert advice[0].startswith("give 'Crunch-1' cpu_priority='low' (nice 19; it runs at inherited): it used 60%")
+        assert [line.split("'")[1] for line in advice] == ["Crunch-1", "Crunch-2", "Crunch-3"]
         assert (
             "3 busy child process(es) compete for the host's 2 CPU(s), leaving none to its request threads"
             in (advice[0])
@@ -265,7 +266,7 @@ class TestAdvice:
     def test_yielding_children_on_every_core_are_told_to_leave_one(self) -> None:
         """Children already at nice 19 on every CPU: keep a core for the host (keep_cores=1)."""
         (first, *_rest) = advise(_starving("nice 19", None), request_baseline_ms=6.0)
-        assert first.startswith("leave a core to the host with keep_cores=1 (it runs at nice 19 on every CPU)")
+        assert first.startswith("give 'Crunch-1' keep_cores=1, to leave a core to the host (it runs at nice 19 on")
 
     def test_no_advice_when_a_core_is_left_or_requests_are_fine(self) -> None:
         """Children kept off a core, fewer busy children than CPUs, or requests at their baseline: no advice."""

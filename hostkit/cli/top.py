@@ -35,7 +35,8 @@ __all__ = ["read_snapshot", "register", "render"]
 _DESCRIPTION = """\
 Show a live table of a running host's services: CPU of each service's thread or
 child process, the process's CPU, RSS and threads, the scheduling-lag probe, request
-latency, and any recommendation ("move X to placement='process'").
+latency, each child's CPU priority and CPUs, and any recommendation ("move X to
+placement='process'", "give X cpu_priority='low'").
 
 The host must run a ContentionMonitor with publish=True.
 """

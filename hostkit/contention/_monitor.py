@@ -213,12 +213,12 @@ def _starving_children(snapshot: ContentionSnapshot, reasons: list[str]) -> list
     for s in busy:
         name, priority = s["name"], s.get("cpu_priority") or "inherited"
         if priority not in _YIELDING:
-            fix = f"give it cpu_priority='low' (nice 19; it runs at {priority})"
+            fix = f"give {name!r} cpu_priority='low' (nice 19; it runs at {priority})"
         elif s.get("cpu_affinity") is None:
-            fix = f"leave a core to the host with keep_cores=1 (it runs at {priority} on every CPU)"
+            fix = f"give {name!r} keep_cores=1, to leave a core to the host (it runs at {priority} on every CPU)"
         else:
             continue  # pinned and yielding already: fewer children, or more cores, is the user's call
-        out.append((name, f"{fix}: {s['name']!r} used {s['cpu_percent']:.0f}% of a core, and {why}"))
+        out.append((name, f"{fix}: it used {s['cpu_percent']:.0f}% of a core, and {why}"))
     return out
 
 
