@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +106,53 @@ class TestPriorityInTheChild:
         }
         # The host itself keeps its own priority.
         assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == (host_policy, host_nice)
+
+    @pytest.mark.timeout(90)
+    def test_without_the_privilege_a_child_may_yield_but_not_rise(self, tmp_path: Path) -> None:
+        """A host without CAP_SYS_NICE: the default nice 19 applies; nice=-5 fails that child's run, saying why."""
+        setpriv = shutil.which("setpriv")
+        if os.geteuid() != 0 or setpriv is None:
+            pytest.skip("dropping CAP_SYS_NICE for one host needs root and util-linux's setpriv")
+        script = tmp_path / "host_without_sys_nice.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+                import json, os
+                from hostkit import HostBuilder, HostOptions, ServiceState
+                from tests.conftest import wait_until
+                from tests.test_cpu_priority import Waits
+
+                def main():
+                    options = HostOptions(shutdown_timeout=10, on_background_error="ignore")
+                    builder = HostBuilder(options=options)
+                    builder.add_hosted_service(Waits(), placement="process", name="default")
+                    builder.add_hosted_service(Waits(), placement="process", name="raised", nice=-5)
+                    host = builder.build()
+                    with host:
+                        assert wait_until(
+                            lambda: host.status()["default"].state is ServiceState.RUNNING
+                            and host.status()["raised"].state is ServiceState.FAULTED,
+                            timeout=40,
+                        ), host.status()
+                        status = host.status()
+                        default_nice = os.getpriority(os.PRIO_PROCESS, status["default"].pid)
+                    print(json.dumps({"default": default_nice, "raised": status["raised"].error}))
+
+                if __name__ == "__main__":
+                    main()
+                """
+            )
+        )
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        # What an unprivileged user lacks here: the capability to raise a priority (nice below
+        # the current value). Root without it is refused exactly as another user would be.
+        argv = [setpriv, "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--", sys.executable, str(script)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=80, check=False, env=env)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["default"] == 19
+        assert result["raised"].startswith("PermissionError: cannot set the child's nice value to -5"), result
+        assert "needs privileges: CAP_SYS_NICE, or RLIMIT_NICE" in result["raised"], result
 
     def test_a_thread_placed_service_has_no_child_priority(self) -> None:
         """status() shows a priority for process-placed services only."""
