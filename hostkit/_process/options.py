@@ -11,7 +11,7 @@ __all__ = ["CPU_PRIORITIES", "DEFAULT_CPU_PRIORITY", "ProcessOptions"]
 CPU_PRIORITIES = {
     "low": "nice 19: the child yields the CPU to anything at the default priority, such as request threads",
     "batch": "SCHED_BATCH at nice 19: as 'low', and the scheduler never lets the child preempt a waking task",
-    "idle": "SCHED_IDLE: the child runs only when a CPU has nothing else to run",
+    "idle": "SCHED_IDLE: the child gets almost no CPU while anything else wants it",
     "inherit": "no change: the child keeps the host's nice value and policy (the operating system's default)",
 }
 #: The priority of a process-placed service given neither ``cpu_priority=`` nor ``nice=``.
