@@ -8,7 +8,8 @@ the first full collections after start-up fall inside the measured window. Cases
   none    the app alone (no hostkit, no background work)
   bare    the app without hostkit, and a bare ``multiprocess`` child (same start
           method as hostkit's default, forkserver) started from the worker's
-          ``post_worker_init``, running the same CPU kernel
+          ``post_worker_init``, running the same CPU kernel at nice 19 (hostkit's
+          default priority for a process-placed service)
   hostkit the kernel as a ``placement="process"`` BackgroundService of the Flask
           extension, started by ``hostkit.gunicorn``'s ``post_worker_init``, with the
           contention monitor and lag probe on (as benchmarks/contention.py runs it)
@@ -45,21 +46,17 @@ met / NOT met, and stored under ``"targets"``). Writes benchmarks/results/gc_pau
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import _load
 from _common import Target, report_targets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,24 +129,10 @@ APP = textwrap.dedent(
     gc.callbacks.append(_on_gc)
 
     from flask import Flask, jsonify
+    from _load import crunch
 
     MODE = os.environ["BENCH_MODE"]
     COUNT_FILE = os.environ["BENCH_COUNT_FILE"]
-
-    def crunch(stopping):
-        # Pure-Python CPU work, the same kernel in every case.
-        done, last = 0, time.monotonic()
-        while not stopping.is_set():
-            n = 0
-            for i in range(10_000):
-                n += i * i
-            done += 1
-            now = time.monotonic()
-            if now - last >= 0.25:
-                last = now
-                with open(COUNT_FILE + ".tmp", "w") as f:
-                    f.write(f"{done} {now}")
-                os.replace(COUNT_FILE + ".tmp", COUNT_FILE)
 
     app = Flask(__name__)
 
@@ -163,7 +146,7 @@ APP = textwrap.dedent(
 
         class Cruncher(BackgroundService):
             def execute(self, stopping):
-                crunch(stopping)
+                crunch(stopping, COUNT_FILE)
 
         def make_builder():
             b = HostBuilder()
@@ -197,7 +180,7 @@ APP = textwrap.dedent(
     """
 )
 
-CONF = textwrap.dedent(
+CONF = _load.GUNICORN_SETTINGS + textwrap.dedent(
     """
     import gc, os, time
 
@@ -205,13 +188,6 @@ CONF = textwrap.dedent(
     if HOSTKIT:
         import hostkit.gunicorn as hk
 
-    worker_class = "gthread"
-    workers = 1
-    threads = 4
-    keepalive = 30
-    graceful_timeout = 10
-    control_socket_disable = True
-    accesslog = None
     preload_app = os.environ.get("BENCH_PRELOAD") == "1"
     _bare = []
 
@@ -222,7 +198,7 @@ CONF = textwrap.dedent(
             gc.freeze()
 
     def post_worker_init(worker):
-        import bench_app
+        import _load, bench_app
         bench_app.MARKS["host_start"] = time.monotonic()
         if HOSTKIT:
             hk.post_worker_init(worker)
@@ -230,7 +206,9 @@ CONF = textwrap.dedent(
             import multiprocess
             ctx = multiprocess.get_context("forkserver")
             stopping = ctx.Event()
-            child = ctx.Process(target=bench_app.crunch, args=(stopping,), name="bare-child")
+            # At nice 19, hostkit's default for a process-placed service: the same priority.
+            args = (stopping, bench_app.COUNT_FILE, "low", 0)
+            child = ctx.Process(target=_load.bare_child, args=args, name="bare-child")
             child.start()
             _bare.append((child, stopping))
         if os.environ.get("BENCH_FREEZE") == "1":
@@ -247,64 +225,7 @@ CONF = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get_json(port: int, path: str) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path)
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
-
-
-def open_loop(port: int, rate: float, duration: float, senders: int = 16) -> list[tuple[float, float]]:
-    """``rate`` requests/s for ``duration`` s: (due time, latency s) per request, latency from its due time."""
-    total = int(rate * duration)
-    t0 = time.monotonic() + 0.05
-    out: list[tuple[float, float]] = []
-    lock = threading.Lock()
-
-    def sender(k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        mine = []
-        for i in range(k, total, senders):
-            due = t0 + i / rate
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            try:
-                conn.request("GET", "/")
-                conn.getresponse().read()
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                continue
-            mine.append((due, time.monotonic() - due))
-        conn.close()
-        with lock:
-            out.extend(mine)
-
-    threads = [threading.Thread(target=sender, args=(k,), daemon=True) for k in range(senders)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
-def pct(values: list[float], q: float) -> float:
-    data = sorted(values)
-    rank = max(int(-(-q / 100.0 * len(data) // 1)), 1)
-    return data[min(rank, len(data)) - 1]
-
-
 def run_case(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    port = free_port()
     env = dict(
         os.environ,
         BENCH_MODE=mode,
@@ -312,34 +233,11 @@ def run_case(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
         BENCH_TRACE="1" if args.trace else "0",
         BENCH_PRELOAD="1" if args.preload else "0",
         BENCH_FREEZE="1" if args.freeze else "0",
-        PYTHONPATH=os.pathsep.join([str(workdir), str(ROOT)]),
     )
-    argv = [sys.executable, "-m", "gunicorn", "-c", str(workdir / "bench_conf.py")]
-    argv += ["--bind", f"127.0.0.1:{port}", "bench_app:app"]
-    proc = subprocess.Popen(
-        argv, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                get_json(port, "/_gc")
-                break
-            except (OSError, http.client.HTTPException, ValueError):
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    err = proc.stderr.read() if proc.stderr else ""
-                    raise RuntimeError(f"gunicorn did not come up for {mode}: {err}") from None
-                time.sleep(0.05)
-        requests = open_loop(port, args.rate, args.duration)
-        report = get_json(port, "/_gc")
-        forced = [get_json(port, "/_collect") for _ in range(3)]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+    with _load.gunicorn(workdir, env, "/_gc", mode) as port:
+        requests = _load.open_loop(port, args.rate, args.duration)
+        report = _load.get_json(port, "/_gc")
+        forced = [_load.get_json(port, "/_collect") for _ in range(3)]
     result = summarise(report, requests)
     result["forced"] = [e for batch in forced for e in batch]
     return result
@@ -359,7 +257,6 @@ def summarise(report: dict[str, Any], requests: list[tuple[float, float]]) -> di
     worst = max(in_window, key=lambda e: e["wall_ms"]) if in_window else None
     young = [e for e in events if e["gen"] < 2]
     in_load = [e for e in young if load_from <= e["t"] <= load_to]
-    lat = [latency for _, latency in requests]
     slowest_due, _ = max(requests, key=lambda r: r[1])
     return {
         "host_start_ms": (marks["host_started"] - start) * 1000,
@@ -373,11 +270,7 @@ def summarise(report: dict[str, Any], requests: list[tuple[float, float]]) -> di
         "gen01_max_ms": max((e["wall_ms"] for e in young), default=0.0),
         "gen0_during_start": sum(1 for e in young if e["t"] <= marks["host_started"]),
         "gen0_per_s_under_load": len(in_load) / max(load_to - load_from, 1e-9),
-        "requests": len(lat),
-        "p50_ms": pct(lat, 50) * 1000,
-        "p99_ms": pct(lat, 99) * 1000,
-        "p999_ms": pct(lat, 99.9) * 1000,
-        "max_ms": max(lat) * 1000,
+        **_load.latency_summary(requests),
         "slowest_due_after_start_s": slowest_due - start,
         "gc_stats": report["stats"],
     }

@@ -68,6 +68,8 @@ class HostServiceCollection(ServiceCollection):
         nice: int | None = None,
         cpu_affinity: Iterable[int] | None = None,
         memory_limit: int | str | None = None,
+        cpu_priority: str | None = None,
+        keep_cores: int | None = None,
     ) -> HostedServiceRegistration:
         """Register a hosted or background service; it runs when the host runs.
 
@@ -96,6 +98,11 @@ class HostServiceCollection(ServiceCollection):
             cpu_affinity: ``placement="process"`` only: the CPUs the child may use.
             memory_limit: ``placement="process"`` only: RSS ceiling in bytes or as
                 ``"512MB"``; over it the child is stopped and treated as failed.
+            cpu_priority: ``placement="process"`` only: ``"low"`` (nice 19, the default
+                unless ``nice=`` is given), ``"batch"`` (SCHED_BATCH), ``"idle"``
+                (SCHED_IDLE) or ``"inherit"`` (the host's own priority).
+            keep_cores: ``placement="process"`` only: leave this many of the host's CPUs
+                (``os.sched_getaffinity`` at start) to the host; the child runs on the others.
 
         Raises:
             InvalidServiceError: ``service`` is not a service, or lacks ``execute``.
@@ -119,6 +126,8 @@ class HostServiceCollection(ServiceCollection):
                 "nice": nice,
                 "cpu_affinity": cpu_affinity,
                 "memory_limit": memory_limit,
+                "cpu_priority": cpu_priority,
+                "keep_cores": keep_cores,
             },
         )
         self.hosted.append(registration)

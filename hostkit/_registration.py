@@ -9,14 +9,14 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from ._options import RestartPolicy, check_start_method, seconds_option
-from ._process.options import ProcessOptions
+from ._process.options import CPU_PRIORITIES, ProcessOptions
 from ._services import PLACEMENTS, BackgroundService, HostedService, Placement, Replica
 from ._util import describe
 from .exceptions import ConfigurationError, ConfigurationTypeError, InvalidServiceError
 
 __all__ = ["HostedServiceRegistration", "ReplicaKey", "make_registration", "parse_bytes"]
 
-_PROCESS_ONLY = ("start_method", "nice", "cpu_affinity", "memory_limit")
+_PROCESS_ONLY = ("start_method", "nice", "cpu_affinity", "memory_limit", "cpu_priority", "keep_cores")
 _UNITS = {
     "": 1,
     "b": 1,
@@ -343,7 +343,47 @@ def _check_process_options(options: dict[str, Any]) -> ProcessOptions:
     memory_limit = options.get("memory_limit")
     if memory_limit is not None:
         memory_limit = parse_bytes(memory_limit, "memory_limit")
-    return ProcessOptions(start_method=start_method, nice=nice, cpu_affinity=affinity, memory_limit=memory_limit)
+    priority = options.get("cpu_priority")
+    if priority is not None:
+        _check_cpu_priority(priority, nice)
+    keep = options.get("keep_cores")
+    if keep is not None:
+        _check_keep_cores(keep, affinity)
+    return ProcessOptions(
+        start_method=start_method,
+        nice=nice,
+        cpu_affinity=affinity,
+        memory_limit=memory_limit,
+        cpu_priority=priority,
+        keep_cores=keep,
+    )
+
+
+def _check_cpu_priority(priority: object, nice: int | None) -> None:
+    if not isinstance(priority, str) or priority not in CPU_PRIORITIES:
+        names = ", ".join(f"{name!r} ({what})" for name, what in CPU_PRIORITIES.items())
+        msg = f"cpu_priority must be one of {names}; not: {describe(priority)}"
+        raise ConfigurationError(msg)
+    if nice is not None and priority != "batch":
+        # Only SCHED_BATCH weighs a nice value of the user's choice: "low" is nice 19,
+        # SCHED_IDLE ignores nice values, and "inherit" changes nothing.
+        msg = (
+            f"nice={nice} does not combine with cpu_priority={priority!r}; give nice= alone (a nice value under "
+            f"the normal policy), or with cpu_priority='batch'"
+        )
+        raise ConfigurationError(msg)
+
+
+def _check_keep_cores(keep: object, affinity: tuple[int, ...] | None) -> None:
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        msg = f"keep_cores must be an int >= 1 (how many of the host's CPUs to leave it), not: {describe(keep)}"
+        raise ConfigurationError(msg)
+    if affinity is not None:
+        msg = (
+            "keep_cores= and cpu_affinity= both choose the child's CPUs; give one: cpu_affinity= a fixed set, "
+            "keep_cores= the host's CPUs at start less that many"
+        )
+        raise ConfigurationError(msg)
 
 
 def _check_nice(nice: object) -> None:

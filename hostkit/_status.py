@@ -147,10 +147,15 @@ class ServiceStatus:
         reload_error: why that last ``reload()`` failed (``"Type: message"``, or
             that it overran ``reload_timeout``), or ``None`` if it succeeded. A
             failed reload leaves ``state`` alone: the service runs on.
+        cpu_priority: for a process-placed service, its child's CPU priority
+            (``"nice 19"``, ``"SCHED_BATCH, nice 19"``, ``"SCHED_IDLE"``, ``"inherited"``),
+            else ``None``.
+        cpu_affinity: for a process-placed service pinned to some CPUs (``cpu_affinity=``,
+            or what ``keep_cores=`` left it at start), those CPUs, else ``None``.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
-       ``replica``, ``last_reload_at`` and ``reload_error``.
+       ``replica``, ``last_reload_at``, ``reload_error``, ``cpu_priority`` and ``cpu_affinity``.
     """
 
     name: str
@@ -172,6 +177,8 @@ class ServiceStatus:
     replica: Replica | None = None
     last_reload_at: float | None = None
     reload_error: str | None = None
+    cpu_priority: str | None = None
+    cpu_affinity: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; times are ISO 8601 strings in UTC."""
@@ -247,6 +254,8 @@ class ServiceRecord:
         self.lock: LockStatus | None = None
         self.last_reload_at: float | None = None
         self.reload_error: str | None = None
+        #: The child's CPUs, once the runner has worked them out at start (``keep_cores=``).
+        self.cpu_affinity: tuple[int, ...] | None = self.process_options.cpu_affinity
         self.exception: BaseException | None = None
         #: What runs a background service in its placement (``None`` for a hosted service).
         self.runner: Runner | None = None
@@ -301,6 +310,8 @@ class ServiceRecord:
                 replica=self.replica,
                 last_reload_at=self.last_reload_at,
                 reload_error=self.reload_error,
+                cpu_priority=self.process_options.describe_priority() if self.placement == "process" else None,
+                cpu_affinity=self.cpu_affinity if self.placement == "process" else None,
             )
 
     def __repr__(self) -> str:

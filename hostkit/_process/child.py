@@ -22,7 +22,7 @@
    and spawn. When the parent died, the watcher also ends what the service started
    (SIGTERM, then SIGKILL to the group), since no host is left to do it. A reload
    request on the control pipe goes to :mod:`hostkit._process.childreload`;
-5. nice value and CPU affinity, then the service is unpickled (or built from its
+5. scheduling policy, nice value and CPU affinity, then the service is unpickled (or built from its
    own container), and ``execute(stopping)`` runs;
 6. the result (:data:`~hostkit._process.protocol.Result`) is the last message on
    the pipe, so the parent has every log line before it.
@@ -190,12 +190,27 @@ def _install_signals(shared: SharedState, wake_w: int) -> None:
 
 
 def _apply_resources(settings: ChildSettings) -> None:
+    # Linux keeps the policy, nice value and affinity per thread: set on the main thread
+    # here, they hold for execute() and every thread it starts; the stop watcher, started
+    # earlier, keeps the host's priority and so wakes at once for a stop request.
+    policy = settings.sched_policy
+    if policy is not None:
+        number = os.SCHED_IDLE if policy == "idle" else os.SCHED_BATCH
+        try:
+            os.sched_setscheduler(0, number, os.sched_param(0))
+        except OSError as err:
+            msg = f"cannot set the child's scheduling policy to SCHED_{policy.upper()}: {err}"
+            raise PermissionError(msg) from err
     nice = settings.nice
     if nice is not None:
         try:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
         except OSError as err:
-            msg = f"cannot set the child's nice value to {nice}: {err} (lowering it below 0 needs privileges)"
+            now = os.getpriority(os.PRIO_PROCESS, 0)
+            msg = (
+                f"cannot set the child's nice value to {nice}: {err} (it is {now}; a nice value below the "
+                f"current one needs privileges: CAP_SYS_NICE, or RLIMIT_NICE)"
+            )
             raise PermissionError(msg) from err
     cpus = settings.cpu_affinity
     if cpus is not None:

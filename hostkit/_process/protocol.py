@@ -74,6 +74,8 @@ class ChildSettings:
     cpu_affinity: tuple[int, ...] | None = None
     #: Which replica of its registration the service is (``BackgroundService.replica`` in the child).
     replica: Replica | None = None
+    #: ``"batch"`` (SCHED_BATCH), ``"idle"`` (SCHED_IDLE), or ``None``: the policy stays as inherited.
+    sched_policy: str | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .._fastadd import fill_memo
 from .._runners._base import Runner
 from .._status import ServiceState
 from .._util import pid_alive
-from ..exceptions import ChildProcessDiedError, RemoteServiceError
+from ..exceptions import ChildProcessDiedError, ConfigurationError, RemoteServiceError
 from .child import child_main
 from .deferred import DeferredService
 from .logbridge import reemit
@@ -107,12 +107,32 @@ class ProcessRunner(Runner):
         self._reload_numbers = itertools.count(1)
         # Reload requests waiting for the child's answer, by number (under _control_lock).
         self._reload_waits: dict[int, _ReloadWait] = {}
+        self._affinity: tuple[int, ...] | None = self.options.cpu_affinity
 
     # -- start: everything that can be checked before a child exists ---------------
 
     def start(self) -> None:
+        self._affinity = self._cpus()
+        self.record.update(cpu_affinity=self._affinity)
         self._payload = self._pickle()
         super().start()
+
+    def _cpus(self) -> tuple[int, ...] | None:
+        """The child's CPUs: ``cpu_affinity=``, or the host's own less ``keep_cores=`` of them."""
+        keep = self.options.keep_cores
+        if keep is None:
+            return self.options.cpu_affinity
+        # The host's CPUs now, at start: a server may pin its worker to fewer CPUs than
+        # the machine has, and the ones it may use are the ones to share.
+        host_cpus = sorted(os.sched_getaffinity(0))
+        if keep >= len(host_cpus):
+            msg = (
+                f"{self.record.name!r}: keep_cores={keep} leaves no CPU for its child: the host may use "
+                f"{len(host_cpus)} CPU(s) ({', '.join(map(str, host_cpus))}); keep at most {len(host_cpus) - 1}"
+            )
+            raise ConfigurationError(msg)
+        # The host keeps the lowest-numbered CPUs; the child gets the rest.
+        return tuple(host_cpus[keep:])
 
     def _pickle(self) -> bytes:
         service = self.service
@@ -128,14 +148,16 @@ class ProcessRunner(Runner):
             raise pickling_error(self.record.name, attributes=service.__getstate__(), err=err) from err
 
     def _settings(self, process_name: str) -> ChildSettings:
+        policy, nice = self.options.scheduling()
         return ChildSettings(
             name=self.record.name,
             process_name=process_name,
             start_method=self.start_method,
             parent_pid=os.getpid(),
             stdlib_level=logging.getLogger().getEffectiveLevel(),
-            nice=self.options.nice,
-            cpu_affinity=self.options.cpu_affinity,
+            nice=nice,
+            cpu_affinity=self._affinity,
+            sched_policy=policy,
             replica=self.record.replica,
         )
 

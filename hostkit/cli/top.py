@@ -36,7 +36,8 @@ __all__ = ["read_snapshot", "register", "render"]
 _DESCRIPTION = """\
 Show a live table of a running host's services: CPU of each service's thread or
 child process, the process's CPU, RSS and threads, the scheduling-lag probe, request
-latency, and any recommendation ("move X to placement='process'").
+latency, each child's CPU priority and CPUs, and any recommendation ("move X to
+placement='process'", "give X cpu_priority='low'").
 
 The host must run a ContentionMonitor with publish=True.
 """
@@ -160,17 +161,43 @@ def render(snap: dict[str, Any]) -> str:
         f"   requests n={_clean(req.get('count', '-'))} p50/p99 {_fmt(req.get('p50'), '', 1)}/"
         f"{_fmt(req.get('p99'), '', 1)} ms   monitor {_fmt(snap.get('monitor_cpu_percent'), '%', 2)}",
         "",
-        f"{'SERVICE':<28} {'PLACEMENT':<9} {'STATE':<10} {'PID':>7} {'TID':>7} {'CPU%':>6} {'RSS':>6}  DETAIL",
+        f"{'SERVICE':<28} {'PLACEMENT':<9} {'STATE':<10} {'PID':>7} {'TID':>7} {'CPU%':>6} {'RSS':>6} "
+        f"{'PRIORITY':<14} {'CPUS':<7}  DETAIL",
     ]
     for s in snap["services"]:
         lines.append(
             f"{_cell(_clean(s['name']), 28):<28} {_clean(s['placement'] or 'hosted'):<9} {_clean(s['state']):<10} "
             f"{_clean(s['pid'] or '-'):>7} {_clean(s['thread_id'] or '-'):>7} {_fmt(s['cpu_percent']):>6} "
-            f"{_mib(s.get('rss')):>6}  {_clean(s.get('detail') or '')}".rstrip()
+            f"{_mib(s.get('rss')):>6} {_priority(s.get('cpu_priority')):<14} {_cpus(s):<7}  "
+            f"{_clean(s.get('detail') or '')}".rstrip()
         )
     for line in snap.get("advice") or []:
         lines.append(f"advice: {_clean(line)}")
     return "\n".join(lines)
+
+
+def _priority(text: object) -> str:
+    """A child's CPU priority, short: ``nice 19``, ``batch 19``, ``idle``, ``inherited``; ``-`` for a thread."""
+    if not text:
+        return "-"
+    short = str(text).replace("SCHED_BATCH, nice ", "batch ").replace("SCHED_IDLE", "idle")
+    return _clean(short)[:14]
+
+
+def _cpus(service: dict[str, Any]) -> str:
+    """A child's CPUs as ranges (``1``, ``1-3``, ``0,2``), ``all`` when it is not pinned; ``-`` for no child."""
+    if service.get("placement") != "process":
+        return "-"
+    cpus = service.get("cpu_affinity")
+    if cpus is None:
+        return "all"
+    runs: list[list[int]] = []
+    for n in sorted(int(c) for c in cpus):
+        if runs and runs[-1][-1] == n - 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _render(snap: dict[str, Any], path: str) -> str:

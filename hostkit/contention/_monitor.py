@@ -14,8 +14,8 @@ It keeps the latest :class:`ContentionSnapshot`, logs one line per
 reads (the control address: ``top-<pid>.json`` in hostkit's private runtime
 directory, mode 0600, so no other local user can plant a link there or a fake
 snapshot), and logs a recommendation when a thread-placed service takes more
-than its share of the GIL while the lag probe or request latency says the
-others are waiting.
+than its share of the GIL, or busy children take every core, while the lag probe
+or request latency says the others are waiting.
 """
 
 from __future__ import annotations
@@ -68,10 +68,12 @@ class ContentionSnapshot:
         time: when (Unix time).
         pid: the host's process.
         interval: seconds the CPU figures cover.
-        process: ``cpu_percent``, ``ctx_voluntary``, ``ctx_involuntary`` (per second), ``rss``, ``threads``.
+        process: ``cpu_percent``, ``ctx_voluntary``, ``ctx_involuntary`` (per second), ``rss``, ``threads``,
+            ``cpus`` (how many CPUs it may use).
         services: per service: ``name``, ``placement``, ``state``, ``pid``, ``thread_id``,
-            ``cpu_percent`` (``None`` if not running), ``detail`` and ``lock`` (see
-            :class:`~hostkit.ServiceStatus`), and for a child process ``rss`` and context switches.
+            ``cpu_percent`` (``None`` if not running), ``detail``, ``lock``, ``cpu_priority`` and
+            ``cpu_affinity`` (see :class:`~hostkit.ServiceStatus`), and for a child process ``rss``
+            and context switches.
         lag: the lag probe's lateness summary (ms), or ``None`` without a probe.
         requests: the request-latency summary (ms), or ``None`` without a recorder.
         monitor_cpu_percent: the sampler's and the probe's own CPU over the interval (100 = one core).
@@ -129,11 +131,17 @@ def advise(
     request_baseline_ms: float | None = None,
     request_factor: float = 2.0,
 ) -> list[str]:
-    """Recommendations for ``snapshot``: which thread-placed services should move to a process.
+    """Recommendations for ``snapshot``: services that make the host's requests wait.
 
-    A thread-placed service is named when it used more than ``share`` percent of a
-    core *and* either the lag probe's p99 passed ``lag_threshold_ms`` or the
-    request p99 passed ``request_factor`` times ``request_baseline_ms``.
+    Either the lag probe's p99 passed ``lag_threshold_ms`` or the request p99 passed
+    ``request_factor`` times ``request_baseline_ms``; then:
+
+    - a thread-placed service that used more than ``share`` percent of a core should
+      move to ``placement="process"``;
+    - when busy children (process-placed services using more than half a core each)
+      leave no CPU free for the host's request threads, each busy child still at a
+      higher priority than ``cpu_priority="low"`` should get it, and a busy child
+      already there should leave a core to the host (``keep_cores=1``).
 
     .. versionadded:: 0.1
     """
@@ -174,6 +182,43 @@ def _advice(
                 f"host's process (more than its share, {share:g}%) while {' and '.join(reasons)}"
             )
             out.append((s["name"], text))
+    out.extend(_starving_children(snapshot, reasons))
+    return out
+
+
+#: A child using more than this much of a core (percent) counts as busy: it competes for a core.
+_BUSY_CHILD = 50.0
+#: The priorities (as ``ServiceStatus.cpu_priority`` words them) that yield to request threads.
+_YIELDING = ("nice 19", "SCHED_BATCH, nice 19", "SCHED_IDLE")
+
+
+def _starving_children(snapshot: ContentionSnapshot, reasons: list[str]) -> list[tuple[str, str]]:
+    """(name, sentence) for each busy child when busy children take every CPU the host may use."""
+    cpus = snapshot.process.get("cpus")
+    busy = [
+        s
+        for s in snapshot.services
+        if s["placement"] == "process" and s["cpu_percent"] is not None and s["cpu_percent"] > _BUSY_CHILD
+    ]
+    if not cpus or len(busy) < cpus:
+        return []  # a core is left for the request threads: the scheduler need not choose
+    pinned = [set(s["cpu_affinity"]) for s in busy if s.get("cpu_affinity") is not None]
+    if len(pinned) == len(busy) and len(set().union(*pinned)) < cpus:
+        return []  # the children are kept off at least one core: the host has it
+    why = (
+        f"{len(busy)} busy child process(es) compete for the host's {cpus} CPU(s), "
+        f"leaving none to its request threads, while {' and '.join(reasons)}"
+    )
+    out = []
+    for s in busy:
+        name, priority = s["name"], s.get("cpu_priority") or "inherited"
+        if priority not in _YIELDING:
+            fix = f"give {name!r} cpu_priority='low' (nice 19; it runs at {priority})"
+        elif s.get("cpu_affinity") is None:
+            fix = f"give {name!r} keep_cores=1, to leave a core to the host (it runs at {priority} on every CPU)"
+        else:
+            continue  # pinned and yielding already: fewer children, or more cores, is the user's call
+        out.append((name, f"{fix}: it used {s['cpu_percent']:.0f}% of a core, and {why}"))
     return out
 
 
@@ -358,6 +403,8 @@ class ContentionMonitor:
             "ctx_involuntary": self._rate("ctx_i", invol, elapsed),
             "rss": rss,
             "threads": nthreads,
+            # The CPUs this process may use: what its request threads and its children share.
+            "cpus": len(os.sched_getaffinity(0)),
         }
         if process["cpu_percent"] is None:
             process["cpu_percent"] = 0.0
@@ -409,6 +456,8 @@ class ContentionMonitor:
             "cpu_percent": None,
             "detail": status.detail,
             "lock": None if status.lock is None else asdict(status.lock),
+            "cpu_priority": status.cpu_priority,
+            "cpu_affinity": None if status.cpu_affinity is None else list(status.cpu_affinity),
         }
         # "starting": a process-placed service's child exists (it has a pid) and its start-up costs too.
         if status.state.value not in ("starting", "running", "stopping"):

@@ -42,6 +42,14 @@ def services_check(host: Host) -> HealthCheckResult:
     locks = {s.name: s.lock.to_dict() for s in status.services if s.lock is not None}
     if locks:
         data["locks"] = locks
+    # What each child runs at: its CPU priority and, if it was pinned, its CPUs.
+    cpu = {
+        s.name: {"priority": s.cpu_priority, "cpus": None if s.cpu_affinity is None else list(s.cpu_affinity)}
+        for s in status.services
+        if s.cpu_priority is not None
+    }
+    if cpu:
+        data["cpu"] = cpu
     bad = [s for s in status.services if s.state in _BAD]
     if bad:
         why = ", ".join(f"{s.name} is {s.state.value}" + (f" ({s.error})" if s.error else "") for s in bad)
