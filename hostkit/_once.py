@@ -455,5 +455,15 @@ class OncePerDeployment(BackgroundService):
             source.cancel()
             return
 
+    def reload(self, token: CancellationToken) -> None:
+        """Forward the reload to the wrapped service while this process runs it.
+
+        A standby has nothing running to reload: it reads its configuration when it
+        takes over. The host calls this only when the wrapped service overrides
+        ``reload``.
+        """
+        if self.holding:
+            self.service.reload(token)
+
     def __repr__(self) -> str:
         return f"<OncePerDeployment {type(self.service).__name__} lock={self.lock!r} holding={self.holding}>"

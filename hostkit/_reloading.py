@@ -115,12 +115,19 @@ class ReloadReport:
 
 def has_reload_hook(record: ServiceRecord) -> bool:
     """``True`` if the service's class overrides ``reload`` (for a process-placed one: the class its child builds)."""
+    service: object = record.service
     cls: type[HostedService] = type(record.service)
     if record.placement == "process":
         from ._process.deferred import DeferredService
 
         if isinstance(record.service, DeferredService):
+            service = record.service.registration.service
             cls = record.service.registration.service_class
+    from ._once import OncePerDeployment
+
+    if isinstance(service, OncePerDeployment):
+        # The wrapper forwards reload() to the service it runs: it has a hook when that one has.
+        return class_overrides(type(service.service), "reload")
     return class_overrides(cls, "reload")
 
 

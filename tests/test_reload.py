@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from hostkit import BackgroundService, CancellationToken, HostBuilder, HostedService, HostOptions, ReloadReport
+from hostkit import (
+    BackgroundService,
+    CancellationToken,
+    HostBuilder,
+    HostedService,
+    HostOptions,
+    OncePerDeployment,
+    ReloadReport,
+)
 from hostkit.exceptions import ConfigurationError, ConfigurationTypeError, HostStateError
 from tests.conftest import wait_until
 from tests.subproc import Program, mask_pids, python
@@ -464,6 +472,24 @@ class TestHostReload:
             assert report.skipped == ("done",)
             assert report.reloaded == ("recorder",)
             assert host.status()["done"].last_reload_at is None
+
+    def test_a_service_run_once_per_deployment_gets_the_reload_where_it_holds_the_lock(self, tmp_path: Path) -> None:
+        """OncePerDeployment passes reload() on to the service it runs; a standby has nothing to reload."""
+        holder, standby = Recorder(), Recorder()
+        builder = HostBuilder(options=HostOptions(shutdown_timeout=5))
+        lock = tmp_path / "recorder.lock"
+        builder.services.add_hosted_service(OncePerDeployment(holder, lock_path=lock, poll_interval=0.05), name="a")
+        builder.services.add_hosted_service(OncePerDeployment(standby, lock_path=lock, poll_interval=0.05), name="b")
+        builder.services.add_hosted_service(OncePerDeployment(Untouched(), lock_path=tmp_path / "u.lock"), name="u")
+        with builder.build() as host:
+            assert wait_until(lambda: host.status()["a"].lock is not None and host.status()["b"].lock is not None)
+            report = host.reload()
+            # Both wrappers are called (their service has a hook); only the holder's service reloads.
+            assert sorted(report.reloaded) == ["a", "b"]
+            assert "u" not in [s.name for s in report.services]  # its service has no reload()
+            ran = [r for r in (holder, standby) if r.reloads]
+            assert len(ran) == 1
+            assert ran[0].reloads[0].endswith("-reload")
 
     def test_reload_needs_a_running_host(self) -> None:
         """Before start and after stop, Host.reload() raises HostStateError naming the state."""
