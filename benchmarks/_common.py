@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -145,3 +146,31 @@ def report_targets(targets: Iterable[Target]) -> list[dict[str, Any]]:
     for target in targets:
         print(target.line())
     return [t.as_json() for t in targets]
+
+
+def start_redis(directory: str) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """Start a private redis-server on a unix socket in ``directory``: ``(process, url)``, or ``(None, why not)``.
+
+    The caller stops the process. Nothing is saved to disk.
+    """
+    binary = shutil.which("redis-server")
+    try:
+        import redis
+    except ImportError:
+        return None, "redis-py not installed (pip install 'pyhostkit[redis]')"
+    if binary is None:
+        return None, "redis-server not on PATH"
+    sock = os.path.join(directory, "redis.sock")
+    cmd = [binary, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no", "--dir", directory]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"unix://{sock}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if redis.Redis.from_url(url).ping():
+                return proc, url
+        except (redis.ConnectionError, FileNotFoundError):
+            time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    return None, "redis-server did not start"

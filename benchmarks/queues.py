@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import Target, calibrate, report_targets, write_json
+from _common import Target, calibrate, report_targets, start_redis, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -301,31 +301,7 @@ def enqueue_rate(kind: str, backend: str, target: str, n: int, tag: str) -> floa
         storage.close()
 
 
-# -- redis-server, calibration, statistics -------------------------------------------------
-
-
-def start_redis(directory: str) -> tuple[subprocess.Popen[bytes] | None, str | None]:
-    binary = shutil.which("redis-server")
-    try:
-        import redis
-    except ImportError:
-        return None, "redis-py not installed (pip install 'pyhostkit[redis]')"
-    if binary is None:
-        return None, "redis-server not on PATH"
-    sock = os.path.join(directory, "redis.sock")
-    cmd = [binary, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no", "--dir", directory]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"unix://{sock}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if redis.Redis.from_url(url).ping():
-                return proc, url
-        except (redis.ConnectionError, FileNotFoundError):
-            time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    return None, "redis-server did not start"
+# -- huey, calibration, statistics ------------------------------------------------------------
 
 
 def huey_available() -> str | None:

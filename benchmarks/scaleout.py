@@ -56,7 +56,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import Target, calibrate, report_targets, sigterm_to_exit, write_json
+from _common import Target, calibrate, report_targets, sigterm_to_exit, start_redis, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -102,29 +102,6 @@ def create_builder() -> Any:
 
 
 # -- the driver ------------------------------------------------------------------------------
-
-
-def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH (Debian: apt-get install redis-server)")
-    try:
-        import redis
-    except ImportError:
-        raise SystemExit("redis-py is not installed: pip install 'pyhostkit[redis]'") from None
-    sock = os.path.join(directory, "redis.sock")
-    cmd = [binary, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no", "--dir", directory]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"unix://{sock}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with contextlib.suppress(redis.ConnectionError, FileNotFoundError):
-            if redis.Redis.from_url(url).ping():
-                return proc, url
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    raise SystemExit("redis-server did not answer PING within 20 s")
 
 
 def cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
@@ -206,6 +183,8 @@ def one_run(url: str, workers: int, messages: int, steps: int) -> tuple[float, f
 def run(rounds: int, messages: int, steps: int) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="hostkit-bench-scaleout-")
     redis_proc, url = start_redis(workdir)
+    if redis_proc is None:
+        raise SystemExit(f"cannot run: {url}")
     rates: dict[int, list[float]] = {k: [] for k in WORKERS}
     cpu: dict[int, list[float]] = {k: [] for k in WORKERS}
     calibration = []

@@ -10,8 +10,8 @@ message while a dead consumer's messages come back after one ``lease_time``.
 
 Settlements are batched for fast handlers: each outcome (ack, retry, dead letter)
 waits with the others of its batch and goes in one ``Queue.settle`` call (one
-transaction or one script), at most ``_ACK_DELAY`` (50 ms) later; after a handler
-slower than ``_FAST`` (5 ms) they go at once. Those of a batch's end travel with the
+transaction or one script), at most ``ACK_DELAY`` (50 ms) later; after a handler
+slower than ``FAST`` (5 ms) they go at once. Those of a batch's end travel with the
 next lease (``Queue.settle_and_lease``: one transaction or round trip for both). A
 message is settled only after its handler returned; a crash before the settle
 means a re-delivery (at least once), never a loss.
@@ -34,7 +34,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -52,32 +51,18 @@ from ..exceptions import ConfigurationError
 from ..health import HealthCheckResult, HealthChecks
 from ._base import Message, Queue, Settlement, check_positive_int
 from ._outage import DETAIL_PREFIXES, Link, default_reconnect
+from ._settling import ACK_DELAY, FAST, Pending, SettlementBatches
 
 if TYPE_CHECKING:
     from .._host import Host
 
 __all__ = ["Handler", "QueueConsumer"]
 
-# Handlers faster than this have their settlements batched; after a slower one they go at once.
-_FAST = 0.005
-# The longest a finished message waits for its batched settlement.
-_ACK_DELAY = 0.05
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """A settlement decided but not sent yet; once it held, the count it adds to and the line it logs."""
-
-    settlement: Settlement
-    count: str = "handled"
-    note: tuple[Any, ...] = ()  # level, exception (or None), message, *args
-
-
 #: A message handler: ``handler(message, scope)``; raise to fail the delivery.
 Handler = Callable[[Message, Scope], object]
 
 
-class QueueConsumer(BackgroundService):
+class QueueConsumer(SettlementBatches, BackgroundService):
     """Consumes a durable :class:`~hostkit.queues.Queue`: ``handler(message, scope)`` per message.
 
     Args:
@@ -168,7 +153,7 @@ class QueueConsumer(BackgroundService):
         self._held: dict[tuple[str, str], Message] = {}
         self._budget: threading.Event | None = None
         # Settlements claimed but not sent yet, per consumer thread (see _flush).
-        self._pending: dict[str, list[_Pending]] = {}
+        self._pending: dict[str, list[Pending]] = {}
         self._counts = {"handled": 0, "failed": 0, "retried": 0, "dead_lettered": 0, "released": 0, "lease_lost": 0}
         self._crash: tuple[str, BaseException] | None = None
         # The link to the broker while execute() runs (a new one per run), else None.
@@ -401,7 +386,7 @@ class QueueConsumer(BackgroundService):
         with self._lock:
             held, self._held = list(self._held.values()), {}
             self._pending[""] = [
-                _Pending(Settlement(m, "release", count_attempt=count_attempt), "released") for m in held
+                Pending(Settlement(m, "release", count_attempt=count_attempt), "released") for m in held
             ]
             before = self._counts["released"]
         self._flush("", log)
@@ -434,9 +419,9 @@ class QueueConsumer(BackgroundService):
 
         def lease(wait: float) -> list[Message]:
             if since[0] and self.queue.hold_settlements:
-                # Each settle costs a disk sync here: settlements younger than _ACK_DELAY
+                # Each settle costs a disk sync here: settlements younger than ACK_DELAY
                 # wait for company while leasing goes on, then go together.
-                left = _ACK_DELAY - (time.monotonic() - since[0])
+                left = ACK_DELAY - (time.monotonic() - since[0])
                 if left > 0:
                     got = self.queue.lease(consumer, max_messages=self.prefetch, wait=min(wait, left), token=stopping)
                     if got or stopping.is_set():
@@ -468,15 +453,13 @@ class QueueConsumer(BackgroundService):
                     # back, without counting a delivery against them.
                     for rest in batch[index:]:
                         if self._claim(rest):
-                            self._defer(
-                                consumer, _Pending(Settlement(rest, "release", count_attempt=False), "released")
-                            )
+                            self._defer(consumer, Pending(Settlement(rest, "release", count_attempt=False), "released"))
                     break
                 began = time.monotonic()
                 self._handle_one(consumer, message, handler, provider, log)
                 ended = time.monotonic()
                 since[0] = since[0] or ended
-                if ended - began > _FAST or ended - since[0] > _ACK_DELAY:
+                if ended - began > FAST or ended - since[0] > ACK_DELAY:
                     since[0] = 0.0
                     if not self._flush(consumer, log):
                         self._abandon(batch[index + 1 :], log)
@@ -497,53 +480,6 @@ class QueueConsumer(BackgroundService):
                 ", ".join(left),
             )
 
-    def _defer(self, consumer: str, pending: _Pending) -> None:
-        """Queue a claimed message's settlement for the thread's next flush or lease."""
-        with self._lock:
-            self._pending[consumer].append(pending)
-
-    def _flush(self, consumer: str, log: Any) -> bool:
-        """Send one consumer thread's pending settlements in one call; ``False`` if the broker was unreachable."""
-        with self._lock:
-            # Swap under the lock: the worker and, at a stuck stop, the service thread
-            # may both flush; whoever takes the list settles it, so nothing is settled twice.
-            batch, self._pending[consumer] = self._pending.get(consumer, []), []
-        if not batch:
-            return True
-        try:
-            settled = self.queue.settle([p.settlement for p in batch])
-        except Exception as exc:
-            self._settle_failed(batch, exc, log)
-            return not self.queue.is_outage(exc)
-        self._settled(batch, settled, log)
-        return True
-
-    def _settle_failed(self, batch: list[_Pending], exc: Exception, log: Any) -> None:
-        what = ", ".join(f"{p.settlement.outcome} of {p.settlement.message.id}" for p in batch)
-        line = "Queue {!r}: settling {} message(s) failed ({}); they will be delivered again after their lease expires"
-        self._log_failure(log, exc, "ERROR", line, self.queue.name, len(batch), what)
-
-    def _settled(self, batch: list[_Pending], settled: list[bool], log: Any) -> None:
-        """Count and log what a settle call did: per message, whether its lease still held."""
-        outcomes = list(zip(batch, settled, strict=True))
-        lost = [f"{p.settlement.outcome} of {p.settlement.message.id}" for p, held in outcomes if not held]
-        with self._lock:
-            for pending, held in outcomes:
-                self._counts[pending.count if held else "lease_lost"] += 1
-        for pending, held in outcomes:
-            if held and pending.note:
-                level, exc, text, *args = pending.note
-                log.opt(exception=exc).log(level, text, *args)
-        if lost:
-            log.warning(
-                "Queue {!r}: {} lease(s) expired before the settle ({}; handler slower than lease_time {} s?); "
-                "other consumers have those messages, so they may be handled twice",
-                self.queue.name,
-                len(lost),
-                ", ".join(lost),
-                self.queue.lease_time,
-            )
-
     def _handle_one(
         self, consumer: str, message: Message, handler: Handler, provider: ServiceProvider, log: Any
     ) -> None:
@@ -559,7 +495,7 @@ class QueueConsumer(BackgroundService):
             if self._claim(message):
                 line = "Queue {!r}: message {} dead-lettered: {}"
                 settlement = Settlement(message, "dead_letter", error=error)
-                self._defer(consumer, _Pending(settlement, "dead_lettered", ("ERROR", None, line, name, mid, error)))
+                self._defer(consumer, Pending(settlement, "dead_lettered", ("ERROR", None, line, name, mid, error)))
             return
         try:
             with provider.create_scope() as scope:
@@ -573,33 +509,15 @@ class QueueConsumer(BackgroundService):
             if message.attempts >= self.max_attempts:
                 line = "Queue {!r}: message {} failed {} time(s) and was dead-lettered: {}"
                 note = ("ERROR", exc, line, name, mid, message.attempts, summary)
-                self._defer(consumer, _Pending(Settlement(message, "dead_letter", error=text), "dead_lettered", note))
+                self._defer(consumer, Pending(Settlement(message, "dead_letter", error=text), "dead_lettered", note))
                 return
             delay = self.backoff_for(message.attempts)
             line = "Queue {!r}: message {} failed (attempt {}/{}), retrying in {:.3g} s: {}"
             note = ("WARNING", exc, line, name, mid, message.attempts, self.max_attempts, delay, summary)
-            self._defer(consumer, _Pending(Settlement(message, "release", delay=delay), "retried", note))
+            self._defer(consumer, Pending(Settlement(message, "release", delay=delay), "retried", note))
             return
         if self._claim(message):
-            self._defer(consumer, _Pending(Settlement(message, "ack")))
-
-    def _log_failure(self, log: Any, exc: Exception, level: str, message: str, *args: Any) -> None:
-        """Log a failed queue call: one line for an outage (its traceback at DEBUG), else with the traceback.
-
-        An outage fails every call the same way, and its traceback says nothing the
-        line does not; other failures (bugs) keep theirs at ``level``.
-        """
-        if self.queue.is_outage(exc):
-            # Expected while the broker is down, and the messages come back (at least
-            # once): a warning, not an error; and only for the first failure of an
-            # outage, which every thread's calls then hit: the link logs the rest.
-            link = self._link
-            news = link.notice(exc) if link is not None else True
-            text = summarize_exception(exc)
-            log.log("WARNING" if news else "DEBUG", message + ": {}", *args, text)
-            log.opt(exception=exc).debug("Queue consumer {!r}: the traceback of that failure", self.name)
-        else:
-            log.opt(exception=exc).log(level, message, *args)
+            self._defer(consumer, Pending(Settlement(message, "ack")))
 
     def __repr__(self) -> str:
         s = self.stats()
