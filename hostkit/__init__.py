@@ -11,12 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._fastadd import remembered_paths as _remembered_paths
-
-# loguru adds its default sink as it is imported, paying the per-sink set-up that
-# hostkit._fastadd remembers: paid once, it fills that memo too (when loguru was not
-# imported before hostkit).
-with _remembered_paths():
-    from loguru import logger as _logger
+from ._lateloguru import in_multiprocess_child as _in_multiprocess_child
+from ._lateloguru import when_imported as _when_imported
 
 if TYPE_CHECKING:
     from . import exceptions as exceptions
@@ -170,6 +166,22 @@ def __dir__() -> list[str]:
 
 # A library never writes logs anywhere on its own (loguru's recipe for libraries):
 # configure_logging(), called by Host.run() and `hostkit run`, enables them; so does
-# the application's own logger.enable("hostkit"). loguru is imported here for that,
-# before any hostkit code can log, rather than watched for with an import hook.
-_logger.disable("hostkit")
+# the application's own logger.enable("hostkit").
+def _disable_own_logger() -> None:
+    from loguru import logger
+
+    logger.disable("hostkit")
+
+
+if _in_multiprocess_child():
+    # The fork server or a process-placed child: loguru is imported only if something
+    # here uses it (a service that logs), and hostkit's logger is disabled as it is.
+    _when_imported(_disable_own_logger)
+else:
+    # In a host, loguru is imported here, before any hostkit code can log. It adds its
+    # default sink as it is imported, paying the per-sink set-up that hostkit._fastadd
+    # remembers: paid once, it fills that memo too (when loguru was not imported before
+    # hostkit).
+    with _remembered_paths():
+        import loguru as _loguru  # noqa: F401
+    _disable_own_logger()

@@ -48,6 +48,13 @@ _configured = False
 _PRIORITY = {"TRACE": 7, "DEBUG": 7, "INFO": 6, "SUCCESS": 5, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
 
+def _inside_logging(frame: FrameType) -> bool:
+    code = frame.f_code
+    if code.co_filename == logging.__file__:
+        return True
+    return code.co_name == "emit" and isinstance(frame.f_locals.get("self"), logging.Handler)
+
+
 class InterceptHandler(logging.Handler):
     """A stdlib ``logging`` handler that re-emits records through loguru."""
 
@@ -57,10 +64,11 @@ class InterceptHandler(logging.Handler):
         except ValueError:
             level = record.levelno
         # Find the caller of the stdlib logging call: skip this frame, then every
-        # frame inside the logging module (Handler.handle, Logger._log, ...).
+        # frame inside the logging module (Handler.handle, Logger._log, ...) or in a
+        # handler's emit that passed the record on (a process-placed child's first).
         frame: FrameType | None = inspect.currentframe()
         depth = 0
-        while frame is not None and (depth == 0 or frame.f_code.co_filename == logging.__file__):
+        while frame is not None and (depth == 0 or _inside_logging(frame)):
             frame = frame.f_back
             depth += 1
         logger.opt(depth=depth, exception=record.exc_info).bind(logger_name=record.name).log(level, record.getMessage())

@@ -9,6 +9,7 @@ or without loguru.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from hostkit import BackgroundService, CancellationToken
@@ -46,6 +47,31 @@ class ImportsLoguruLate(BackgroundService):
         log.warning("stdlib after loguru")
         stopping.wait()
         logger.info("loguru after the stop")
+
+
+class WritesImports(BackgroundService):
+    """Writes which heavy modules its child has imported to a file, and never logs."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def execute(self, stopping: CancellationToken) -> None:
+        with open(self.path + ".tmp", "w") as out:
+            out.write(heavy_imported())
+        os.replace(self.path + ".tmp", self.path)
+        stopping.wait()
+
+
+class LogsThroughLoguruLate(BackgroundService):
+    """Logs through loguru only, imported inside execute(), never at the top of its module."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        before = "loguru" in sys.modules
+        from loguru import logger
+
+        logger.bind(colour="green").warning("late loguru line (loguru imported before: {})", before)
+        stopping.wait()
 
 
 class FailsToClose:

@@ -605,7 +605,7 @@ class Formatted:
 
 
 class TestSpawnImportsLittle:
-    """A spawned child imports what its service imports and loguru (its log bridge), not all of hostkit (issue #3)."""
+    """A child imports what its service imports, not all of hostkit, and loguru only once something logs (issue #3)."""
 
     def test_service_without_loguru_runs_without_it_and_its_stdlib_records_arrive(self, logs) -> None:
         """stdlib records, exception included, reach the host with time, module, function, service and pid."""
@@ -630,9 +630,9 @@ class TestSpawnImportsLittle:
         (caught,) = logs.find("stdlib exception in the child", level="ERROR")
         assert "KeyError: 'missing'" in caught["message"]
         heavy = report["message"].rsplit(": ", 1)[1]
-        # loguru carries the child's records to the host (installed at bootstrap, no import hook);
-        # nothing else of the host side is imported.
-        assert heavy == "loguru"
+        # Nothing of the host side is imported before the service logs: its first stdlib
+        # record imports loguru, which then carries it (and every later one) to the host.
+        assert heavy == "none"
 
     def test_loguru_imported_inside_execute_still_reaches_the_host(self, logs) -> None:
         """loguru imported again inside execute() is the child's bridged logger: no record lost, order kept."""
@@ -646,7 +646,30 @@ class TestSpawnImportsLittle:
         assert messages[1:] == ["loguru line 1", "stdlib after loguru", "loguru after the stop"]
         assert [r["level"] for r in mine] == ["WARNING", "INFO", "WARNING", "INFO"]
         assert len({r["process"] for r in mine}) == 1
-        assert messages[0].endswith("already imported: True)")
+        # The first stdlib record is what imports loguru: it was not there before.
+        assert messages[0].endswith("already imported: False)")
+
+    @pytest.mark.parametrize("method", ["forkserver", "spawn"])
+    def test_a_service_that_never_logs_runs_without_loguru(self, tmp_path, method) -> None:
+        """The child's log bridge does not import loguru: a service that never logs does not pay for it."""
+        from tests.light_services import WritesImports
+
+        report = tmp_path / "imports"
+        with host_with(WritesImports(str(report)), start_method=method):
+            assert wait_until(report.exists, timeout=30)
+        assert report.read_text() == "none"
+
+    @pytest.mark.parametrize("method", ["forkserver", "spawn"])
+    def test_loguru_imported_only_inside_execute_reaches_the_host(self, logs, method) -> None:
+        """A service module without loguru at its top logs through it inside execute(): the host gets the record."""
+        from tests.light_services import LogsThroughLoguruLate
+
+        with host_with(LogsThroughLoguruLate(), start_method=method):
+            assert wait_until(lambda: logs.find("late loguru line"), timeout=30)
+        (record,) = logs.find("late loguru line")
+        assert record["message"] == "late loguru line (loguru imported before: False)"
+        assert record["level"] == "WARNING" and record["service"] == "LogsThroughLoguruLate"
+        assert record["process"] != os.getpid()
 
     def test_child_container_close_failure_reaches_the_host(self, logs) -> None:
         """A singleton failing to close in a spawned child is logged there and re-emitted by the host."""

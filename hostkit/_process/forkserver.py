@@ -23,8 +23,10 @@ itself (``python -c 'from multiprocess.forkserver import main; main(...)'``):
 importing this module anywhere else does nothing. Its children never import it
 again (it is already in their copy of ``sys.modules``), so they are unaffected.
 
-The server also pays loguru's per-sink set-up once (:func:`hostkit._fastadd.fill_memo`),
-so that no child pays it when its log bridge adds its sink.
+If the server has loguru (its main module imports it), it also pays loguru's
+per-sink set-up once (:func:`hostkit._fastadd.fill_memo`), so that no child pays it
+when its log bridge adds its sink. Otherwise it does not import loguru: a child
+imports it only if its service logs through it (:mod:`hostkit._lateloguru`).
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ if in_fork_server():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    # Each child adds its log bridge's loguru sink; paid here once, every child inherits
-    # it paid (hostkit._fastadd).
-    from .._fastadd import fill_memo
+    if "loguru" in sys.modules:
+        # Each child adds its log bridge's loguru sink; paid here once, every child
+        # inherits it paid (hostkit._fastadd).
+        from .._fastadd import fill_memo
 
-    fill_memo()
+        fill_memo()

@@ -4,6 +4,10 @@ Child side: at bootstrap the child routes stdlib ``logging`` into loguru (as the
 host does), replaces the sinks it may have inherited through fork with one
 forwarding sink, and sends each record over the result pipe as a
 :class:`~hostkit._process.protocol.LogRecord`, built by :func:`capture` only.
+The child does not import loguru for that: if its service never logs, it never
+pays loguru's import. The sink is installed at once if loguru is already imported
+(the fork server or the forking host had it), else the moment anything in the
+child imports it (:mod:`hostkit._lateloguru`); the first stdlib record imports it.
 
 Host side: the supervising thread reads the records in the order the child wrote
 them and :func:`reemit` logs each one through loguru, with the child's time,
@@ -23,10 +27,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from loguru import logger
-
 from .._fastadd import add_sink
-from .._logging import InterceptHandler
+from .._lateloguru import when_imported
 from .protocol import LogRecord
 
 __all__ = ["ChildLog", "capture", "reemit"]
@@ -90,19 +92,26 @@ class ChildLog:
 
     def install(self, stdlib_level: int) -> None:
         """Forward every loguru record; route stdlib records through loguru, as in the host."""
+        when_imported(self._install_sink)
+        root = logging.getLogger()
+        root.handlers = [_LoguruOnFirstRecord()]
+        root.setLevel(stdlib_level)
+
+    def _install_sink(self) -> None:
+        from loguru import logger
+
         # Under fork the parent's sinks were copied into the child: writing to them here
-        # would bypass the parent (and its in-memory sinks would swallow the lines).
-        # add_sink: the fork server or the forking host filled its memo, so this costs
-        # the child a fraction of a millisecond instead of loguru's ~7 ms.
+        # would bypass the parent (and its in-memory sinks would swallow the lines). A
+        # loguru imported late in the child added its default stderr sink: removed too.
+        # add_sink: the memo is filled (by the fork server, the forking host, or as
+        # loguru was imported here), so this costs a fraction of a millisecond instead
+        # of loguru's ~7 ms.
         logger.remove()
         add_sink(self._sink, level=0, format="{message}", enqueue=False, catch=True)
         logger.configure(extra={"service": self.service, "pid": self.pid})
         # hostkit disables its own logger; the parent filters by module name when it
         # re-emits, so enable everything here and let the parent's settings decide.
         logger.enable("")
-        root = logging.getLogger()
-        root.handlers = [InterceptHandler()]
-        root.setLevel(stdlib_level)
 
     def _sink(self, message: Any) -> None:
         record = message.record
@@ -146,7 +155,27 @@ class ChildLog:
         )
 
     def complete(self) -> None:
-        logger.complete()
+        loguru = sys.modules.get("loguru")
+        if loguru is not None:  # never imported: no record can be pending in it
+            loguru.logger.complete()
+
+
+class _LoguruOnFirstRecord(logging.Handler):
+    """The child's stdlib route until its first record: that record imports loguru, then takes the host's route.
+
+    Importing loguru installs the forwarding sink (``ChildLog._install_sink``); this
+    handler then gives its place to hostkit's ``InterceptHandler`` and hands it the
+    record, so every stdlib record goes through loguru as in the host.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from .._logging import InterceptHandler
+
+        real = InterceptHandler(self.level)
+        root = logging.getLogger()
+        root.handlers = [real if handler is self else handler for handler in root.handlers]
+        # InterceptHandler finds the stdlib caller past this emit too (a handler's emit).
+        real.emit(record)
 
 
 # -- host side ----------------------------------------------------------------------------
@@ -173,6 +202,8 @@ def _emitter(module_name: str) -> Callable[[Any, Any, str], None]:
 
 def reemit(record: LogRecord, pid: int, service: str) -> None:
     """Log a child's record in the host, with its own fields, ``service`` and the child's ``pid``."""
+    from loguru import logger  # the host has imported it (``import hostkit``): a lookup
+
     when = record.time
 
     def patch(target: Any) -> None:

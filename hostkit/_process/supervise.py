@@ -44,19 +44,20 @@ KILL_GRACE = 1.0
 #: Seconds between checks that a swept process group is empty.
 _SWEEP_POLL = 0.02
 #: What hostkit asks the fork server to import once, so that each child need not: the
-#: main module (multiprocess's own default), the fork server's signal guard, the child
-#: side and loguru.
-FORK_SERVER_PRELOAD = ("__main__", "hostkit._process.forkserver", "hostkit._process.child", "loguru")
+#: main module (multiprocess's own default), the fork server's signal guard and the
+#: child side. Not loguru: a child imports it only if its service logs through it (or
+#: the main module imports it), as a bare child would.
+FORK_SERVER_PRELOAD = ("__main__", "hostkit._process.forkserver", "hostkit._process.child")
 
 _preload_lock = threading.Lock()
 _preload_set = False
 
 
 def preload_in_fork_server(ctx: Any) -> None:
-    """Have the fork server import hostkit's child side and loguru once, so each child need not.
+    """Have the fork server import hostkit's child side once, so each child need not.
 
-    Without it every forkserver child imports hostkit's child side, dill and loguru
-    on its own (~40 ms here, most of a child's start). Set once per process, through
+    Without it every forkserver child imports hostkit's child side and dill on its
+    own (~20 ms here, most of a child's start). Set once per process, through
     the context's public ``set_forkserver_preload``; effective only if the fork
     server is not running yet. ``__main__`` stays first in the list, so what the
     program's main module imports is preloaded too: that is the way to preload
