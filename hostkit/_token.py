@@ -17,7 +17,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import cast
 
-from ._options import seconds_option
 from ._util import describe
 from .exceptions import OperationCancelledError
 
@@ -298,6 +297,10 @@ class CancellationTokenSource:
         Waits on the token end at the deadline by themselves; a timer thread is
         started only if callbacks are registered, to run them on time.
         """
+        # Imported here: a process-placed child imports this module, and rarely this method's
+        # validation (the options module defines the host's option classes).
+        from ._options import seconds_option
+
         seconds = seconds_option(delay, "delay")
         if self.token.is_set():
             return

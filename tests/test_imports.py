@@ -92,6 +92,41 @@ class TestLazyPackage:
         assert out == "HostStartupError"
 
     @pytest.mark.parametrize("loguru_first", [True, False])
+    def test_in_a_fork_server_loguru_waits_until_imported_and_hostkit_stays_quiet(self, loguru_first: bool) -> None:
+        """In multiprocess's fork server (and so its children) `import hostkit` leaves loguru out.
+
+        When something imports loguru there, later or before, hostkit's logger is already
+        disabled as the importer gets it, and loguru keeps its own loader.
+        """
+        first = "from loguru import logger" if loguru_first else ""
+        # The command line begins as multiprocess's fork server's does (nothing here runs it).
+        out = fresh(
+            "from multiprocess.forkserver import main\n"
+            + textwrap.dedent(
+                f"""
+                import sys
+                {first}
+                import hostkit
+                from hostkit._process import child
+                print("loguru after import hostkit:", "loguru" in sys.modules)
+                from loguru import logger
+                import loguru
+                print("loader:", type(loguru.__loader__).__name__, loguru.__spec__.loader is loguru.__loader__)
+                logger.remove()
+                logger.add(sys.stdout, format="{{name}}: {{message}}")
+                ns = {{"__name__": "hostkit.somewhere", "logger": logger}}
+                exec("logger.info('hidden')", ns)
+                logger.enable("hostkit")
+                exec("logger.info('shown')", ns)
+                """
+            )
+        )
+        lines = out.splitlines()
+        assert lines[0] == f"loguru after import hostkit: {loguru_first}"
+        assert lines[1] == "loader: SourceFileLoader True"
+        assert lines[2:] == ["hostkit.somewhere: shown"]
+
+    @pytest.mark.parametrize("loguru_first", [True, False])
     def test_hostkit_logs_nothing_until_configured_whichever_is_imported_first(self, loguru_first: bool) -> None:
         """`logger.disable("hostkit")` holds whether loguru is imported before hostkit or after it."""
         first, second = ("from loguru import logger", "import hostkit") if loguru_first else ("import hostkit", "")

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import multiprocess.connection as mpc
@@ -44,29 +46,46 @@ KILL_GRACE = 1.0
 #: Seconds between checks that a swept process group is empty.
 _SWEEP_POLL = 0.02
 #: What hostkit asks the fork server to import once, so that each child need not: the
-#: main module (multiprocess's own default), the fork server's signal guard and the
-#: child side. Not loguru: a child imports it only if its service logs through it (or
-#: the main module imports it), as a bare child would.
+#: main module (multiprocess's own default, see below), the fork server's signal guard and the
+#: child side. loguru only if the main module refers to it (:func:`_main_uses_loguru`);
+#: otherwise a child imports it only if its service logs, as a bare child would.
 FORK_SERVER_PRELOAD = ("__main__", "hostkit._process.forkserver", "hostkit._process.child")
 
 _preload_lock = threading.Lock()
 _preload_set = False
 
 
+def _main_uses_loguru() -> bool:
+    """``True`` if the program's main module refers to loguru (``import loguru``, ``from loguru import logger``).
+
+    Each forkserver child imports the main module again (multiprocess's fork server
+    does not, whatever its preload list says), so such a program's every child would
+    import loguru on its own: the fork server imports it once instead.
+    """
+    main = sys.modules.get("__main__")
+    for value in vars(main).values() if main is not None else ():
+        module = value.__name__ if isinstance(value, ModuleType) else type(value).__module__
+        if module == "loguru" or module.startswith("loguru."):
+            return True
+    return False
+
+
 def preload_in_fork_server(ctx: Any) -> None:
     """Have the fork server import hostkit's child side once, so each child need not.
 
     Without it every forkserver child imports hostkit's child side and dill on its
-    own (~20 ms here, most of a child's start). Set once per process, through
-    the context's public ``set_forkserver_preload``; effective only if the fork
-    server is not running yet. ``__main__`` stays first in the list, so what the
-    program's main module imports is preloaded too: that is the way to preload
-    one's own modules.
+    own (~20 ms here, most of a child's start); loguru too if the main module uses
+    it. Set once per process, through the context's public ``set_forkserver_preload``;
+    effective only if the fork server is not running yet. ``__main__`` stays first
+    in the list, as multiprocess has it, though its fork server never gets the main
+    module's path (its preparation data names it ``init_main_from_path``), so each
+    child imports the main module itself, as under spawn.
     """
     global _preload_set
     with _preload_lock:
         if not _preload_set:
-            ctx.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
+            extra = ["loguru"] if _main_uses_loguru() else []
+            ctx.set_forkserver_preload([*FORK_SERVER_PRELOAD, *extra])
             _preload_set = True
 
 
