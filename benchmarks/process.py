@@ -17,7 +17,8 @@ importable module, as an application's does, so both are pickled by reference.
   has marked its start. It includes starting the fork server, which is most of it.
   A second baseline, shown beside it and kept in the JSON (``bare_loguru_ms``), has
   its fork server import loguru too: the floor for a child that logs through
-  loguru, which hostkit's fork server imports for every child;
+  loguru. hostkit's fork server imports loguru only when the main module refers to
+  it (this script does not), and its children only when their service logs;
 * SIGTERM to exit, with 1, 4 and 16 process-placed services that honour their
   token: a real host process (this script, ``--child``) is started, says ``READY``
   once every child runs, gets SIGTERM, and the time until it has exited (every

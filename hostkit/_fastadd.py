@@ -12,8 +12,9 @@ cost was most of a forked child's start.
 this process's memo for the duration of the call: the same paths, computed once.
 The memo is plain memory, so a forked child (and every child of a fork server that
 filled it) inherits it filled. hostkit's package imports loguru inside
-:func:`remembered_paths`, so the default sink loguru adds as it is imported fills
-the memo at no extra cost. ``sysconfig.get_path`` is swapped back before the call
+:func:`remembered_paths` (in a process-placed child, :mod:`hostkit._lateloguru`
+runs loguru's import inside it), so the default sink loguru adds as it is imported
+fills the memo at no extra cost. ``sysconfig.get_path`` is swapped back before the call
 returns, under a lock, so hostkit's swaps never nest or interleave; any other
 thread that calls it meanwhile gets the answers the real function gives. Only
 calls with the default ``vars`` and ``expand`` are remembered, the others pass
