@@ -582,7 +582,9 @@ def _parsed_entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes], int]]:
     """The (id, fields, 1) of each entry of an ``XREADGROUP`` reply as redis-py parsed it."""
     if not reply:
         return []
-    return [(eid, fields, 1) for eid, fields in reply[0][1] if fields]
+    # RESP2: [[stream, entries]]; RESP3 (client_options={"protocol": 3}): {stream: [entries]}.
+    entries = [e for value in reply.values() for e in value[0]] if isinstance(reply, dict) else reply[0][1]
+    return [(eid, fields, 1) for eid, fields in entries if fields]
 
 
 def _entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes], int]]:
