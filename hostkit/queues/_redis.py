@@ -564,10 +564,16 @@ class RedisStreamQueue(Queue):
         )
 
 
+_REDIS: list[Any] = []  # redis-py, once imported
+
+
 def _redis_module() -> Any:
     # Imported on first use, never at module import: `import hostkit.queues` must work
-    # without redis-py, and type-checking hostkit must not need it either.
-    return importlib.import_module("redis")
+    # without redis-py, and type-checking hostkit must not need it either. Kept once
+    # found: a consumer asks for it on every message.
+    if not _REDIS:
+        _REDIS.append(importlib.import_module("redis"))
+    return _REDIS[0]
 
 
 def _block_ms(wait: float) -> int | None:
