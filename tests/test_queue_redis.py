@@ -149,12 +149,16 @@ class TestRedisSpecifics:
         q.enqueue_many([{"n": 1}, {"n": 2}])
         [first] = q.lease("c1")
         q._next_maintenance = time.monotonic() + 60  # the one-write path, as above
-        with redis.Redis.from_url(q.url) as admin:
-            assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+
+        def drop_the_queues_connection() -> None:
+            # The pool holds one idle connection, which CLIENT ID is sent on.
+            with redis.Redis.from_url(q.url) as admin:
+                assert admin.client_kill_filter(_id=q.client.client_id()) == 1
+
+        drop_the_queues_connection()
         settled, [second] = q.settle_and_lease([Settlement(first, "ack")], "c1", wait=0.05)
         assert (settled, second.payload) == ([True], {"n": 2})
-        with redis.Redis.from_url(q.url) as admin:
-            admin.client_kill_filter(_type="normal", skipme=True)
+        drop_the_queues_connection()
         q.enqueue({"n": 3})
         assert q.ack(second)
         assert [m.payload for m in q.lease("c1")] == [{"n": 3}]

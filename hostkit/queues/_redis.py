@@ -431,7 +431,10 @@ class RedisStreamQueue(Queue):
         """
         redis = _redis_module()
         pool = self.client.connection_pool
-        conn = pool.get_connection()
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants a command name (later ones warn if given one)
+            conn = pool.get_connection(commands[0][0])
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             replies: list[Any] = []
