@@ -27,9 +27,9 @@ Figures are medians over ``--rounds`` rounds (5 by default); ratios are medians 
 per-round ratios (hostkit rate / baseline rate: above 1 is faster than the
 baseline). A calibration loop is timed in every round and reported. Beside each
 end-to-end rate, the consumers' CPU time per message (psutil, all consumer
-processes together), and for Redis the server's, show what each message costs: on
-a shared 2-core machine the wall-clock rates with four consumers mostly measure
-who gets the CPU.
+processes together), for Redis the server's, and the producer's (this process,
+while it enqueues) show what each message costs: on a shared 2-core machine the
+wall-clock rates with four consumers mostly measure who gets the CPU.
 
 Run from the repository root::
 
@@ -74,6 +74,7 @@ CONSUMERS = (1, 4)
 # The redis-server this run started: its CPU time per message is measured beside the consumers'.
 SERVER: list[int] = []
 SERVER_CPU: list[float] = []  # the last end-to-end run's server CPU per message, in microseconds
+PRODUCER_CPU: list[float] = []  # the last end-to-end run's enqueue CPU per message (this process), in microseconds
 
 
 def make_huey(target: str, name: str) -> tuple[Any, Any]:
@@ -272,8 +273,9 @@ def end_to_end(
                 raise RuntimeError(f"consumer process did not start: {line!r}")
         server = SERVER if backend == "redis" else []
         cpu_before, server_before = cpu_seconds([p.pid for p in procs]), cpu_seconds(server)
-        start = time.perf_counter()
+        start, produce = time.perf_counter(), time.process_time()
         storage.enqueue(n)
+        PRODUCER_CPU.append((time.process_time() - produce) / n * 1e6)
         while storage.remaining() > 0:
             time.sleep(0.005)
         rate = n / (time.perf_counter() - start)
@@ -362,6 +364,7 @@ def run(rounds: int, n_e2e: int, n_enqueue: int, n_full: int, backends: list[str
                         )
                         raw.setdefault(f"{backend}/{measure}/{kind}", []).append(rate)
                         cpu.setdefault(f"{backend}/{measure}/{kind}", []).append(cpu_us)
+                        cpu.setdefault(f"producer/{backend}/{measure}/{kind}", []).append(PRODUCER_CPU.pop())
                         if backend == "redis":
                             cpu.setdefault(f"server/{measure}/{kind}", []).append(SERVER_CPU.pop())
                 print(f"round {r + 1}/{rounds}: {backend} done", file=sys.stderr, flush=True)
@@ -393,6 +396,10 @@ def run(rounds: int, n_e2e: int, n_enqueue: int, n_full: int, backends: list[str
                 ours_cpu, base_cpu = cpu[f"{backend}/{what}/hostkit"], cpu[f"{backend}/{what}/{base_kind}"]
                 row["hostkit_consumer_cpu_us_per_msg"] = round(statistics.median(ours_cpu), 1)
                 row["baseline_consumer_cpu_us_per_msg"] = round(statistics.median(base_cpu), 1)
+                for side, kind in (("hostkit", "hostkit"), ("baseline", base_kind)):
+                    row[f"{side}_producer_cpu_us_per_msg"] = round(
+                        statistics.median(cpu[f"producer/{backend}/{what}/{kind}"]), 1
+                    )
                 if backend == "redis":
                     row["hostkit_server_cpu_us_per_msg"] = round(statistics.median(cpu[f"server/{what}/hostkit"]), 1)
                     row["baseline_server_cpu_us_per_msg"] = round(
@@ -462,7 +469,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
     head = (
         f"{'backend':8} {'measure':38} {'hostkit msg/s':>14} {'baseline':>16} {'hostkit/base':>13} "
-        f"{'consumer (server) CPU us/msg, hostkit / base':>46}"
+        f"{'CPU us/msg, hostkit / base: consumers (server) [producer]':>58}"
     )
     print(head)
     print("-" * len(head))
@@ -481,10 +488,12 @@ def print_table(result: dict[str, Any]) -> None:
             if "hostkit_server_cpu_us_per_msg" in row:
                 ours, theirs = row["hostkit_server_cpu_us_per_msg"], row["baseline_server_cpu_us_per_msg"]
                 cpu_text += f" (server {ours:.0f} / {theirs:.0f})"
+            ours, theirs = row["hostkit_producer_cpu_us_per_msg"], row["baseline_producer_cpu_us_per_msg"]
+            cpu_text += f" [{ours:.0f} / {theirs:.0f}]"
         base = f"{row['baseline_per_s']:,} {row['baseline']}"
         print(
             f"{row['backend']:8} {label:38} {row['hostkit_per_s']:>14,} {base:>16} "
-            f"{row['ratio']:>12.2f}x {cpu_text:>46}"
+            f"{row['ratio']:>12.2f}x {cpu_text:>58}"
         )
     for what, why in result["skipped"].items():
         print(f"{what}: skipped ({why})")

@@ -115,6 +115,66 @@ class TestRedisSpecifics:
         assert q.ack(second) is True
         assert (q.stats().depth, q.stats().in_flight) == (0, 0)
 
+    @pytest.mark.parametrize("protocol", [2, 3])
+    def test_settle_and_lease_in_one_write_under_either_protocol(self, make_queue: Any, protocol: int) -> None:
+        """The one-write settle and read (no redis-py pipeline) reads RESP2 and RESP3 replies alike."""
+        from hostkit.queues import Settlement
+
+        q = make_queue(client_options={"protocol": protocol})
+        q.enqueue_many([{"n": i} for i in range(4)])
+        [first] = q.lease("c1")
+        # Pin the one-write path: a due maintenance round would take the plain one.
+        q._next_maintenance = time.monotonic() + 60
+        settled, batch = q.settle_and_lease([Settlement(first, "ack")], "c1", max_messages=2, wait=0.05)
+        assert settled == [True]
+        assert [(m.payload, m.attempts) for m in batch] == [({"n": 1}, 1), ({"n": 2}, 1)]
+        retry = Settlement(batch[0], "release", delay=60.0)
+        settled, more = q.settle_and_lease([retry, Settlement(batch[1], "ack")], "c1", max_messages=5, wait=0.05)
+        assert (settled, [m.payload for m in more]) == ([True, True], [{"n": 3}])
+        # A settlement whose lease went to another consumer is refused, and the read still happens.
+        stale = type(first)(first.id, first.payload, first.attempts, first.receipt, first.enqueued_at)
+        settled, nothing = q.settle_and_lease([Settlement(stale, "ack")], "c1", wait=0.01)
+        assert (settled, nothing) == ([False], [])
+        assert q.ack(more[0])
+        s = q.stats()
+        assert (s.depth, s.in_flight) == (1, 0)  # the retry waits for its delay
+
+    def test_a_connection_the_server_dropped_heals_on_the_next_call(self, make_queue: Any) -> None:
+        """After the server closed the pooled connection, settle_and_lease and enqueue still go through."""
+        import redis
+
+        from hostkit.queues import Settlement
+
+        q = make_queue()
+        q.enqueue_many([{"n": 1}, {"n": 2}])
+        [first] = q.lease("c1")
+        q._next_maintenance = time.monotonic() + 60  # the one-write path, as above
+
+        def drop_the_queues_connection() -> None:
+            # The pool holds one idle connection, which CLIENT ID is sent on.
+            with redis.Redis.from_url(q.url) as admin:
+                assert admin.client_kill_filter(_id=q.client.client_id()) == 1
+
+        drop_the_queues_connection()
+        settled, [second] = q.settle_and_lease([Settlement(first, "ack")], "c1", wait=0.05)
+        assert (settled, second.payload) == ([True], {"n": 2})
+        drop_the_queues_connection()
+        q.enqueue({"n": 3})
+        assert q.ack(second)
+        assert [m.payload for m in q.lease("c1")] == [{"n": 3}]
+
+    def test_enqueue_raises_the_servers_error_reply(self, make_queue: Any) -> None:
+        """An error reply to the one-message XADD (a key of another type) is raised, not returned as an id."""
+        import redis
+
+        q = make_queue()
+        q.enqueue({"n": 1})
+        q.client.delete(q.stream)
+        q.client.set(q.stream, "not a stream")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            q.enqueue({"n": 2})
+        q.client.delete(q.stream)
+
     def test_acked_messages_leave_the_stream(self, make_queue: Any) -> None:
         """Acks delete stream entries, so the stream holds only waiting and in-flight messages."""
         q = make_queue()

@@ -42,6 +42,11 @@ class Codec(Protocol):
         ...
 
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+# allow_nan=False: NaN and Infinity are not JSON; other readers would choke on them.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 class JsonCodec:
     """Compact UTF-8 JSON: dicts, lists, strings, numbers, booleans and ``None``.
 
@@ -52,8 +57,7 @@ class JsonCodec:
 
     def encode(self, payload: Any) -> bytes:
         try:
-            # allow_nan=False: NaN and Infinity are not JSON; other readers would choke on them.
-            text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            text = _ENCODER.encode(payload)
         except (TypeError, ValueError) as err:
             msg = (
                 f"the payload cannot be encoded as JSON ({err}); payload: {_short(payload)}. "

@@ -245,7 +245,16 @@ class RedisStreamQueue(Queue):
             pipe.execute()
             return ids
         if len(encoded) == 1:
-            return [_text(client.xadd(self.stream, {"p": encoded[0], "t": repr(now)}))]
+            # The one-message enqueue of a request handler: without redis-py's command
+            # wrapper, whose bookkeeping costs more CPU than the XADD itself.
+            args = ["XADD", self.stream, "*", "p", encoded[0], "t", repr(now)]
+            try:
+                [reply] = self._round_trip([args])
+            except (_redis_module().ConnectionError, _redis_module().TimeoutError):
+                reply = client.execute_command(*args)  # a dropped pooled connection: redis-py's retry heals it
+            if isinstance(reply, Exception):
+                raise reply
+            return [_text(reply)]
         pipe = client.pipeline(transaction=True)
         for data in encoded:
             pipe.xadd(self.stream, {"p": data, "t": repr(now)})
@@ -282,11 +291,8 @@ class RedisStreamQueue(Queue):
         return self._read(consumer, reply)
 
     def _read(self, consumer: str, reply: Any) -> list[Message]:
-        """The messages of an ``XREADGROUP`` reply."""
-        if not reply:
-            return []
-        entries = reply[0][1]
-        return self._messages(consumer, [(eid, fields, 1) for eid, fields in entries if fields])
+        """The messages of an ``XREADGROUP`` reply, as redis-py parsed it."""
+        return self._messages(consumer, _parsed_entries(reply))
 
     def _reclaim(self, consumer: str, max_messages: int) -> list[Message]:
         lease_ms = int(self.lease_time * 1000)
@@ -386,10 +392,24 @@ class RedisStreamQueue(Queue):
         script = self._scripts_ready()["settle"]
         # One round trip: the settle script runs before the read, so a read that
         # blocks waiting for new messages never holds the settlements back.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-        pipe.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=max_messages, block=_block_ms(wait))
-        settled, reply = pipe.execute(raise_on_error=False)
+        read = ["XREADGROUP", "GROUP", GROUP, consumer, "COUNT", max_messages]
+        block = _block_ms(wait)
+        if block is not None:
+            read.extend(("BLOCK", block))
+        read.extend(("STREAMS", self.stream, ">"))
+        entries = _entries
+        try:
+            settled, reply = self._round_trip([["EVALSHA", script.sha, len(keys), *keys, *args], read])
+        except (redis.ConnectionError, redis.TimeoutError):
+            # A pooled connection the server dropped (restarted, idle timeout): redis-py's
+            # own retry policy heals that, so the call goes once more through a pipeline,
+            # which applies it. (Either way a settle that did run and is sent again finds
+            # its messages gone: they count as lost leases, never as settled twice.)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=max_messages, block=block)
+            settled, reply = pipe.execute(raise_on_error=False)
+            entries = _parsed_entries
         if isinstance(settled, redis.exceptions.NoScriptError):
             # The server forgot the script (restarted, SCRIPT FLUSH): this call loads it.
             settled = script(keys=keys, args=args)
@@ -400,7 +420,35 @@ class RedisStreamQueue(Queue):
                 raise reply
             self._ensure_group()  # the stream was deleted under us (a purge, FLUSHDB)
             reply = None
-        return [bool(n) for n in settled], self._read(consumer, reply)
+        return [bool(n) for n in settled], self._messages(consumer, entries(reply))
+
+    def _round_trip(self, commands: list[list[Any]]) -> list[Any]:
+        """Send ``commands`` in one write on one pooled connection: their raw replies, errors as exceptions.
+
+        What a redis-py pipeline does, without its per-call bookkeeping (command stack,
+        reply callbacks, retry wrapper), which cost a consumer more CPU per message
+        than the round trip it saves. Replies are as the server sent them (no parsing).
+        """
+        redis = _redis_module()
+        pool = self.client.connection_pool
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants a command name (later ones warn if given one)
+            conn = pool.get_connection(commands[0][0])
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as err:  # an error reply: the connection is still in step
+                    replies.append(err)
+            return replies
+        except BaseException:
+            conn.disconnect()  # a reply may be half read: the connection must not be reused
+            raise
+        finally:
+            pool.release(conn)
 
     def renew(self, messages: list[Message]) -> int:
         by_consumer: dict[str, list[str]] = {}
@@ -519,10 +567,16 @@ class RedisStreamQueue(Queue):
         )
 
 
+_REDIS: list[Any] = []  # redis-py, once imported
+
+
 def _redis_module() -> Any:
     # Imported on first use, never at module import: `import hostkit.queues` must work
-    # without redis-py, and type-checking hostkit must not need it either.
-    return importlib.import_module("redis")
+    # without redis-py, and type-checking hostkit must not need it either. Kept once
+    # found: a consumer asks for it on every message.
+    if not _REDIS:
+        _REDIS.append(importlib.import_module("redis"))
+    return _REDIS[0]
 
 
 def _block_ms(wait: float) -> int | None:
@@ -531,6 +585,28 @@ def _block_ms(wait: float) -> int | None:
     if wait <= 0:
         return None
     return max(int(wait * 1000), 1)
+
+
+def _parsed_entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes], int]]:
+    """The (id, fields, 1) of each entry of an ``XREADGROUP`` reply as redis-py parsed it."""
+    if not reply:
+        return []
+    # RESP2: [[stream, entries]]; RESP3 (client_options={"protocol": 3}): {stream: [entries]}.
+    entries = [e for value in reply.values() for e in value[0]] if isinstance(reply, dict) else reply[0][1]
+    return [(eid, fields, 1) for eid, fields in entries if fields]
+
+
+def _entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes], int]]:
+    """The (id, fields, 1) of each entry of a raw ``XREADGROUP`` reply (RESP2 list or RESP3 map)."""
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else [stream[1] for stream in reply]
+    return [
+        (eid, dict(zip(flat[::2], flat[1::2], strict=True)), 1)
+        for entries in streams
+        for eid, flat in entries
+        if flat  # an entry deleted while pending has no fields
+    ]
 
 
 def _text(value: Any) -> str:
