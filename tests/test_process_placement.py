@@ -344,6 +344,32 @@ class TestLogs:
         assert "ZeroDivisionError: division by zero" in caught
 
 
+class LogsOnStop(BackgroundService):
+    """Logs from a callback on its token: the child's stop watcher runs it when the stop comes."""
+
+    def execute(self, stopping: CancellationToken) -> None:
+        stopping.register(lambda: logger.info("stop seen by a callback"))
+        logger.info("waiting for the stop")
+        stopping.wait()
+
+
+class TestStopWatcher:
+    @pytest.mark.parametrize("method", ["fork", "forkserver"])
+    def test_token_callbacks_run_on_the_named_watcher_thread(self, logs, method: str) -> None:
+        """The child's stop watcher (started without waiting for it) runs the token's callbacks, under its name.
+
+        Its thread is named ``hostkit-<service>-watch`` in the records the host gets, as
+        any other thread of the child would be; and the stop it reads reaches ``execute``.
+        """
+        host = host_with(LogsOnStop(), start_method=method)
+        with host:
+            assert wait_until(lambda: logs.find("waiting for the stop"), timeout=30)
+        (seen,) = logs.find("stop seen by a callback")
+        assert seen["thread"] == "hostkit-LogsOnStop-watch"
+        assert seen["process"] != os.getpid()
+        assert host.status()["LogsOnStop"].state is ServiceState.STOPPED
+
+
 class TestPickling:
     def test_unpicklable_attribute_fails_start_naming_it(self) -> None:
         """start() fails: HostStartupError names the service, its cause ServicePicklingError the attribute."""

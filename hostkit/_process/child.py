@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import importlib.util
 import os
@@ -250,6 +251,32 @@ def _load(payload: bytes, token: CancellationToken, channel: _Channel) -> tuple[
     return provider.get(loaded.key), provider.close
 
 
+def _start_watcher(name: str, *args: Any) -> None:
+    """Start the stop watcher (:func:`~hostkit._process.orphan.watch` with ``args``) on a daemon thread; do not wait.
+
+    ``threading.Thread.start()`` blocks until the new thread runs: on a busy machine
+    the scheduler takes 0.3-1 ms to run it, a fifth of a forked child's whole start,
+    and execute() would wait for it. The watcher needs no such handshake: whatever
+    it must notice (a stop or reload request on the control pipe, a byte on the
+    wake-up pipe, the parent's sentinel) the kernel keeps until it looks, so a
+    watcher that runs a moment after execute() began misses nothing.
+    """
+
+    def run() -> None:
+        ending: Ending = args[4]
+        # Named as a threading.Thread would be, so that what runs on it (token callbacks
+        # that log) shows which thread it was.
+        threading.current_thread().name = name
+        try:
+            watch(*args)
+        finally:
+            # watch() ends only through os._exit (a dead host); should it raise instead,
+            # the main thread must not wait for it forever.
+            ending.watcher_done.set()
+
+    _thread.start_new_thread(run, ())
+
+
 def _describe_error(exc: BaseException) -> Failed:
     text = "".join(traceback.format_exception(exc))
     summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -286,13 +313,7 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
     _set_proctitle(settings.process_name)
     ending = Ending()
     reloads = ChildReloads(settings.name, channel.send, token, _describe_error, logs.warning)
-    watcher = threading.Thread(
-        target=watch,
-        args=(control, token, wake_r, settings, ending, reloads.handle),
-        name=f"hostkit-{settings.name}-watch",
-        daemon=True,
-    )
-    watcher.start()
+    _start_watcher(f"hostkit-{settings.name}-watch", control, token, wake_r, settings, ending, reloads.handle)
     arm_pdeathsig(settings, wake_w)
     result: Result = Finished()
     close: Callable[[], None] = lambda: None  # noqa: E731
@@ -331,4 +352,4 @@ def child_main(payload: bytes, settings: ChildSettings, results: Any, control: A
         # if it has not yet) ends this process itself. The parent's death can stop
         # execute() before the watcher notices it: PR_SET_PDEATHSIG's SIGTERM sets
         # the token through the wake-up pipe, which the watcher may read first.
-        watcher.join()
+        ending.watcher_done.wait()
