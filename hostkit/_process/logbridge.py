@@ -96,8 +96,14 @@ class ChildLog:
         """Forward every loguru record; route stdlib records through loguru, as in the host."""
         when_imported(self._install_sink)
         root = logging.getLogger()
-        root.handlers = [_LoguruOnFirstRecord()]
-        root.setLevel(stdlib_level)
+        # The handler built where this module was imported (the host, the fork server):
+        # built here, its lock and logging's registries would be written in each child.
+        root.handlers = [_FIRST_RECORD]
+        # Under fork the root's level is the host's, usually this one: setLevel would
+        # clear the cache of every logger of the process all the same, a copy-on-write
+        # page fault for each (a web app has hundreds of loggers).
+        if root.level != stdlib_level:
+            root.setLevel(stdlib_level)
 
     def _install_sink(self) -> None:
         from loguru import logger
@@ -262,6 +268,11 @@ class _LoguruOnFirstRecord(logging.Handler):
         root.handlers = [real if handler is self else handler for handler in root.handlers]
         # InterceptHandler finds the stdlib caller past this emit too (a handler's emit).
         real.emit(record)
+
+
+#: The stdlib route of every child of this process until its first record (a child
+#: replaces it with its own ``InterceptHandler``): built once, inherited by forks.
+_FIRST_RECORD = _LoguruOnFirstRecord()
 
 
 # -- host side ----------------------------------------------------------------------------
