@@ -343,6 +343,28 @@ class TestLogs:
         caught = logs.find("caught in the child", level="ERROR")[0]["message"]
         assert "ZeroDivisionError: division by zero" in caught
 
+    def test_a_forked_child_leaves_the_hosts_log_file_alone(self, tmp_path, logs) -> None:
+        """A forked child does not close the host's file sink: loguru would compress it, and the host's lines be lost.
+
+        A file sink with ``compression`` and no ``rotation`` is compressed (moved into an
+        archive, the file removed) when its handler stops. The host's copy of that sink
+        must stay the host's: its file keeps every line, the host's and the child's
+        (re-emitted by the host), and no archive appears while the host runs.
+        """
+        path = tmp_path / "host.log"
+        sink_id = logger.add(path, compression="gz", format="{message}", level="INFO")
+        try:
+            host = host_with(Sleeper(), start_method="fork")
+            with host:
+                assert wait_until(lambda: logs.find("sleeper pid"), timeout=30)
+                logger.info("the host writes on after its child started")
+                assert sorted(p.name for p in tmp_path.iterdir()) == ["host.log"]
+                text = path.read_text()
+        finally:
+            logger.remove(sink_id)
+        assert "sleeper pid" in text
+        assert "the host writes on after its child started" in text
+
 
 class LogsOnStop(BackgroundService):
     """Logs from a callback on its token: the child's stop watcher runs it when the stop comes."""

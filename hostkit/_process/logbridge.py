@@ -2,7 +2,8 @@
 
 Child side: at bootstrap the child routes stdlib ``logging`` into loguru (as the
 host does), replaces the sinks it may have inherited through fork with one
-forwarding sink, and sends each record over the result pipe as a
+forwarding sink (under fork, a handler the host built once, before its first
+fork: :func:`prepare_for_fork`), and sends each record over the result pipe as a
 :class:`~hostkit._process.protocol.LogRecord`, built by :func:`capture` only.
 The child does not import loguru for that: if its service never logs, it never
 pays loguru's import. The sink is installed at once if loguru is already imported
@@ -17,6 +18,7 @@ it as one of their own.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -27,11 +29,11 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from .._fastadd import add_sink
+from .._fastadd import add_sink, remembered_paths
 from .._lateloguru import when_imported
 from .protocol import LogRecord
 
-__all__ = ["ChildLog", "capture", "reemit"]
+__all__ = ["ChildLog", "capture", "prepare_for_fork", "reemit"]
 
 
 class _Sender(Protocol):
@@ -94,8 +96,14 @@ class ChildLog:
         """Forward every loguru record; route stdlib records through loguru, as in the host."""
         when_imported(self._install_sink)
         root = logging.getLogger()
-        root.handlers = [_LoguruOnFirstRecord()]
-        root.setLevel(stdlib_level)
+        # The handler built where this module was imported (the host, the fork server):
+        # built here, its lock and logging's registries would be written in each child.
+        root.handlers = [_FIRST_RECORD]
+        # Under fork the root's level is the host's, usually this one: setLevel would
+        # clear the cache of every logger of the process all the same, a copy-on-write
+        # page fault for each (a web app has hundreds of loggers).
+        if root.level != stdlib_level:
+            root.setLevel(stdlib_level)
 
     def _install_sink(self) -> None:
         from loguru import logger
@@ -103,11 +111,13 @@ class ChildLog:
         # Under fork the parent's sinks were copied into the child: writing to them here
         # would bypass the parent (and its in-memory sinks would swallow the lines). A
         # loguru imported late in the child added its default stderr sink: removed too.
-        # add_sink: the memo is filled (by the fork server, the forking host, or as
-        # loguru was imported here), so this costs a fraction of a millisecond instead
-        # of loguru's ~7 ms.
-        logger.remove()
-        add_sink(self._sink, level=0, format="{message}", enqueue=False, catch=True)
+        # Forked from a host that prepared the forwarding handler: it replaces them
+        # (prepare_for_fork says why). Otherwise remove() and add_sink: the memo is
+        # filled (by the fork server, the forking host, or as loguru was imported
+        # here), so this costs a fraction of a millisecond instead of loguru's ~7 ms.
+        if not _put_prepared(logger, self._sink):
+            logger.remove()
+            add_sink(self._sink, level=0, format="{message}", enqueue=False, catch=True)
         logger.configure(extra={"service": self.service, "pid": self.pid})
         # hostkit disables its own logger; the parent filters by module name when it
         # re-emits, so enable everything here and let the parent's settings decide.
@@ -160,6 +170,88 @@ class ChildLog:
             loguru.logger.complete()
 
 
+class _Forwarder:
+    """The sink of the forwarding handler a forking host prepares: inert until a child names its target."""
+
+    def __init__(self) -> None:
+        self.target: Callable[[Any], None] | None = None
+
+    def __call__(self, message: Any) -> None:
+        target = self.target
+        if target is not None:
+            target(message)
+
+
+#: The forwarding handler, its sink, its level and the pid of the host that built them,
+#: once :func:`prepare_for_fork` has run in a host that forks its children; every
+#: forked child inherits them built.
+_prepared: tuple[Any, _Forwarder, int, int] | None = None
+#: The handlers a forked child inherited from the host, kept referenced (see _put_prepared).
+_inherited: list[object] = []
+
+
+def prepare_for_fork() -> None:
+    """In a host about to fork a child: build the child's forwarding loguru handler now, once per host process.
+
+    A forked child must swap the host's sinks for one that forwards to the host.
+    Done with ``remove()`` and ``add()`` in each child, that swap cost 0.5-0.8 ms of a
+    fork start (a third of a bare fork child's whole start): a fresh fork pays a
+    copy-on-write page fault for nearly every page those calls write (the handlers
+    they free, the objects they build). And ``remove()`` stops the host's handlers in
+    the child: a file sink with ``compression`` and no ``rotation`` is compressed when
+    it stops, so each forked child moved the host's live log file into an archive and
+    the host's later lines went to a removed file. Built here, in a private loguru
+    core the host never logs to (so it never receives a host record), the handler is
+    inherited by every fork as plain memory, and the child only puts it in place
+    (``_put_prepared``), stopping nothing.
+
+    This reaches into loguru's ``Core``/``Logger`` (loguru has no public way to build
+    a handler apart from the logger); if they are not as expected (another loguru
+    version), nothing is prepared and each child takes the public ``remove()`` and
+    ``add()`` route, as before: slower, and it stops the inherited handlers.
+    """
+    global _prepared
+    if _prepared is not None:
+        return
+    forwarder = _Forwarder()
+    try:
+        internals: Any = importlib.import_module("loguru._logger")
+        # As loguru builds its own ``logger``: a fresh core, default options.
+        private = internals.Logger(internals.Core(), None, 0, False, False, False, False, True, [], {})
+        with remembered_paths():
+            handler_id = private.add(forwarder, level=0, format="{message}", colorize=False, enqueue=False, catch=True)
+        handler = private._core.handlers[handler_id]
+        levelno = handler.levelno
+    except (ImportError, TypeError, AttributeError, KeyError):
+        return  # not this loguru's layout: children take the public route
+    _prepared = (handler, forwarder, levelno, os.getpid())
+
+
+def _put_prepared(logger: Any, sink: Callable[[Any], None]) -> bool:
+    """In a forked child: make the prepared handler, forwarding to ``sink``, the logger's only one.
+
+    ``False`` if the host prepared none (not forked, or another loguru version).
+    The inherited handlers are replaced, not stopped: stopping would only close or
+    flush the child's copies of the host's files and streams, which the child must not
+    write anyway. They stay referenced so that nothing is freed here either: freeing
+    them would write to memory the child still shares with the host, page by page.
+    """
+    prepared = _prepared
+    # Never in the host that built it: its own sinks stay.
+    if prepared is None or prepared[3] == os.getpid():
+        return False
+    handler, forwarder, levelno, _ = prepared
+    forwarder.target = sink
+    core = logger._core
+    with core.lock:
+        _inherited.append(core.handlers)
+        handler_id = core.handlers_count
+        core.handlers_count += 1
+        core.handlers = {handler_id: handler}
+        core.min_level = levelno
+    return True
+
+
 class _LoguruOnFirstRecord(logging.Handler):
     """The child's stdlib route until its first record: that record imports loguru, then takes the host's route.
 
@@ -176,6 +268,11 @@ class _LoguruOnFirstRecord(logging.Handler):
         root.handlers = [real if handler is self else handler for handler in root.handlers]
         # InterceptHandler finds the stdlib caller past this emit too (a handler's emit).
         real.emit(record)
+
+
+#: The stdlib route of every child of this process until its first record (a child
+#: replaces it with its own ``InterceptHandler``): built once, inherited by forks.
+_FIRST_RECORD = _LoguruOnFirstRecord()
 
 
 # -- host side ----------------------------------------------------------------------------

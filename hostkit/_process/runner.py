@@ -28,7 +28,7 @@ from .._util import pid_alive
 from ..exceptions import ChildProcessDiedError, ConfigurationError, RemoteServiceError
 from .child import child_main
 from .deferred import DeferredService
-from .logbridge import reemit
+from .logbridge import prepare_for_fork, reemit
 from .mainguard import explain_main_reimport
 from .pickling import dumps, pickling_error
 from .protocol import (
@@ -180,6 +180,8 @@ class ProcessRunner(Runner):
             # The child's log bridge adds a loguru sink: paid here once per host process,
             # inherited paid by every fork (the fork server does the same for its children).
             fill_memo()
+            # And its forwarding handler, built here once: each fork only puts it in place.
+            prepare_for_fork()
         results_r, results_w = ctx.Pipe(duplex=False)
         control_r, control_w = ctx.Pipe(duplex=False)
         # Kept referenced here until the child is joined: a collected RawArray breaks the
