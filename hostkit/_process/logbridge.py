@@ -24,12 +24,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._fastadd import add_sink
 from .._lateloguru import when_imported
 from .protocol import LogRecord
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 __all__ = ["ChildLog", "capture", "reemit"]
 
