@@ -26,8 +26,8 @@ from .._runners._base import Runner
 from .._status import ServiceState
 from .._util import pid_alive
 from ..exceptions import ChildProcessDiedError, ConfigurationError, RemoteServiceError
-from .child import child_main
 from .deferred import DeferredService
+from .entry import run_child
 from .logbridge import reemit
 from .mainguard import explain_main_reimport
 from .pickling import dumps, pickling_error
@@ -180,6 +180,9 @@ class ProcessRunner(Runner):
             # The child's log bridge adds a loguru sink: paid here once per host process,
             # inherited paid by every fork (the fork server does the same for its children).
             fill_memo()
+            # The child side, imported once here so that no forked child imports it
+            # (run_child imports it where it runs; the fork server preloads it).
+            from . import child  # noqa: F401
         results_r, results_w = ctx.Pipe(duplex=False)
         control_r, control_w = ctx.Pipe(duplex=False)
         # Kept referenced here until the child is joined: a collected RawArray breaks the
@@ -188,7 +191,7 @@ class ProcessRunner(Runner):
         shared = SharedState(shared_array)
         name = f"hostkit-{self.record.name}-{next(self._counter)}"
         process = ctx.Process(
-            target=child_main,
+            target=run_child,
             args=(self._payload, self._settings(name), results_w, control_r, shared_array),
             name=name,
             daemon=False,
