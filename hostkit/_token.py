@@ -14,11 +14,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ._util import describe
-from .exceptions import OperationCancelledError
+
+if TYPE_CHECKING:
+    from datetime import timedelta
 
 __all__ = ["CancellationToken", "CancellationTokenRegistration", "CancellationTokenSource"]
 
@@ -171,6 +172,10 @@ class CancellationToken(threading.Event):
     def raise_if_cancelled(self) -> None:
         """Raise :class:`~hostkit.exceptions.OperationCancelledError` if the token is set."""
         if self.is_set():
+            # Imported when raised: hostkit.exceptions brings concurrent.futures and queue,
+            # which a process-placed child's start has no other use for.
+            from .exceptions import OperationCancelledError
+
             msg = f"the operation was cancelled (token {self.name!r})" if self.name else ("the operation was cancelled")
             raise OperationCancelledError(msg)
 

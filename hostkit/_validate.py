@@ -10,10 +10,11 @@ type, ``ValueError`` for a wrong value), so callers that catch those keep workin
 from __future__ import annotations
 
 import math
-from datetime import timedelta
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
-from .exceptions import ConfigurationError, ConfigurationTypeError
+if TYPE_CHECKING:
+    from datetime import timedelta
+    from types import ModuleType
 
 __all__ = ["MAX_SECONDS", "describe", "positive_int", "to_seconds"]
 
@@ -21,6 +22,18 @@ __all__ = ["MAX_SECONDS", "describe", "positive_int", "to_seconds"]
 #: mistake, not a timeout, and past about 292 years (``threading.TIMEOUT_MAX``) every
 #: ``Event.wait`` raises ``OverflowError``, in the middle of a stop.
 MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def _errors() -> ModuleType:
+    """:mod:`hostkit.exceptions`, imported when an error is raised.
+
+    Not at import: it derives from ``concurrent.futures`` and ``queue`` (about 1.3 ms
+    to import), which a process-placed child, importing this module through its token,
+    never needs unless a value is wrong.
+    """
+    from . import exceptions
+
+    return exceptions
 
 
 def describe(value: object) -> str:
@@ -52,20 +65,24 @@ def to_seconds(
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        msg = f"{name} must be a number of seconds or a timedelta, not: {describe(value)}"
-        raise ConfigurationTypeError(msg)
+        # Imported only for a value that is no number: a process-placed child's start
+        # (its token, its stop watcher) passes numbers, and need not import datetime.
+        from datetime import timedelta
+
+        if not isinstance(value, timedelta):
+            msg = f"{name} must be a number of seconds or a timedelta, not: {describe(value)}"
+            raise _errors().ConfigurationTypeError(msg)
+        seconds = value.total_seconds()
     if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         # One rule per option: an interval that must be > 0 says so for -1 as for 0.
         msg = f"{name} must be {'>=' if allow_zero else '>'} 0 seconds, not: {describe(value)}"
-        raise ConfigurationError(msg)
+        raise _errors().ConfigurationError(msg)
     if seconds > MAX_SECONDS:
         msg = f"{name} must be a finite number of seconds, at most {MAX_SECONDS:.0f} (365 days), not: {describe(value)}"
-        raise ConfigurationError(msg)
+        raise _errors().ConfigurationError(msg)
     return seconds
 
 
@@ -77,5 +94,5 @@ def positive_int(value: object, name: str) -> int:
     """
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         msg = f"{name} must be an int >= 1, not: {describe(value)}"
-        raise ConfigurationError(msg)
+        raise _errors().ConfigurationError(msg)
     return value

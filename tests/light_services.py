@@ -63,6 +63,26 @@ class WritesImports(BackgroundService):
         stopping.wait()
 
 
+#: Standard-library modules a child's start has no use for (hostkit.exceptions derives from
+#: concurrent.futures and queue; a duration given as a timedelta needs datetime).
+UNNEEDED_STDLIB = ("concurrent.futures", "queue", "datetime")
+
+
+class WritesStdlibImports(BackgroundService):
+    """Writes which of :data:`UNNEEDED_STDLIB` its child has imported to a file, and never logs."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def execute(self, stopping: CancellationToken) -> None:
+        found = ",".join(m for m in UNNEEDED_STDLIB if m in sys.modules) or "none"
+        with open(self.path + ".tmp", "w") as out:
+            out.write(found)
+        os.replace(self.path + ".tmp", self.path)
+        stopping.wait()
+
+
 class LogsThroughLoguruLate(BackgroundService):
     """Logs through loguru only, imported inside execute(), never at the top of its module."""
 

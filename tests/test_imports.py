@@ -21,6 +21,33 @@ def fresh(code: str) -> str:
     return out.stdout.strip()
 
 
+class TestHostImportsNoChildSide:
+    @pytest.mark.parametrize(("method", "expected"), [("forkserver", "True False"), ("fork", "True True")])
+    def test_a_host_imports_the_child_side_only_to_fork(self, method: str, expected: str) -> None:
+        """A host that launches children through the fork server never imports their bootstrap (a cold start's cost).
+
+        A forking host imports it once before it forks, so no forked child has to.
+        """
+        out = fresh(
+            f"""
+            import os, sys, tempfile, time
+            from hostkit import HostBuilder, HostOptions
+            from tests.light_services import WritesImports
+            path = os.path.join(tempfile.mkdtemp(), "report")
+            builder = HostBuilder(options=HostOptions(configure_logging=False))
+            builder.services.add_hosted_service(WritesImports(path), placement="process", start_method={method!r})
+            host = builder.build()
+            host.start()
+            deadline = time.monotonic() + 30
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            host.stop()
+            print(os.path.exists(path), "hostkit._process.child" in sys.modules)
+            """
+        )
+        assert out == expected
+
+
 class TestLazyPackage:
     def test_import_hostkit_imports_no_dependency(self) -> None:
         """`import hostkit` and the service base classes pull in neither psutil, tenacity nor multiprocess.

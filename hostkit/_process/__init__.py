@@ -8,7 +8,7 @@ Data flow for one run (one child; a restart makes a new child)::
       payload = pickling.dumps(Instance | FromContainer)  -- cannot pickle: ServicePicklingError
     supervising thread hostkit-<svc>
       Supervisor -> _run_once()
-        launch(ctx.Process(child_main))  (SIGINT,  ChildSettings,
+        launch(ctx.Process(run_child))   (SIGINT,  ChildSettings,
           SIGTERM blocked while it starts) ---------->  own process group, signals, log bridge,
                                                          watcher thread; then unblock
         control pipe  ---- STOP / EOF ---------------->  watcher: stopping.set()
@@ -34,7 +34,8 @@ Data flow for one run (one child; a restart makes a new child)::
 Modules: :mod:`.protocol` (every message, the settings, the payload and the shared
 memory, as types), :mod:`.options` (``ProcessOptions``), :mod:`.pickling` (dill and
 hostkit's rules), :mod:`.logbridge` (records both ways), :mod:`.child` (bootstrap
-and result), :mod:`.orphan` (the stop watcher; a child whose host died),
+and result), :mod:`.orphan` (the stop watcher; a child whose host died), :mod:`.entry` (the child's
+target, which imports :mod:`.child` where it runs),
 :mod:`.childreload` (a reload request in the child), :mod:`.runner`
 (``ProcessRunner``), :mod:`.supervise` (launch, watchdog, terminate, sweep),
 :mod:`.deferred` (the host's stand-in for a service the child builds),

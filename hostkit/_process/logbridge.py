@@ -26,12 +26,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._fastadd import add_sink, remembered_paths
 from .._lateloguru import when_imported
 from .protocol import LogRecord
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 __all__ = ["ChildLog", "capture", "prepare_for_fork", "reemit"]
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from .._di import ServiceCollection
     from .._services import Replica
     from .._status import LockStatus

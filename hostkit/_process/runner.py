@@ -26,8 +26,8 @@ from .._runners._base import Runner
 from .._status import ServiceState
 from .._util import pid_alive
 from ..exceptions import ChildProcessDiedError, ConfigurationError, RemoteServiceError
-from .child import child_main
 from .deferred import DeferredService
+from .entry import run_child
 from .logbridge import prepare_for_fork, reemit
 from .mainguard import explain_main_reimport
 from .pickling import dumps, pickling_error
@@ -182,6 +182,9 @@ class ProcessRunner(Runner):
             fill_memo()
             # And its forwarding handler, built here once: each fork only puts it in place.
             prepare_for_fork()
+            # The child side, imported once here so that no forked child imports it
+            # (run_child imports it where it runs; the fork server preloads it).
+            from . import child  # noqa: F401
         results_r, results_w = ctx.Pipe(duplex=False)
         control_r, control_w = ctx.Pipe(duplex=False)
         # Kept referenced here until the child is joined: a collected RawArray breaks the
@@ -190,7 +193,7 @@ class ProcessRunner(Runner):
         shared = SharedState(shared_array)
         name = f"hostkit-{self.record.name}-{next(self._counter)}"
         process = ctx.Process(
-            target=child_main,
+            target=run_child,
             args=(self._payload, self._settings(name), results_w, control_r, shared_array),
             name=name,
             daemon=False,

@@ -47,9 +47,9 @@ KILL_GRACE = 1.0
 _SWEEP_POLL = 0.02
 #: What hostkit asks the fork server to import once, so that each child need not: the
 #: main module (multiprocess's own default, see below), the fork server's signal guard and the
-#: child side. loguru only if the main module refers to it (:func:`_main_uses_loguru`);
+#: child side with its target. loguru only if the main module refers to it (:func:`_main_uses_loguru`);
 #: otherwise a child imports it only if its service logs, as a bare child would.
-FORK_SERVER_PRELOAD = ("__main__", "hostkit._process.forkserver", "hostkit._process.child")
+FORK_SERVER_PRELOAD = ("__main__", "hostkit._process.forkserver", "hostkit._process.child", "hostkit._process.entry")
 
 _preload_lock = threading.Lock()
 _preload_set = False
