@@ -48,6 +48,34 @@ class TestHostImportsNoChildSide:
         assert out == expected
 
 
+class TestChildImportsLittle:
+    @pytest.mark.parametrize("method", ["forkserver", "spawn"])
+    def test_a_child_starts_without_concurrent_futures_queue_or_datetime(self, method: str) -> None:
+        """hostkit.exceptions and datetime are imported only to raise or to convert: a cold start needs neither.
+
+        The host runs from ``-c`` in a fresh interpreter: a child imports the host's main
+        module again, and pytest's own (its console script) would bring these modules.
+        """
+        out = fresh(
+            f"""
+            import os, tempfile, time
+            from hostkit import HostBuilder, HostOptions
+            from tests.light_services import WritesStdlibImports
+            path = os.path.join(tempfile.mkdtemp(), "report")
+            builder = HostBuilder(options=HostOptions(configure_logging=False))
+            builder.services.add_hosted_service(WritesStdlibImports(path), placement="process", start_method={method!r})
+            host = builder.build()
+            host.start()
+            deadline = time.monotonic() + 30
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            host.stop()
+            print(open(path).read() if os.path.exists(path) else "no report")
+            """
+        )
+        assert out == "none"
+
+
 class TestLazyPackage:
     def test_import_hostkit_imports_no_dependency(self) -> None:
         """`import hostkit` and the service base classes pull in neither psutil, tenacity nor multiprocess.

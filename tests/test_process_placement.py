@@ -708,16 +708,6 @@ class TestSpawnImportsLittle:
         assert report.read_text() == "none"
 
     @pytest.mark.parametrize("method", ["forkserver", "spawn"])
-    def test_a_child_starts_without_concurrent_futures_queue_or_datetime(self, tmp_path, method) -> None:
-        """hostkit.exceptions and datetime are imported only to raise or to convert: a cold start needs neither."""
-        from tests.light_services import WritesStdlibImports
-
-        report = tmp_path / "imports"
-        with host_with(WritesStdlibImports(str(report)), start_method=method):
-            assert wait_until(report.exists, timeout=30)
-        assert report.read_text() == "none"
-
-    @pytest.mark.parametrize("method", ["forkserver", "spawn"])
     def test_loguru_imported_only_inside_execute_reaches_the_host(self, logs, method) -> None:
         """A service module without loguru at its top logs through it inside execute(): the host gets the record."""
         from tests.light_services import LogsThroughLoguruLate
